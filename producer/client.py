@@ -1,0 +1,167 @@
+"""Synchronous client, shaped like Xinference's: Client(url).get_model(name).chat(...)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+
+from producer.errors import QueueFull, RequestTimeout
+from producer.keys import DEFAULT_PREFIX, Keys, check_request_id
+from producer.protocol import TERMINAL_EVENTS, Event, EventType, TaskKind, decode_event
+from producer.results import Shaper
+from producer.submit import (
+    DEFAULT_RESULT_TTL_S,
+    ENQUEUE_LUA,
+    READ_BLOCK_MS,
+    READ_COUNT,
+    ModelInfo,
+    build_body,
+    enqueue_args,
+    model_key_name,
+    prompt_payload,
+)
+
+
+class Client:
+    """A connection to one redbatch deployment (one Redis and key prefix)."""
+
+    def __init__(
+        self,
+        url: str = "redis://localhost:6379/0",
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        result_ttl_s: int = DEFAULT_RESULT_TTL_S,
+        redis_client: redis.Redis | None = None,
+    ):
+        self.redis = redis_client if redis_client is not None else redis.Redis.from_url(url)
+        self.keys = Keys(prefix)
+        self.result_ttl_s = result_ttl_s
+        self._enqueue = self.redis.register_script(ENQUEUE_LUA)
+
+    def list_models(self) -> dict[str, dict[str, Any]]:
+        return {k.decode(): json.loads(v) for k, v in self.redis.hgetall(self.keys.models()).items()}
+
+    def get_model(self, name: str) -> "Model":
+        return Model(self, self.model_info(name))
+
+    def model_info(self, name: str) -> ModelInfo:
+        name = model_key_name(name)
+        return ModelInfo.parse(name, self.redis.hget(self.keys.models(), name))
+
+    def abort_request(self, model: str, request_id: str) -> bool:
+        """Ask the workers to stop `request_id`. False (a no-op) when it already finished."""
+        model_key_name(model)
+        check_request_id(request_id)
+        last = self.redis.xrevrange(self.keys.events(request_id), count=1)
+        if last and decode_event(last[0][1]).is_terminal:
+            return False
+        self.redis.set(self.keys.abort(request_id), b"1", ex=self.result_ttl_s)
+        return True
+
+    def events(self, request_id: str, *, timeout_s: float | None = None, after: str = "0-0") -> Iterator[Event]:
+        """Yield the request's events in order until (and including) the terminal one."""
+        key = self.keys.events(request_id)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            block_ms = _block_ms(deadline)
+            reply = self.redis.xread({key: after}, count=READ_COUNT, block=block_ms)
+            for _, entries in reply or []:
+                for entry_id, fields in entries:
+                    after = entry_id
+                    event = decode_event(fields)
+                    yield event
+                    if event.type in TERMINAL_EVENTS:
+                        return
+            if deadline is not None and time.monotonic() >= deadline:
+                raise RequestTimeout(f"no result for request {request_id} within {timeout_s} s")
+
+    def wait(self, request_id: str, *, timeout_s: float | None = None) -> Event:
+        """Block until the request's terminal event and return it (done, error or aborted)."""
+        for event in self.events(request_id, timeout_s=timeout_s):
+            if event.is_terminal:
+                return event
+        raise RequestTimeout(f"request {request_id} has no terminal event")
+
+
+class Model:
+    """A handle on one served model. Methods mirror Xinference's model handles."""
+
+    def __init__(self, client: Client, info: ModelInfo):
+        self.client = client
+        self.info = info
+        self.name = info.name
+
+    def generate(
+        self,
+        prompt: str | list[int],
+        generate_config: dict[str, Any] | None = None,
+        *,
+        timeout_s: float | None = None,
+        deadline_ms: int | None = None,
+    ) -> dict[str, Any] | Iterator[dict[str, Any]]:
+        return self._run(TaskKind.GENERATE, prompt_payload(prompt), generate_config, timeout_s, deadline_ms)
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        generate_config: dict[str, Any] | None = None,
+        *,
+        tool_choice: str | dict[str, Any] | None = None,
+        timeout_s: float | None = None,
+        deadline_ms: int | None = None,
+    ) -> dict[str, Any] | Iterator[dict[str, Any]]:
+        payload: dict[str, Any] = {"messages": messages}
+        if tools is not None:
+            payload["tools"] = tools
+        if tool_choice is not None:
+            payload["tool_choice"] = tool_choice
+        return self._run(TaskKind.CHAT, payload, generate_config, timeout_s, deadline_ms)
+
+    def submit(
+        self,
+        task: TaskKind,
+        payload: dict[str, Any],
+        generate_config: dict[str, Any] | None = None,
+        *,
+        deadline_ms: int | None = None,
+    ) -> str:
+        """Enqueue one request and return its id without waiting."""
+        self.info.check_task(task)
+        request_id, body = build_body(task, payload, generate_config)
+        args = enqueue_args(request_id, task, body, self.info.max_queue_len, deadline_ms)
+        try:
+            self.client._enqueue(keys=[self.client.keys.requests(self.name)], args=args)
+        except redis.ResponseError as exc:
+            if str(exc).startswith("QUEUEFULL"):
+                raise QueueFull(f"model {self.name!r} has {self.info.max_queue_len} queued requests; retry later") from None
+            raise
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        return self.client.abort_request(self.name, request_id)
+
+    def _run(self, task, payload, generate_config, timeout_s, deadline_ms):
+        is_stream = (generate_config or {}).get("stream", True) is not False
+        request_id = self.submit(task, payload, generate_config, deadline_ms=deadline_ms)
+        shaper = Shaper(request_id, self.name, task)
+        if is_stream:
+            return self._stream(request_id, shaper, timeout_s)
+        done = self.client.wait(request_id, timeout_s=timeout_s)
+        return shaper.completion(done)
+
+    def _stream(self, request_id: str, shaper: Shaper, timeout_s: float | None) -> Iterator[dict[str, Any]]:
+        for event in self.client.events(request_id, timeout_s=timeout_s):
+            chunk = shaper.chunk(event)
+            if chunk is not None:
+                yield chunk
+
+
+def _block_ms(deadline: float | None) -> int:
+    if deadline is None:
+        return READ_BLOCK_MS
+    return max(1, min(READ_BLOCK_MS, int((deadline - time.monotonic()) * 1000)))

@@ -1,0 +1,61 @@
+"""Every Redis key name redbatch uses. The only module that spells a key prefix."""
+
+from __future__ import annotations
+
+import re
+
+DEFAULT_PREFIX = "rb"
+GROUP = "workers"
+
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9._-]{1,32}$")
+MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+WORKER_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def check_model_name(name: object) -> str:
+    if not isinstance(name, str) or not MODEL_NAME_RE.fullmatch(name):
+        raise ValueError(f"invalid model name {name!r}: 1-64 chars of [A-Za-z0-9._-]")
+    return name
+
+
+def check_request_id(request_id: object) -> str:
+    if not isinstance(request_id, str) or not REQUEST_ID_RE.fullmatch(request_id):
+        raise ValueError(f"invalid request id {request_id!r}: 1-128 chars of [A-Za-z0-9._:-]")
+    return request_id
+
+
+class Keys:
+    """Key names under one prefix. `{model}` is a Redis Cluster hash tag."""
+
+    def __init__(self, prefix: str = DEFAULT_PREFIX):
+        if not _PREFIX_RE.fullmatch(prefix):
+            raise ValueError(f"invalid key prefix {prefix!r}: 1-32 chars of [A-Za-z0-9._-]")
+        self.prefix = prefix
+
+    def requests(self, model: str) -> str:
+        return f"{self.prefix}:{{{check_model_name(model)}}}:requests"
+
+    def dead(self, model: str) -> str:
+        return f"{self.prefix}:{{{check_model_name(model)}}}:dead"
+
+    def model_workers(self, model: str) -> str:
+        # zset worker_id -> last heartbeat (unix ms); an addition to the v1 key table
+        return f"{self.prefix}:{{{check_model_name(model)}}}:workers"
+
+    def models(self) -> str:
+        return f"{self.prefix}:models"
+
+    def worker(self, worker_id: str) -> str:
+        if not WORKER_ID_RE.fullmatch(worker_id):
+            raise ValueError(f"invalid worker id {worker_id!r}")
+        return f"{self.prefix}:worker:{worker_id}"
+
+    def worker_pattern(self) -> str:
+        return f"{self.prefix}:worker:*"
+
+    def events(self, request_id: str) -> str:
+        return f"{self.prefix}:req:{check_request_id(request_id)}:events"
+
+    def abort(self, request_id: str) -> str:
+        return f"{self.prefix}:req:{check_request_id(request_id)}:abort"

@@ -1,0 +1,389 @@
+"""Wire protocol v1: the flat stream fields of requests and events, as pydantic models.
+
+A request is one entry of `rb:{<model>}:requests`; its events are entries of
+`rb:req:<id>:events`. Every field value on the wire is a string (JSON where it is
+structured), so any language can XADD and XREAD them. See docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from enum import Enum
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from producer.keys import check_request_id
+
+PROTOCOL_VERSION = "1"
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+
+
+class TaskKind(str, Enum):
+    GENERATE = "generate"
+    CHAT = "chat"
+    TEXT_TO_IMAGE = "text_to_image"
+
+
+class EventType(str, Enum):
+    TOKEN = "token"
+    IMAGE = "image"
+    PROGRESS = "progress"
+    DONE = "done"
+    ERROR = "error"
+    ABORTED = "aborted"
+
+
+TERMINAL_EVENTS = frozenset({EventType.DONE, EventType.ERROR, EventType.ABORTED})
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    TOOL_CALLS = "tool_calls"
+
+
+class ErrorCode(str, Enum):
+    INVALID_REQUEST = "invalid_request"
+    UNKNOWN_MODEL = "unknown_model"
+    EXPIRED = "expired"
+    MODEL_ERROR = "model_error"
+    DEAD_LETTER = "dead_letter"
+    UNSUPPORTED_TASK = "unsupported_task"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+
+
+# ---------------------------------------------------------------- per-request parameters
+
+
+class GenerateConfig(_Strict):
+    """Sampling and output parameters. Unknown keys are an error."""
+
+    max_tokens: int | None = Field(None, ge=1, le=1_000_000)
+    temperature: float = Field(1.0, ge=0.0, le=100.0)  # 0 = greedy
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, le=1_000_000)  # 0 = disabled
+    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0)
+    stop: str | list[str] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=256)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stream: bool = True
+    request_id: str | None = None
+    logprobs: int | None = Field(None, ge=0, le=20)  # None: none; N: chosen token + top N
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else (value or [])
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+        if any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop strings must be 1-{MAX_STOP_CHARS} characters")
+        return value
+
+    @field_validator("request_id")
+    @classmethod
+    def _check_request_id(cls, value: str | None) -> str | None:
+        return None if value is None else check_request_id(value)
+
+    @property
+    def stop_strings(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class ImageUrl(_Strict):
+    url: str
+    detail: str | None = None
+
+
+class ContentPart(_Strict):
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: ImageUrl | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+    @property
+    def has_images(self) -> bool:
+        return isinstance(self.content, list) and any(p.type == "image_url" for p in self.content)
+
+    def as_template_dict(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True, mode="json")
+
+
+class GenerateBody(_Strict):
+    prompt: str | None = None
+    prompt_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    generate_config: GenerateConfig = GenerateConfig()
+
+    def model_post_init(self, _context: Any) -> None:
+        if (self.prompt is None) == (self.prompt_token_ids is None):
+            raise ValueError("exactly one of prompt and prompt_token_ids is required")
+        if self.prompt_token_ids is not None and not self.prompt_token_ids:
+            raise ValueError("prompt_token_ids must not be empty")
+
+
+class ChatBody(_Strict):
+    messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    generate_config: GenerateConfig = GenerateConfig()
+
+
+class TextToImageBody(_Strict):
+    prompt: str
+    n: int = Field(1, ge=1, le=16)
+    size: str = "1024*1024"
+    num_inference_steps: int | None = Field(None, ge=1, le=1000)
+    guidance_scale: float | None = Field(None, ge=0.0, le=100.0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    negative_prompt: str | None = None
+    response_format: Literal["b64_json", "png"] = "b64_json"
+
+
+Body = Union[GenerateBody, ChatBody, TextToImageBody]
+_BODY_FOR_TASK: dict[TaskKind, type[_Strict]] = {
+    TaskKind.GENERATE: GenerateBody,
+    TaskKind.CHAT: ChatBody,
+    TaskKind.TEXT_TO_IMAGE: TextToImageBody,
+}
+
+
+# ---------------------------------------------------------------- requests
+
+
+class Request(_Strict):
+    """One decoded entry of a model's request stream."""
+
+    id: str
+    task: TaskKind
+    body: Body
+    created_ms: int
+    deadline_ms: int | None = None
+
+    @property
+    def generate_config(self) -> GenerateConfig:
+        return getattr(self.body, "generate_config", GenerateConfig())
+
+
+class BadEntry(Exception):
+    """A stream entry that cannot become a Request. `request_id` is set when it was readable."""
+
+    def __init__(self, message: str, request_id: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.request_id = request_id
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def encode_request(
+    request_id: str,
+    task: TaskKind,
+    body: Body,
+    *,
+    created_ms: int | None = None,
+    deadline_ms: int | None = None,
+) -> dict[str, str]:
+    fields = {
+        "v": PROTOCOL_VERSION,
+        "id": check_request_id(request_id),
+        "task": TaskKind(task).value,
+        "body": body.model_dump_json(exclude_defaults=True),
+        "created": str(now_ms() if created_ms is None else created_ms),
+    }
+    if deadline_ms is not None:
+        fields["deadline"] = str(deadline_ms)
+    return fields
+
+
+def _text(fields: dict[Any, Any], name: str) -> str | None:
+    raw = fields.get(name.encode(), fields.get(name))
+    if raw is None:
+        return None
+    if isinstance(raw, bytes):
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadEntry(f"field {name!r} is not valid UTF-8") from exc
+    return str(raw)
+
+
+def _int_field(fields: dict[Any, Any], name: str, required: bool) -> int | None:
+    raw = _text(fields, name)
+    if raw is None:
+        if required:
+            raise BadEntry(f"missing field {name!r}")
+        return None
+    if not raw.isascii() or not raw.lstrip("-").isdigit() or len(raw) > 20:
+        raise BadEntry(f"field {name!r} must be an integer (unix ms), got {raw[:40]!r}")
+    return int(raw)
+
+
+def read_request_id(fields: dict[Any, Any]) -> str | None:
+    """The entry's id if it is present and valid, else None (such entries are dead-lettered)."""
+    try:
+        raw = _text(fields, "id")
+        return None if raw is None else check_request_id(raw)
+    except (BadEntry, ValueError):
+        return None
+
+
+def decode_request(fields: dict[Any, Any], max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Request:
+    """Validate a raw stream entry. Raises BadEntry (with the id when it is readable)."""
+    request_id = read_request_id(fields)
+    if request_id is None:
+        raise BadEntry("missing or invalid field 'id'")
+    try:
+        return _decode_fields(fields, request_id, max_body_bytes)
+    except BadEntry as exc:
+        exc.request_id = request_id
+        raise
+
+
+def _decode_fields(fields: dict[Any, Any], request_id: str, max_body_bytes: int) -> Request:
+    version = _text(fields, "v")
+    if version != PROTOCOL_VERSION:
+        raise BadEntry(f"unsupported protocol version {str(version)[:16]!r}; this worker speaks v{PROTOCOL_VERSION}")
+    task_name = _text(fields, "task")
+    try:
+        task = TaskKind(task_name)
+    except ValueError:
+        raise BadEntry(f"unknown task {str(task_name)[:40]!r}") from None
+    raw_body = fields.get(b"body", fields.get("body"))
+    if raw_body is None:
+        raise BadEntry("missing field 'body'")
+    if len(raw_body) > max_body_bytes:
+        raise BadEntry(f"body is {len(raw_body)} bytes; the limit is {max_body_bytes}")
+    body_text = _text(fields, "body")
+    try:
+        payload = json.loads(body_text)
+    except json.JSONDecodeError as exc:
+        raise BadEntry(f"body is not valid JSON: {exc.msg} at position {exc.pos}") from None
+    except RecursionError:
+        raise BadEntry("body JSON is nested too deeply") from None
+    if not isinstance(payload, dict):
+        raise BadEntry("body must be a JSON object")
+    try:
+        body = _BODY_FOR_TASK[task].model_validate(payload)
+    except ValidationError as exc:
+        raise BadEntry(f"invalid {task.value} body: {_short_errors(exc)}") from None
+    except (ValueError, RecursionError) as exc:
+        raise BadEntry(f"invalid {task.value} body: {exc}") from None
+    config_id = getattr(body, "generate_config", GenerateConfig()).request_id
+    if config_id is not None and config_id != request_id:
+        raise BadEntry("generate_config.request_id differs from the entry's id")
+    created = _int_field(fields, "created", required=True)
+    deadline = _int_field(fields, "deadline", required=False)
+    return Request(id=request_id, task=task, body=body, created_ms=created, deadline_ms=deadline)
+
+
+def _short_errors(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "body"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+# ---------------------------------------------------------------- events
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Event(BaseModel):
+    """One decoded event. Only the fields of its `type` are set."""
+
+    model_config = ConfigDict(frozen=True)
+
+    seq: int
+    type: EventType
+    text: str | None = None
+    token_ids: list[int] | None = None
+    logprobs: list[dict[str, Any]] | None = None
+    finish_reason: FinishReason | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    usage: Usage | None = None
+    code: str | None = None
+    message: str | None = None
+    index: int | None = None
+    format: str | None = None
+    data: bytes | None = None
+    b64: str | None = None
+    step: int | None = None
+    total: int | None = None
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.type in TERMINAL_EVENTS
+
+
+_JSON_EVENT_FIELDS = ("token_ids", "logprobs", "tool_calls", "usage")
+_INT_EVENT_FIELDS = ("index", "step", "total")
+
+
+def encode_event(seq: int, type: EventType, **fields: Any) -> dict[str, str | bytes]:
+    out: dict[str, str | bytes] = {"seq": str(seq), "type": EventType(type).value}
+    for name, value in fields.items():
+        if value is None:
+            continue
+        if name in _JSON_EVENT_FIELDS:
+            out[name] = json.dumps(value.model_dump() if isinstance(value, BaseModel) else value)
+        elif isinstance(value, Enum):
+            out[name] = value.value
+        elif isinstance(value, bytes):
+            out[name] = value
+        else:
+            out[name] = str(value)
+    return out
+
+
+def decode_event(fields: dict[Any, Any]) -> Event:
+    values: dict[str, Any] = {}
+    for raw_key, raw_value in fields.items():
+        key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
+        if key == "data":
+            values[key] = raw_value if isinstance(raw_value, bytes) else str(raw_value).encode()
+            continue
+        text = raw_value.decode("utf-8", "replace") if isinstance(raw_value, bytes) else str(raw_value)
+        if key in _JSON_EVENT_FIELDS:
+            values[key] = json.loads(text)
+        elif key in _INT_EVENT_FIELDS or key == "seq":
+            values[key] = int(text)
+        elif key in Event.model_fields:
+            values[key] = text
+    return Event.model_validate(values)
+
+
+def event_stream_id(seq: int) -> str:
+    """Explicit stream id of event `seq`: Redis refuses a second write of the same seq (fencing)."""
+    return f"0-{seq + 1}"
+
+
+def is_finite(value: float) -> bool:
+    return not (math.isnan(value) or math.isinf(value))

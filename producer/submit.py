@@ -1,0 +1,97 @@
+"""What the sync and async clients share: building entries and the enqueue script."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from producer.errors import InvalidRequest, UnknownModel
+from producer.keys import check_model_name
+from producer.protocol import (
+    Body,
+    ChatBody,
+    GenerateBody,
+    GenerateConfig,
+    TaskKind,
+    encode_request,
+)
+
+DEFAULT_RESULT_TTL_S = 3600
+READ_BLOCK_MS = 1000
+READ_COUNT = 256
+
+# Enqueue with backpressure in one atomic step: refuse when the stream holds max_len entries.
+# KEYS[1] = request stream; ARGV[1] = max_len (0 = unbounded); ARGV[2..] = field, value, ...
+ENQUEUE_LUA = """
+local max_len = tonumber(ARGV[1])
+if max_len > 0 and redis.call('XLEN', KEYS[1]) >= max_len then
+  return {err = 'QUEUEFULL ' .. KEYS[1]}
+end
+local args = {}
+for i = 2, #ARGV do args[#args + 1] = ARGV[i] end
+return redis.call('XADD', KEYS[1], '*', unpack(args))
+"""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a model's workers registered in `rb:models`."""
+
+    name: str
+    tasks: tuple[str, ...]
+    max_queue_len: int
+    raw: dict[str, Any]
+
+    @classmethod
+    def parse(cls, name: str, raw_json: bytes | str | None) -> "ModelInfo":
+        if raw_json is None:
+            raise UnknownModel(f"no worker has ever registered model {name!r}; start one with `redbatch worker --model-name {name} ...`")
+        raw = json.loads(raw_json)
+        return cls(name=name, tasks=tuple(raw.get("tasks", [])), max_queue_len=int(raw.get("max_queue_len", 0)), raw=raw)
+
+    def check_task(self, task: TaskKind) -> None:
+        if self.tasks and task.value not in self.tasks:
+            raise InvalidRequest(f"model {self.name!r} serves {list(self.tasks)}, not {task.value!r}")
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def build_body(task: TaskKind, payload: dict[str, Any], generate_config: dict[str, Any] | None) -> tuple[str, Body]:
+    """Validate a call's arguments into a wire body; returns (request_id, body)."""
+    try:
+        config = GenerateConfig.model_validate(generate_config or {})
+        request_id = config.request_id or new_request_id()
+        if task == TaskKind.GENERATE:
+            body: Body = GenerateBody.model_validate({**payload, "generate_config": config})
+        elif task == TaskKind.CHAT:
+            body = ChatBody.model_validate({**payload, "generate_config": config})
+        else:
+            raise InvalidRequest(f"task {task.value!r} is not built by this helper")
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        raise InvalidRequest(str(exc)) from None
+    return request_id, body
+
+
+def prompt_payload(prompt: str | list[int]) -> dict[str, Any]:
+    if isinstance(prompt, str):
+        return {"prompt": prompt}
+    return {"prompt_token_ids": list(prompt)}
+
+
+def enqueue_args(request_id: str, task: TaskKind, body: Body, max_queue_len: int, deadline_ms: int | None) -> list[str]:
+    fields = encode_request(request_id, task, body, deadline_ms=deadline_ms)
+    args: list[str] = [str(max_queue_len)]
+    for name, value in fields.items():
+        args += [name, value]
+    return args
+
+
+def model_key_name(name: str) -> str:
+    try:
+        return check_model_name(name)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None

@@ -1,0 +1,37 @@
+"""The small interface every engine (LLM now, image later) offers the worker loop."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from producer.protocol import ErrorCode, Request, TaskKind
+from worker.request import Sequence, StepOutput
+
+
+class RequestRejected(Exception):
+    """A request the engine cannot serve: it fails alone, with this code and message."""
+
+    def __init__(self, code: ErrorCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Engine(Protocol):
+    tasks: tuple[TaskKind, ...]
+    max_num_seqs: int
+
+    @property
+    def num_active(self) -> int: ...
+
+    def add(self, request: Request, resume_ids: list[int] | None = None) -> Sequence:
+        """Validate and queue a request; raises RequestRejected. `resume_ids`: output already published."""
+
+    def abort(self, request_id: str) -> Sequence | None:
+        """Drop a queued or running request and free what it holds."""
+
+    def step(self) -> list[StepOutput]:
+        """Run one scheduling step; returns what each request produced."""
+
+    def fail_all(self) -> list[Sequence]:
+        """Drop every active request (after a model error) and return them."""

@@ -1,0 +1,78 @@
+"""One in-flight request's state: ids, params, tokens, progress through the cache, timings."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from producer.protocol import FinishReason, GenerateConfig
+
+
+class SeqStatus(str, Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A generation request as the engine and scheduler see it.
+
+    Invariant: the KV cache holds the first `num_computed` tokens of `all_ids`;
+    the next forward must compute `all_ids[num_computed:]`.
+    """
+
+    request_id: str
+    prompt_ids: list[int]
+    params: GenerateConfig
+    max_tokens: int
+    output_ids: list[int] = field(default_factory=list)
+    status: SeqStatus = SeqStatus.WAITING
+    slot: int | None = None
+    num_computed: int = 0
+    finish_reason: FinishReason | None = None
+    arrival_s: float = field(default_factory=time.monotonic)
+    first_token_s: float | None = None
+    num_resumed_tokens: int = 0  # output tokens carried over from an earlier worker
+    meta: dict[str, Any] = field(default_factory=dict)  # owner's bookkeeping (e.g. stream entry id)
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_pending(self) -> int:
+        return self.num_tokens - self.num_computed
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SeqStatus.FINISHED
+
+
+@dataclass
+class StepOutput:
+    """What one step produced for one request: new tokens, the text they release, and maybe the end."""
+
+    seq: Sequence
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason | None = None
+    logprobs: list[dict[str, Any]] | None = None
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None
