@@ -24,6 +24,12 @@ class Engine(Protocol):
     @property
     def num_active(self) -> int: ...
 
+    @property
+    def num_waiting(self) -> int: ...
+
+    def sequences(self) -> list[Sequence]:
+        """Every queued or running request."""
+
     def add(self, request: Request, resume_ids: list[int] | None = None) -> Sequence:
         """Validate and queue a request; raises RequestRejected. `resume_ids`: output already published."""
 
@@ -33,5 +39,5 @@ class Engine(Protocol):
     def step(self) -> list[StepOutput]:
         """Run one scheduling step; returns what each request produced."""
 
-    def fail_all(self) -> list[Sequence]:
-        """Drop every active request (after a model error) and return them."""
+    def fail_running(self) -> list[Sequence]:
+        """Drop every running request (after a model error in their step) and return them."""

@@ -102,8 +102,15 @@ class LLMEngine:
             self._release(seq)
         return seq
 
-    def fail_all(self) -> list[Sequence]:
-        seqs = list(self.scheduler.running) + list(self.scheduler.waiting)
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def sequences(self) -> list[Sequence]:
+        return list(self.scheduler.running) + list(self.scheduler.waiting)
+
+    def fail_running(self) -> list[Sequence]:
+        seqs = list(self.scheduler.running)
         for seq in seqs:
             self._release(seq)
         return seqs

@@ -1,0 +1,153 @@
+"""`redbatch` command line. Thin: parse → config → run. Worker commands import torch lazily."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from producer.errors import RedbatchError
+
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+
+
+def _redis_url(args: argparse.Namespace) -> str:
+    return args.redis_url or os.environ.get("REDBATCH_REDIS_URL") or DEFAULT_REDIS_URL
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis-url", default=None, help="redis:// or rediss:// URL (env REDBATCH_REDIS_URL)")
+    p.add_argument("--prefix", default="rb", help="key prefix")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="redbatch", description="Redis-Streams worker pool for Hugging Face models")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    w = sub.add_parser("worker", help="serve one model from its request stream")
+    _add_common(w)
+    w.add_argument("--model-name", required=True)
+    w.add_argument("--model-path", required=True, help="local directory or hub id")
+    w.add_argument("--max-num-seqs", type=int, default=16)
+    w.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    w.add_argument("--max-model-len", type=int, default=None)
+    w.add_argument("--max-queue-len", type=int, default=10_000)
+    w.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    w.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    w.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    w.add_argument("--grace-s", type=float, default=30.0)
+    w.add_argument("--worker-id", default=None)
+    w.add_argument("--burst", action="store_true", help="exit once the stream is empty and nothing runs")
+    w.add_argument("--trust-remote-code", action="store_true")
+
+    for name in ("generate", "chat"):
+        g = sub.add_parser(name, help=f"send one {name} request and stream the answer")
+        _add_common(g)
+        g.add_argument("model")
+        g.add_argument("text", help="prompt (generate) or user message (chat)")
+        g.add_argument("--max-tokens", type=int, default=64)
+        g.add_argument("--temperature", type=float, default=0.0)
+        g.add_argument("--request-id", default=None)
+        g.add_argument("--timeout-s", type=float, default=300.0)
+        g.add_argument("--json", action="store_true", help="print the whole completion as JSON")
+
+    a = sub.add_parser("abort", help="abort a queued or running request")
+    _add_common(a)
+    a.add_argument("model")
+    a.add_argument("request_id")
+
+    t = sub.add_parser("make-tiny-model", help="build a tiny random-weight model + tokenizer offline")
+    t.add_argument("out_dir")
+    t.add_argument("--arch", default="llama", choices=["llama", "qwen2"])
+    t.add_argument("--seed", type=int, default=0)
+
+    d = sub.add_parser("demo", help="embedded Redis + tiny-model worker + a burst of streamed chats")
+    _add_common(d)
+    d.add_argument("--num-requests", type=int, default=16)
+    d.add_argument("--max-tokens", type=int, default=48)
+    d.add_argument("--max-num-seqs", type=int, default=8)
+    d.add_argument("--threads", type=int, default=2)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except RedbatchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported
+    from worker.config import WorkerConfig
+    from worker.main import run_worker
+
+    options = dict(
+        model_name=args.model_name, model_path=args.model_path, redis_url=_redis_url(args), prefix=args.prefix,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len, max_queue_len=args.max_queue_len, device=args.device, dtype=args.dtype,
+        num_threads=args.threads, grace_s=args.grace_s, trust_remote_code=args.trust_remote_code,
+    )
+    if args.worker_id:
+        options["worker_id"] = args.worker_id
+    return run_worker(WorkerConfig(**options), burst=args.burst)
+
+
+def _cmd_request(args: argparse.Namespace) -> int:
+    from producer.client import Client
+
+    model = Client(_redis_url(args), prefix=args.prefix).get_model(args.model)
+    config = {"max_tokens": args.max_tokens, "temperature": args.temperature, "stream": not args.json}
+    if args.request_id:
+        config["request_id"] = args.request_id
+    if args.command == "chat":
+        result = model.chat([{"role": "user", "content": args.text}], generate_config=config, timeout_s=args.timeout_s)
+    else:
+        result = model.generate(args.text, generate_config=config, timeout_s=args.timeout_s)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    for chunk in result:
+        choice = chunk["choices"][0]
+        piece = choice.get("text") if "text" in choice else choice["delta"].get("content", "")
+        print(piece or "", end="", flush=True)
+    print()
+    return 0
+
+
+def _cmd_abort(args: argparse.Namespace) -> int:
+    from producer.client import Client
+
+    was_running = Client(_redis_url(args), prefix=args.prefix).abort_request(args.model, args.request_id)
+    print("abort requested" if was_running else "already finished: nothing to abort")
+    return 0
+
+
+def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from worker.models.tiny import make_tiny_model
+
+    print(make_tiny_model(args.out_dir, arch=args.arch, seed=args.seed))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from worker.demo import run_demo
+
+    return run_demo(args.redis_url or os.environ.get("REDBATCH_REDIS_URL"), args.num_requests, args.max_tokens,
+                    args.max_num_seqs, args.threads)
+
+
+_COMMANDS = {
+    "worker": _cmd_worker, "generate": _cmd_request, "chat": _cmd_request, "abort": _cmd_abort,
+    "make-tiny-model": _cmd_make_tiny_model, "demo": _cmd_demo,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

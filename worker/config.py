@@ -1,0 +1,56 @@
+"""WorkerConfig: built once at the edge (CLI or env) and passed down."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from producer.keys import DEFAULT_PREFIX, check_model_name
+from producer.protocol import DEFAULT_MAX_BODY_BYTES
+
+
+def default_worker_id() -> str:
+    host = "".join(c if c.isalnum() or c in "._-" else "-" for c in socket.gethostname())[:64] or "host"
+    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class WorkerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model_name: str
+    model_path: str
+    redis_url: str = "redis://localhost:6379/0"
+    prefix: str = DEFAULT_PREFIX
+    worker_id: str = Field(default_factory=default_worker_id)
+    device: str = "cpu"
+    dtype: str = "auto"
+    num_threads: int | None = Field(None, ge=1)
+    trust_remote_code: bool = False
+
+    max_num_seqs: int = Field(16, ge=1, le=4096)
+    max_num_batched_tokens: int = Field(2048, ge=1)
+    max_model_len: int | None = Field(None, ge=2)
+    max_tokens_limit: int = Field(32768, ge=1)
+    max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024)
+    max_queue_len: int = Field(10_000, ge=0)  # producers refuse to enqueue past this; 0 = unbounded
+
+    read_block_ms: int = Field(1000, ge=1)  # how long an idle worker blocks on XREADGROUP
+    heartbeat_interval_s: float = Field(1.0, gt=0)
+    heartbeat_ttl_s: int = Field(15, ge=1)
+    result_ttl_s: int = Field(3600, ge=1)
+    grace_s: float = Field(30.0, ge=0)
+
+    @field_validator("model_name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        return check_model_name(value)
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if value != "cpu" and value != "cuda" and not value.startswith("cuda:") and value != "mps":
+            raise ValueError("device must be cpu, cuda, cuda:N or mps")
+        return value

@@ -1,0 +1,41 @@
+"""Building a worker from its config and running it."""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+
+from worker.config import WorkerConfig
+
+log = logging.getLogger("redbatch.worker")
+
+
+def build_worker(config: WorkerConfig):
+    import torch
+
+    from worker.engines.llm import LLMEngine, LLMEngineConfig
+    from worker.loop import Worker
+    from worker.models.loading import load_llm
+    from worker.streams import WorkerStreams
+
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    model, tokenizer = load_llm(config.model_path, config.device, config.dtype, config.trust_remote_code)
+    engine = LLMEngine(model, tokenizer, LLMEngineConfig(
+        max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+        max_model_len=config.max_model_len, max_tokens_limit=config.max_tokens_limit,
+    ))
+    client = redis.Redis.from_url(config.redis_url, health_check_interval=30, socket_keepalive=True)
+    return Worker(config, engine, WorkerStreams(client, config))
+
+
+def run_worker(config: WorkerConfig, burst: bool = False) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    worker = build_worker(config)
+    worker.install_signal_handlers()
+    log.info("worker %s serving %r from %s (max_num_seqs=%d, device=%s)", config.worker_id, config.model_name,
+             config.model_path, config.max_num_seqs, config.device)
+    worker.run(burst=burst)
+    log.info("worker %s stopped", config.worker_id)
+    return 0

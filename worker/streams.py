@@ -1,0 +1,167 @@
+"""The worker's Redis I/O: group, read, abort checks, publish, ack, dead letters, heartbeat.
+
+Every per-step operation is one pipelined round trip whatever the number of requests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from producer.keys import GROUP, Keys
+from producer.protocol import EventType, encode_event, event_stream_id, now_ms
+from worker.config import WorkerConfig
+
+log = logging.getLogger("redbatch.worker")
+EVENT_TTL_REFRESH_EVERY = 64  # events between EXPIREs of a long-running request's stream
+
+
+@dataclass
+class Outbox:
+    """Events, acks and dead letters gathered during one loop iteration, flushed in one round trip."""
+
+    events: list[tuple[str, int, EventType, dict[str, Any]]] = field(default_factory=list)
+    acks: list[str] = field(default_factory=list)
+    dead: list[tuple[str, dict[Any, Any], str]] = field(default_factory=list)
+
+    def event(self, request_id: str, seq: int, type: EventType, **fields: Any) -> None:
+        self.events.append((request_id, seq, type, fields))
+
+    def ack(self, entry_id: str) -> None:
+        self.acks.append(entry_id)
+
+    def dead_letter(self, entry_id: str, fields: dict[Any, Any], reason: str) -> None:
+        self.dead.append((entry_id, fields, reason))
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.events or self.acks or self.dead)
+
+
+class WorkerStreams:
+    def __init__(self, client: redis.Redis, config: WorkerConfig):
+        self.redis = client
+        self.config = config
+        self.keys = Keys(config.prefix)
+        self.model = config.model_name
+        self.requests_key = self.keys.requests(self.model)
+        self.started_ms = now_ms()
+
+    # ------------------------------------------------------------ setup
+
+    def ensure_group(self) -> None:
+        """Create the consumer group (from the stream's start, so work queued before any worker counts)."""
+        try:
+            self.redis.xgroup_create(self.requests_key, GROUP, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def register(self, tasks: list[str]) -> None:
+        info = {
+            "tasks": tasks, "max_num_seqs": self.config.max_num_seqs, "max_queue_len": self.config.max_queue_len,
+            "model_path": self.config.model_path, "last_seen": now_ms(), "live_workers": 1,
+        }
+        existing = self.redis.hget(self.keys.models(), self.model)
+        if existing:
+            info["live_workers"] = max(1, json.loads(existing).get("live_workers", 0))
+        self.redis.hset(self.keys.models(), self.model, json.dumps(info))
+
+    def unregister(self) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.delete(self.keys.worker(self.config.worker_id))
+        pipe.zrem(self.keys.model_workers(self.model), self.config.worker_id)
+        pipe.execute()
+
+    # ------------------------------------------------------------ per step
+
+    def read(self, count: int, block_ms: int | None) -> list[tuple[str, dict[bytes, bytes]]]:
+        """Up to `count` new entries for this consumer; blocks only when block_ms is given."""
+        reply = self.redis.xreadgroup(GROUP, self.config.worker_id, {self.requests_key: ">"}, count=count, block=block_ms)
+        entries = []
+        for _, stream_entries in reply or []:
+            for entry_id, fields in stream_entries:
+                entries.append((entry_id.decode() if isinstance(entry_id, bytes) else entry_id, fields or {}))
+        return entries
+
+    def aborted(self, request_ids: list[str]) -> set[str]:
+        """Which of these requests have an abort key, in one round trip."""
+        if not request_ids:
+            return set()
+        pipe = self.redis.pipeline(transaction=False)
+        for request_id in request_ids:
+            pipe.exists(self.keys.abort(request_id))
+        return {rid for rid, hit in zip(request_ids, pipe.execute()) if hit}
+
+    def flush(self, outbox: Outbox) -> list[tuple[str, Exception]]:
+        """Write the outbox in one pipelined round trip. Returns the requests whose event writes failed."""
+        if outbox.is_empty:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        owners: list[str | None] = []
+        ttl = self.config.result_ttl_s
+        for request_id, seq, type, fields in outbox.events:
+            key = self.keys.events(request_id)
+            pipe.xadd(key, encode_event(seq, type, **fields), id=event_stream_id(seq))
+            owners.append(request_id)
+            if seq % EVENT_TTL_REFRESH_EVERY == 0 or type in (EventType.DONE, EventType.ERROR, EventType.ABORTED):
+                pipe.expire(key, ttl)
+                owners.append(None)
+        for entry_id, fields, reason in outbox.dead:
+            pipe.xadd(self.keys.dead(self.model), {**_as_text_fields(fields), "reason": reason, "entry_id": entry_id,
+                                                   "worker": self.config.worker_id, "ts": str(now_ms())})
+            owners.append(None)
+            outbox.acks.append(entry_id)
+        if outbox.acks:
+            pipe.xack(self.requests_key, GROUP, *outbox.acks)
+            pipe.xdel(self.requests_key, *outbox.acks)
+            owners += [None, None]
+        failures = []
+        for owner, result in zip(owners, pipe.execute(raise_on_error=False)):
+            if isinstance(result, Exception):
+                if isinstance(result, redis.ConnectionError):
+                    raise result
+                log.warning("write for request %s failed: %s", owner, result)
+                if owner is not None:
+                    failures.append((owner, result))
+        return failures
+
+    def heartbeat(self, stats: dict[str, Any]) -> None:
+        ms = now_ms()
+        key = self.keys.worker(self.config.worker_id)
+        fields = {"model": self.model, "host": socket.gethostname(), "pid": os.getpid(), "started": self.started_ms,
+                  "last_seen": ms, **stats}
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(key, mapping={k: str(v) for k, v in fields.items()})
+        pipe.expire(key, self.config.heartbeat_ttl_s)
+        workers_key = self.keys.model_workers(self.model)
+        pipe.zadd(workers_key, {self.config.worker_id: ms})
+        pipe.zremrangebyscore(workers_key, 0, ms - self.config.heartbeat_ttl_s * 1000)
+        pipe.zcard(workers_key)
+        pipe.hget(self.keys.models(), self.model)
+        *_, live, raw = pipe.execute()
+        info = json.loads(raw) if raw else {}
+        info.update(last_seen=ms, live_workers=int(live), max_num_seqs=self.config.max_num_seqs,
+                    max_queue_len=self.config.max_queue_len)
+        self.redis.hset(self.keys.models(), self.model, json.dumps(info))
+
+
+def _as_text_fields(fields: dict[Any, Any]) -> dict[str, bytes]:
+    out = {}
+    for key, value in fields.items():
+        name = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
+        if name in ("reason", "entry_id", "worker", "ts"):
+            name = f"orig_{name}"
+        out[name] = value if isinstance(value, bytes) else str(value).encode()
+    return out
+
+
+def monotonic_ms() -> float:
+    return time.monotonic() * 1000
