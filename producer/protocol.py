@@ -1,14 +1,16 @@
 """Wire protocol v1: the flat stream fields of requests and events, as pydantic models.
 
-A request is one entry of `rb:{<model>}:requests`; its events are entries of
-`rb:req:<id>:events`. Every field value on the wire is a string (JSON where it is
-structured), so any language can XADD and XREAD them. See docs/protocol.md.
+A request is one entry of `<prefix>:{<model>}:requests`; its events are entries of
+`<prefix>:req:<id>:events` (key names live in producer.keys). Every field value on the
+wire is a string (JSON where it is structured), so any language can XADD and XREAD
+them. See docs/protocol.md.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from enum import Enum
 from typing import Annotated, Any, Literal, Union
@@ -19,6 +21,7 @@ from producer.keys import check_request_id
 
 PROTOCOL_VERSION = "1"
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+_INT_RE = re.compile(r"-?[0-9]{1,19}")  # ASCII digits only; "--5" or "+5" must be a BadEntry, not a crash
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 
@@ -77,6 +80,7 @@ class GenerateConfig(_Strict):
     stream: bool = True
     request_id: str | None = None
     logprobs: int | None = Field(None, ge=0, le=20)  # None: none; N: chosen token + top N
+    ignore_eos: bool = False  # extension: keep going past EOS (benchmarks, load tests)
 
     @field_validator("stop")
     @classmethod
@@ -236,7 +240,7 @@ def _int_field(fields: dict[Any, Any], name: str, required: bool) -> int | None:
         if required:
             raise BadEntry(f"missing field {name!r}")
         return None
-    if not raw.isascii() or not raw.lstrip("-").isdigit() or len(raw) > 20:
+    if not _INT_RE.fullmatch(raw):
         raise BadEntry(f"field {name!r} must be an integer (unix ms), got {raw[:40]!r}")
     return int(raw)
 
@@ -274,8 +278,9 @@ def _decode_fields(fields: dict[Any, Any], request_id: str, max_body_bytes: int)
     raw_body = fields.get(b"body", fields.get("body"))
     if raw_body is None:
         raise BadEntry("missing field 'body'")
-    if len(raw_body) > max_body_bytes:
-        raise BadEntry(f"body is {len(raw_body)} bytes; the limit is {max_body_bytes}")
+    num_body_bytes = len(raw_body.encode("utf-8", "surrogatepass") if isinstance(raw_body, str) else raw_body)
+    if num_body_bytes > max_body_bytes:
+        raise BadEntry(f"body is {num_body_bytes} bytes; the limit is {max_body_bytes}")
     body_text = _text(fields, "body")
     try:
         payload = json.loads(body_text)

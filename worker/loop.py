@@ -37,6 +37,7 @@ class Worker:
         self.streams = streams
         self.stats = Stats()
         self._stop = threading.Event()
+        self.ready = threading.Event()  # set once the group exists and the model is registered
         self._drain_deadline: float | None = None
         self._last_heartbeat = 0.0
 
@@ -57,6 +58,7 @@ class Worker:
         """Serve until stopped. burst=True: return once the stream is empty and nothing runs (tests)."""
         self.streams.ensure_group()
         self.streams.register([t.value for t in self.engine.tasks])
+        self.ready.set()
         backoff_s = 0.1
         try:
             while not self._should_exit():

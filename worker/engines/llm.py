@@ -258,7 +258,7 @@ class LLMEngine:
             state.logprobs.append(logprob)
         finish = None
         text = ""
-        if token in self.eos_ids or token in state.stop_token_ids:
+        if (token in self.eos_ids and not seq.params.ignore_eos) or token in state.stop_token_ids:
             finish = FinishReason.STOP
         else:
             text = state.stops.feed(state.detok.push([token]))

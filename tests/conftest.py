@@ -1,0 +1,190 @@
+"""Shared fixtures: tiny models, a real Redis server, workers in threads, request factories."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported anywhere
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+
+from producer.protocol import GenerateBody, GenerateConfig, Request, TaskKind
+
+TEST_THREADS = int(os.environ.get("REDBATCH_TEST_THREADS", "1"))
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+@pytest.fixture(scope="session")
+def torch_threads():
+    import torch
+
+    torch.set_num_threads(TEST_THREADS)
+    _quiet_transformers()
+    return TEST_THREADS
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_path(tmp_path_factory, torch_threads) -> Path:
+    from worker.models.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"), arch="llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_path(tmp_path_factory, torch_threads) -> Path:
+    from worker.models.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), arch="qwen2", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_llama_path):
+    from worker.models.loading import load_llm
+
+    return load_llm(str(tiny_llama_path))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tiny_qwen2_path):
+    from worker.models.loading import load_llm
+
+    return load_llm(str(tiny_qwen2_path))
+
+
+def make_request(request_id: str, prompt_ids: list[int], **config) -> Request:
+    config.setdefault("temperature", 0.0)
+    body = GenerateBody(prompt_token_ids=prompt_ids, generate_config=GenerateConfig(**config))
+    return Request(id=request_id, task=TaskKind.GENERATE, body=body, created_ms=0)
+
+
+# ---------------------------------------------------------------- real Redis
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_server_url(tmp_path_factory):
+    """REDBATCH_TEST_REDIS_URL if set (CI starts its own server), else a redis-server we start here."""
+    url = os.environ.get("REDBATCH_TEST_REDIS_URL")
+    if url:
+        redis.Redis.from_url(url).ping()
+        yield url
+        return
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("no Redis: set REDBATCH_TEST_REDIS_URL or install redis-server")
+    port = _free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
+                             "--save", "", "--appendonly", "no", "--maxmemory-policy", "noeviction"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    for _ in range(100):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A key prefix of this test's own, so tests never see each other's keys."""
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def rds(redis_server_url, prefix):
+    client = redis.Redis.from_url(redis_server_url)
+    yield client
+    keys = list(client.scan_iter(f"{prefix}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+class WorkerThread:
+    """A real worker loop (real Redis, tiny model) running in a thread of the test process."""
+
+    def __init__(self, worker):
+        self.worker = worker
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.error: BaseException | None = None
+
+    def _run(self):
+        try:
+            self.worker.run()
+        except BaseException as exc:  # noqa: BLE001 - surfaced to the test by stop()
+            self.error = exc
+
+    def start(self) -> "WorkerThread":
+        self.thread.start()
+        assert self.worker.ready.wait(30), "worker did not register"
+        return self
+
+    @property
+    def is_alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def stop(self, timeout_s: float = 30) -> None:
+        self.worker.request_stop()
+        self.thread.join(timeout_s)
+        assert not self.thread.is_alive(), "worker did not stop"
+        if self.error is not None:
+            raise self.error
+
+
+@pytest.fixture
+def worker_factory(redis_server_url, prefix, tiny_llama, tiny_llama_path):
+    """Build (not start) workers on the tiny Llama: worker_factory(max_num_seqs=4, ...) -> WorkerThread."""
+    from worker.config import WorkerConfig
+    from worker.engines.llm import LLMEngine, LLMEngineConfig
+    from worker.loop import Worker
+    from worker.streams import WorkerStreams
+
+    made: list[WorkerThread] = []
+
+    def make(model_name: str = "tiny", model=None, **overrides) -> WorkerThread:
+        model, tokenizer = model or tiny_llama
+        options = dict(model_name=model_name, model_path=str(tiny_llama_path), redis_url=redis_server_url,
+                       prefix=prefix, read_block_ms=100, heartbeat_interval_s=0.2, grace_s=5.0)
+        options.update(overrides)
+        config = WorkerConfig(**options)
+        engine = LLMEngine(model, tokenizer, LLMEngineConfig(
+            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=config.max_model_len, max_tokens_limit=config.max_tokens_limit))
+        streams = WorkerStreams(redis.Redis.from_url(redis_server_url), config)
+        handle = WorkerThread(Worker(config, engine, streams))
+        made.append(handle)
+        return handle
+
+    yield make
+    for handle in made:
+        if handle.is_alive:
+            handle.stop()

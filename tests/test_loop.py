@@ -1,0 +1,260 @@
+"""The worker loop end to end: a real Redis server, the tiny model, the producer client."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import redis
+
+from producer import Client, InvalidRequest, QueueFull, RequestAborted, RequestExpired, UnknownModel
+from producer.keys import Keys
+from producer.results import check_terminal
+from producer.protocol import EventType, decode_event, encode_request, GenerateBody, GenerateConfig, TaskKind, now_ms
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture
+def client(redis_server_url, prefix):
+    c = Client(redis_server_url, prefix=prefix)
+    yield c
+    c.redis.close()
+
+
+def events_of(client: Client, request_id: str) -> list:
+    return [decode_event(fields) for _, fields in client.redis.xrange(client.keys.events(request_id))]
+
+
+def wait_for(predicate, timeout_s: float = 20.0, interval_s: float = 0.02):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError("condition not met in time")
+
+
+def register(client: Client, name: str = "tiny", **info) -> None:
+    """Register a model as a worker would, without starting one."""
+    client.redis.hset(client.keys.models(), name, json.dumps({"tasks": ["generate", "chat"], "max_queue_len": 0, **info}))
+
+
+def test_chat_streams_tokens_and_a_final_chunk(worker_factory, client):
+    worker_factory(max_num_seqs=4).start()
+    model = client.get_model("tiny")
+    chunks = list(model.chat([{"role": "user", "content": "hello world"}],
+                             generate_config={"max_tokens": 12, "temperature": 0}, timeout_s=30))
+    assert chunks[0]["object"] == "chat.completion.chunk" and chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    final = chunks[-1]
+    assert final["choices"][0]["finish_reason"] in ("stop", "length")
+    streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    request_id = final["id"]
+    done = events_of(client, request_id)[-1]
+    assert done.type == EventType.DONE and done.text == streamed
+    assert final["usage"]["completion_tokens"] == len(chunks) - 1
+    seqs = [e.seq for e in events_of(client, request_id)]
+    assert seqs == list(range(len(seqs)))
+
+
+def test_generate_matches_model_generate(worker_factory, client, tiny_llama):
+    import torch
+
+    worker_factory(max_num_seqs=4).start()
+    hf_model, tokenizer = tiny_llama
+    model = client.get_model("tiny")
+    prompts = ["the river and the mountain", "redis stream worker", "café 東京 😀", "one two three four five six"]
+    results = [model.generate(p, generate_config={"max_tokens": 10, "temperature": 0, "stream": False}, timeout_s=30)
+               for p in prompts]
+    for prompt, result in zip(prompts, results):
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        ref = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False)
+        expected = tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+        assert result["object"] == "text_completion"
+        assert result["choices"][0]["text"] == expected
+        assert result["usage"]["prompt_tokens"] == ids.shape[1]
+
+
+def test_concurrent_requests_share_batches(worker_factory, client):
+    handle = worker_factory(max_num_seqs=8).start()
+    model = client.get_model("tiny")
+    ids = [model.submit(TaskKind.GENERATE, {"prompt": f"request {i} river"}, {"max_tokens": 16, "temperature": 0})
+           for i in range(8)]
+    finals = [client.wait(i, timeout_s=30) for i in ids]
+    assert all(f.type == EventType.DONE for f in finals)
+    # 8 requests x 16 tokens in far fewer than 128 steps: they ran side by side
+    assert handle.worker.stats.num_steps < 64
+
+
+def test_queued_request_aborted_before_it_starts_never_runs(worker_factory, client):
+    register(client)
+    model = client.get_model("tiny")
+    request_id = model.submit(TaskKind.GENERATE, {"prompt": "never run"}, {"max_tokens": 8})
+    assert client.abort_request("tiny", request_id) is True
+    worker_factory().start()
+    final = client.wait(request_id, timeout_s=30)
+    assert final.type == EventType.ABORTED
+    assert [e.type for e in events_of(client, request_id)] == [EventType.ABORTED]
+
+
+def test_running_request_aborted_publishes_nothing_after_and_frees_its_slot(worker_factory, client):
+    handle = worker_factory(max_num_seqs=1).start()
+    model = client.get_model("tiny")
+    long_id = model.submit(TaskKind.GENERATE, {"prompt": "a long one"}, {"max_tokens": 900, "ignore_eos": True})
+    next_id = model.submit(TaskKind.GENERATE, {"prompt": "next in line"}, {"max_tokens": 4})
+    wait_for(lambda: len(events_of(client, long_id)) >= 3)
+    assert client.abort_request("tiny", long_id) is True
+    assert client.wait(long_id, timeout_s=30).type == EventType.ABORTED
+    num_events = len(events_of(client, long_id))
+    assert client.wait(next_id, timeout_s=30).type == EventType.DONE  # the slot went to the next request
+    events = events_of(client, long_id)
+    assert len(events) == num_events < 900  # nothing after the terminal event
+    assert events[-1].type == EventType.ABORTED and sum(e.is_terminal for e in events) == 1
+    assert [e.seq for e in events] == list(range(len(events)))
+    assert client.abort_request("tiny", long_id) is False  # already ended: a no-op
+    assert handle.is_alive
+
+
+def test_abort_after_finish_is_a_noop(worker_factory, client):
+    worker_factory().start()
+    model = client.get_model("tiny")
+    result = model.generate("short", generate_config={"max_tokens": 2, "stream": False, "request_id": "done-1"})
+    assert result["id"] == "done-1"
+    assert client.abort_request("tiny", "done-1") is False
+    assert not client.redis.exists(client.keys.abort("done-1"))
+
+
+def test_abort_while_streaming_raises_after_the_tokens(worker_factory, client):
+    worker_factory().start()
+    model = client.get_model("tiny")
+    stream = model.chat([{"role": "user", "content": "go"}],
+                        generate_config={"max_tokens": 900, "ignore_eos": True, "request_id": "ab-2"})
+    received = [next(stream), next(stream)]
+    client.abort_request("tiny", "ab-2")
+    with pytest.raises(RequestAborted):
+        for chunk in stream:
+            received.append(chunk)
+    assert received
+
+
+def test_bad_entries_never_kill_the_worker(worker_factory, client, rds):
+    handle = worker_factory().start()
+    register(client)
+    stream = client.keys.requests("tiny")
+    good = GenerateBody(prompt="fine", generate_config=GenerateConfig(max_tokens=3))
+    bad_entries = {
+        "bad-json": {"v": "1", "id": "bad-json", "task": "generate", "body": "{not json", "created": "1"},
+        "bad-task": {"v": "1", "id": "bad-task", "task": "paint", "body": "{}", "created": "1"},
+        "bad-type": {"v": "1", "id": "bad-type", "task": "generate", "created": "1",
+                     "body": json.dumps({"prompt": "x", "generate_config": {"max_tokens": "5"}})},
+        "bad-key": {"v": "1", "id": "bad-key", "task": "generate", "created": "1",
+                    "body": json.dumps({"prompt": "x", "generate_config": {"max_tokns": 5}})},
+        "no-body": {"v": "1", "id": "no-body", "task": "generate", "created": "1"},
+        "bad-version": {"v": "9", "id": "bad-version", "task": "generate", "body": "{}", "created": "1"},
+        "too-big": {"v": "1", "id": "too-big", "task": "generate", "created": "1",
+                    "body": json.dumps({"prompt": "x" * (2 << 20)})},
+        "too-long": {"v": "1", "id": "too-long", "task": "generate", "created": "1",
+                     "body": json.dumps({"prompt_token_ids": [5] * 5000})},
+        "bad-utf8": {"v": "1", "id": "bad-utf8", "task": "generate", "created": "1", "body": b"\xff\xfe{}"},
+        "image-task": {"v": "1", "id": "image-task", "task": "text_to_image", "created": "1",
+                       "body": json.dumps({"prompt": "a cat"})},
+    }
+    for fields in bad_entries.values():
+        rds.xadd(stream, fields)
+    rds.xadd(stream, {"v": "1", "task": "generate", "body": "{}"})  # no id at all
+    rds.xadd(stream, {"v": "1", "id": "has space", "task": "generate", "body": "{}"})  # unreadable id
+    rds.xadd(stream, encode_request("good-1", TaskKind.GENERATE, good))
+    assert client.wait("good-1", timeout_s=30).type == EventType.DONE
+    for request_id in bad_entries:
+        events = [e for e in (client.wait(request_id, timeout_s=10),)]
+        assert events[0].type == EventType.ERROR, request_id
+        assert len(events_of(client, request_id)) == 1
+    assert events_of(client, "image-task")[0].code == "unsupported_task"
+    dead = rds.xrange(client.keys.dead("tiny"))
+    assert len(dead) == 2 and all(b"reason" in fields for _, fields in dead)
+    wait_for(lambda: rds.xlen(stream) == 0)  # every entry acked and deleted
+    assert rds.xpending(stream, "workers")["pending"] == 0
+    assert handle.is_alive
+
+
+def test_unknown_model_is_refused_at_submit(redis_server_url, client):
+    with pytest.raises(UnknownModel):
+        client.get_model("nobody-serves-this")
+
+
+def test_unknown_generate_config_key_is_refused_before_enqueue(client):
+    register(client)
+    with pytest.raises(InvalidRequest):
+        client.get_model("tiny").generate("x", generate_config={"max_tokns": 3})
+    assert client.redis.xlen(client.keys.requests("tiny")) == 0
+
+
+def test_queue_full_is_a_clear_error(client):
+    register(client, max_queue_len=2)
+    model = client.get_model("tiny")
+    model.submit(TaskKind.GENERATE, {"prompt": "a"})
+    model.submit(TaskKind.GENERATE, {"prompt": "b"})
+    with pytest.raises(QueueFull):
+        model.submit(TaskKind.GENERATE, {"prompt": "c"})
+
+
+def test_expired_deadline_is_answered_without_running(worker_factory, client):
+    register(client)
+    model = client.get_model("tiny")
+    request_id = model.submit(TaskKind.GENERATE, {"prompt": "late"}, {"max_tokens": 3}, deadline_ms=now_ms() - 1)
+    worker_factory().start()
+    final = client.wait(request_id, timeout_s=30)
+    assert final.type == EventType.ERROR and final.code == "expired"
+    with pytest.raises(RequestExpired):
+        check_terminal(final, request_id)
+    assert len(events_of(client, request_id)) == 1
+
+
+def test_worker_registers_and_heartbeats(worker_factory, client):
+    handle = worker_factory(max_num_seqs=3).start()
+    info = wait_for(lambda: client.list_models().get("tiny"))
+    assert info["max_num_seqs"] == 3 and set(info["tasks"]) == {"generate", "chat"}
+    key = client.keys.worker(handle.worker.config.worker_id)
+    beat = wait_for(lambda: client.redis.hgetall(key))
+    assert beat[b"model"] == b"tiny" and int(beat[b"max_num_seqs"]) == 3
+    assert 0 < client.redis.ttl(key) <= handle.worker.config.heartbeat_ttl_s
+    handle.stop()
+    assert not client.redis.exists(key)
+
+
+def test_graceful_stop_finishes_running_requests(worker_factory, client):
+    handle = worker_factory(grace_s=30).start()
+    model = client.get_model("tiny")
+    request_id = model.submit(TaskKind.GENERATE, {"prompt": "finish me"}, {"max_tokens": 40})
+    wait_for(lambda: len(events_of(client, request_id)) >= 1)
+    handle.stop()
+    assert events_of(client, request_id)[-1].type == EventType.DONE
+
+
+def test_async_client_chat(worker_factory, redis_server_url, prefix):
+    import asyncio
+
+    from producer import AsyncClient
+
+    worker_factory().start()
+
+    async def main():
+        client = AsyncClient(redis_server_url, prefix=prefix)
+        model = await client.get_model("tiny")
+        whole = await model.chat([{"role": "user", "content": "hi"}], generate_config={"max_tokens": 6, "stream": False})
+        chunks = [c async for c in await model.generate("hi", generate_config={"max_tokens": 6})]
+        await client.aclose()
+        return whole, chunks
+
+    whole, chunks = asyncio.run(main())
+    assert whole["object"] == "chat.completion" and whole["usage"]["completion_tokens"] >= 1
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_keys_use_the_configured_prefix_only(worker_factory, client, rds, prefix):
+    worker_factory().start()
+    client.get_model("tiny").generate("x", generate_config={"max_tokens": 2, "stream": False})
+    assert all(k.decode().startswith(f"{prefix}:") for k in rds.scan_iter(f"{prefix}:*"))
+    assert Keys(prefix).requests("tiny").encode() in list(rds.scan_iter(f"{prefix}:*"))
