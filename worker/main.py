@@ -26,7 +26,7 @@ def build_worker(config: WorkerConfig):
         max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
         max_model_len=config.max_model_len, max_tokens_limit=config.max_tokens_limit,
     ))
-    client = redis.Redis.from_url(config.redis_url, health_check_interval=30, socket_keepalive=True)
+    client = redis.Redis.from_url(config.redis_url, health_check_interval=30)
     return Worker(config, engine, WorkerStreams(client, config))
 
 

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtualenv with the worker and dev extras.
+# torch: the CPU build by default (REDBATCH_TORCH_SPEC overrides, e.g. for a CUDA machine).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${REDBATCH_VENV:-.venv}"
+TORCH_SPEC="${REDBATCH_TORCH_SPEC:-torch==2.13.0}"
+if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
+if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+    "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
+fi
+"$VENV/bin/python" -m pip install -q -e ".[worker,dev]"
+echo "$VENV"
