@@ -11,7 +11,7 @@ import redis.asyncio as aredis
 from redis.exceptions import ResponseError
 
 from producer.errors import QueueFull, RequestTimeout
-from producer.keys import DEFAULT_PREFIX, Keys, check_request_id
+from producer.keys import DEFAULT_PREFIX, Keys
 from producer.protocol import TERMINAL_EVENTS, Event, TaskKind, decode_event
 from producer.results import Shaper
 from producer.submit import (
@@ -24,6 +24,7 @@ from producer.submit import (
     enqueue_args,
     model_key_name,
     prompt_payload,
+    request_key_id,
 )
 
 
@@ -55,7 +56,7 @@ class AsyncClient:
 
     async def abort_request(self, model: str, request_id: str) -> bool:
         model_key_name(model)
-        check_request_id(request_id)
+        request_key_id(request_id)
         last = await self.redis.xrevrange(self.keys.events(request_id), count=1)
         if last and decode_event(last[0][1]).is_terminal:
             return False

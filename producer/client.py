@@ -10,7 +10,7 @@ from typing import Any
 import redis
 
 from producer.errors import QueueFull, RequestTimeout
-from producer.keys import DEFAULT_PREFIX, Keys, check_request_id
+from producer.keys import DEFAULT_PREFIX, Keys
 from producer.protocol import TERMINAL_EVENTS, Event, EventType, TaskKind, decode_event
 from producer.results import Shaper
 from producer.submit import (
@@ -23,6 +23,7 @@ from producer.submit import (
     enqueue_args,
     model_key_name,
     prompt_payload,
+    request_key_id,
 )
 
 
@@ -55,7 +56,7 @@ class Client:
     def abort_request(self, model: str, request_id: str) -> bool:
         """Ask the workers to stop `request_id`. False (a no-op) when it already finished."""
         model_key_name(model)
-        check_request_id(request_id)
+        request_key_id(request_id)
         last = self.redis.xrevrange(self.keys.events(request_id), count=1)
         if last and decode_event(last[0][1]).is_terminal:
             return False

@@ -116,6 +116,12 @@ class ContentPart(_Strict):
     text: str | None = None
     image_url: ImageUrl | None = None
 
+    def model_post_init(self, _context: Any) -> None:
+        if self.type == "text" and self.text is None:
+            raise ValueError("a text part needs 'text'")
+        if self.type == "image_url" and self.image_url is None:
+            raise ValueError("an image_url part needs 'image_url'")
+
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)

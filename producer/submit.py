@@ -7,8 +7,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from producer.errors import InvalidRequest, UnknownModel
-from producer.keys import check_model_name
+from producer.errors import InvalidRequest, UnknownModel, UnsupportedTask
+from producer.keys import check_model_name, check_request_id
 from producer.protocol import (
     Body,
     ChatBody,
@@ -37,7 +37,7 @@ return redis.call('XADD', KEYS[1], '*', unpack(args))
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What a model's workers registered in `rb:models`."""
+    """What a model's workers registered in the models hash (Keys.models())."""
 
     name: str
     tasks: tuple[str, ...]
@@ -53,7 +53,7 @@ class ModelInfo:
 
     def check_task(self, task: TaskKind) -> None:
         if self.tasks and task.value not in self.tasks:
-            raise InvalidRequest(f"model {self.name!r} serves {list(self.tasks)}, not {task.value!r}")
+            raise UnsupportedTask(f"model {self.name!r} serves {list(self.tasks)}, not {task.value!r}")
 
 
 def new_request_id() -> str:
@@ -93,5 +93,12 @@ def enqueue_args(request_id: str, task: TaskKind, body: Body, max_queue_len: int
 def model_key_name(name: str) -> str:
     try:
         return check_model_name(name)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+
+
+def request_key_id(request_id: str) -> str:
+    try:
+        return check_request_id(request_id)
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None

@@ -60,6 +60,8 @@ class SlotKVCache:
         return heapq.heappop(self._free)
 
     def free(self, slot: int) -> None:
+        if not 0 <= slot < self.num_slots or slot in self._free:
+            raise RuntimeError(f"KV slot {slot} freed twice or out of range")  # would hand one slot to two sequences
         heapq.heappush(self._free, slot)
 
     def ensure_capacity(self, num_tokens: int) -> None:

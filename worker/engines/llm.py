@@ -247,7 +247,7 @@ class LLMEngine:
             rows[i] = {
                 "token_id": tok, "token": self.tokenizer.decode([tok]), "logprob": chosen[i],
                 "top_logprobs": [{"token_id": t, "token": self.tokenizer.decode([t]), "logprob": v}
-                                 for t, v in zip(top_ids[i][:n], top_values[i][:n])],
+                                 for t, v in zip(top_ids[i][:n], top_values[i][:n]) if v != float("-inf")],
             }
         return rows
 

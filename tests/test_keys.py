@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from producer.keys import DEFAULT_PREFIX, GROUP, Keys, check_model_name, check_request_id
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+BAD_NAMES = ["", "a*b", "a{b", "a}b", "a b", " a", "a\n", "é", "модель", "a/b", "a:b", "a" * 65, None, 5, b"abc"]
+BAD_IDS = ["", "a*b", "a{b", "a}b", "a b", "a\tb", "é", "ид", "a/b", "a" * 129, None, 5, b"abc"]
+
+
+def test_default_key_names() -> None:
+    keys = Keys()
+    assert DEFAULT_PREFIX == "rb"
+    assert GROUP == "workers"
+    assert keys.requests("qwen-0.5b") == "rb:{qwen-0.5b}:requests"
+    assert keys.dead("qwen-0.5b") == "rb:{qwen-0.5b}:dead"
+    assert keys.model_workers("qwen-0.5b") == "rb:{qwen-0.5b}:workers"
+    assert keys.models() == "rb:models"
+    assert keys.worker("host-1:1234") == "rb:worker:host-1:1234"
+    assert keys.worker_pattern() == "rb:worker:*"
+    assert keys.events("req-1") == "rb:req:req-1:events"
+    assert keys.abort("req-1") == "rb:req:req-1:abort"
+
+
+def test_custom_prefix_is_used_everywhere() -> None:
+    keys = Keys("staging.v2")
+    names = [keys.requests("m"), keys.dead("m"), keys.models(), keys.worker("w"), keys.events("r"), keys.abort("r")]
+    assert all(name.startswith("staging.v2:") for name in names)
+    assert not any(name.startswith("rb:") for name in names)
+
+
+def test_model_keys_share_one_cluster_hash_tag() -> None:
+    keys = Keys()
+    for name in (keys.requests("m1"), keys.dead("m1"), keys.model_workers("m1")):
+        # Redis Cluster hashes only what is between the first { and the next }.
+        start = name.index("{")
+        assert name[start + 1 : name.index("}", start)] == "m1"
+
+
+@pytest.mark.parametrize("prefix", ["", "a b", "rb:", "{rb}", "a*", "x" * 33, "é"])
+def test_invalid_prefix_is_rejected(prefix: str) -> None:
+    with pytest.raises(ValueError):
+        Keys(prefix)
+
+
+@pytest.mark.parametrize("name", ["m", "Qwen2.5-0.5B_instruct", "a" * 64, "0", "a.b-c_d"])
+def test_valid_model_names_pass(name: str) -> None:
+    assert check_model_name(name) == name
+    assert Keys().requests(name) == f"rb:{{{name}}}:requests"
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_invalid_model_names_are_rejected(name: object) -> None:
+    with pytest.raises(ValueError):
+        check_model_name(name)
+    if isinstance(name, str):
+        for make in (Keys().requests, Keys().dead, Keys().model_workers):
+            with pytest.raises(ValueError):
+                make(name)
+
+
+@pytest.mark.parametrize("request_id", ["r", "a" * 128, "0123abcdef", "chatcmpl-1:2.3_x", "A-Z.a_z:0-9"])
+def test_valid_request_ids_pass(request_id: str) -> None:
+    assert check_request_id(request_id) == request_id
+    assert Keys().events(request_id) == f"rb:req:{request_id}:events"
+    assert Keys().abort(request_id) == f"rb:req:{request_id}:abort"
+
+
+@pytest.mark.parametrize("request_id", BAD_IDS)
+def test_invalid_request_ids_are_rejected(request_id: object) -> None:
+    with pytest.raises(ValueError):
+        check_request_id(request_id)
+    if isinstance(request_id, str):
+        for make in (Keys().events, Keys().abort):
+            with pytest.raises(ValueError):
+                make(request_id)
+
+
+@pytest.mark.parametrize("worker_id", ["", "w*", "w x", "a" * 129])
+def test_invalid_worker_ids_are_rejected(worker_id: str) -> None:
+    with pytest.raises(ValueError):
+        Keys().worker(worker_id)
+
+
+def _source_files() -> list[Path]:
+    return sorted(p for top in ("producer", "worker") for p in (REPO_ROOT / top).rglob("*.py"))
+
+
+def test_key_prefix_is_spelled_only_in_keys_module() -> None:
+    files = _source_files()
+    assert REPO_ROOT / "producer" / "keys.py" in files  # the scan looks where the code is
+    offenders = []
+    for path in files:
+        if path == REPO_ROOT / "producer" / "keys.py":
+            continue
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if "rb:" in line:
+                offenders.append(f"{path.relative_to(REPO_ROOT)}:{number}: {line.strip()}")
+    assert not offenders, "key prefix spelled outside producer/keys.py:\n" + "\n".join(offenders)

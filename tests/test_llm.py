@@ -1,0 +1,167 @@
+"""LLMEngine behaviour in process: sampling parameters, stops, text, limits, rejections."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from producer.protocol import ChatBody, ChatMessage, ErrorCode, FinishReason, GenerateConfig, Request, TaskKind
+from tests.conftest import make_request
+from worker.engines.base import RequestRejected
+from worker.engines.llm import LLMEngine, LLMEngineConfig
+
+PROMPT = [1, 40, 41, 42, 43, 44, 45]
+
+
+@pytest.fixture
+def engine(tiny_llama):
+    model, tokenizer = tiny_llama
+    return LLMEngine(model, tokenizer, LLMEngineConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=256,
+                                                       max_tokens_limit=200))
+
+
+def drain(engine: LLMEngine) -> dict[str, list]:
+    """Run to completion; returns request_id -> list of StepOutputs."""
+    outs: dict[str, list] = {}
+    for _ in range(2000):
+        if not engine.num_active:
+            return outs
+        for out in engine.step():
+            outs.setdefault(out.seq.request_id, []).append(out)
+    raise AssertionError("engine did not finish")
+
+
+def run_one(engine: LLMEngine, prompt=PROMPT, **config) -> tuple[list[int], str, FinishReason, object]:
+    seq = engine.add(make_request("one", prompt, **config))
+    outs = drain(engine)["one"]
+    tokens = [t for o in outs for t in o.token_ids]
+    return tokens, "".join(o.text for o in outs), outs[-1].finish_reason, seq
+
+
+def test_max_tokens_and_usage(engine):
+    tokens, _, finish, seq = run_one(engine, max_tokens=5, ignore_eos=True)
+    assert len(tokens) == 5 and finish == FinishReason.LENGTH
+    assert seq.num_prompt_tokens == len(PROMPT) and seq.num_output_tokens == 5
+
+
+def test_streamed_text_equals_decode_of_the_tokens(engine, tiny_llama):
+    _, tokenizer = tiny_llama
+    tokens, text, _, seq = run_one(engine, max_tokens=40, ignore_eos=True)
+    assert text == tokenizer.decode(tokens, skip_special_tokens=True) == seq.meta["text"]
+
+
+def test_stop_string_is_cut_and_not_emitted(engine, tiny_llama):
+    _, tokenizer = tiny_llama
+    tokens, text, _, _ = run_one(engine, max_tokens=30, ignore_eos=True)
+    assert len(text) > 8
+    stop = text[5:8]
+    first = text.find(stop)
+    stopped_tokens, stopped_text, finish, _ = run_one(engine, max_tokens=30, ignore_eos=True, stop=[stop, "\x00never"])
+    assert finish == FinishReason.STOP
+    assert stopped_text == text[:first]
+    assert stopped_tokens == tokens[: len(stopped_tokens)] and len(stopped_tokens) < len(tokens)
+
+
+def test_stop_token_ids_and_eos(engine, tiny_llama):
+    tokens, _, _, _ = run_one(engine, max_tokens=20, ignore_eos=True)
+    stop_at = tokens[3]
+    first = tokens.index(stop_at)
+    stopped, _, finish, _ = run_one(engine, max_tokens=20, ignore_eos=True, stop_token_ids=[stop_at])
+    assert finish == FinishReason.STOP and stopped == tokens[: first + 1]
+    engine.eos_ids = frozenset({stop_at})  # the model's own EOS stops too, unless ignore_eos
+    eos_stopped, _, finish, _ = run_one(engine, max_tokens=20)
+    assert finish == FinishReason.STOP and eos_stopped == tokens[: first + 1]
+
+
+def test_repetition_penalty_matches_hf_generate(engine, tiny_llama):
+    model, _ = tiny_llama
+    ids = torch.tensor([PROMPT])
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+                         repetition_penalty=1.8)[0, len(PROMPT):].tolist()
+    plain = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)[0, len(PROMPT):].tolist()
+    assert ref != plain  # the penalty matters for this prompt
+    tokens, _, _, _ = run_one(engine, max_tokens=16, repetition_penalty=1.8)
+    assert tokens == ref
+
+
+def test_seeded_sampling_is_independent_of_batch_mates(engine):
+    config = dict(max_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
+    alone, _, _, _ = run_one(engine, **config)
+    engine.add(make_request("mate-1", [1, 9, 9, 9], max_tokens=20, temperature=0.7, seed=7))
+    engine.add(make_request("target", PROMPT, **config))
+    engine.add(make_request("mate-2", [1, 5] * 20, max_tokens=3, temperature=1.5))
+    together = [t for o in drain(engine)["target"] for t in o.token_ids]
+    assert together == alone
+    other_seed, _, _, _ = run_one(engine, **{**config, "seed": 99})
+    assert other_seed != alone
+
+
+def test_logprobs_are_reported_per_token(engine):
+    seq = engine.add(make_request("lp", PROMPT, max_tokens=4, logprobs=3, ignore_eos=True))
+    outs = drain(engine)["lp"]
+    for out in outs:
+        (entry,) = out.logprobs
+        assert entry["token_id"] == out.token_ids[0] and entry["logprob"] <= 0
+        assert len(entry["top_logprobs"]) == 3
+        assert entry["top_logprobs"][0]["logprob"] >= entry["logprob"] - 1e-6  # greedy: chosen is the best
+    assert len(seq.meta["logprobs"]) == 4
+
+
+def test_chat_uses_the_chat_template(engine, tiny_llama):
+    _, tokenizer = tiny_llama
+    body = ChatBody(messages=[ChatMessage(role="user", content="hello")], generate_config=GenerateConfig(max_tokens=2))
+    seq = engine.add(Request(id="c", task=TaskKind.CHAT, body=body, created_ms=0))
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False, add_generation_prompt=True)
+    assert seq.prompt_ids == tokenizer(text, add_special_tokens=False).input_ids
+    drain(engine)
+
+
+@pytest.mark.parametrize("prompt,config,message", [
+    ([1] * 300, {}, "context"),
+    ([1] * 100, {"max_tokens": 200}, "exceed"),
+    (PROMPT, {"max_tokens": 201}, "limit"),
+    ([1, 99999], {}, "vocabulary"),
+])
+def test_requests_the_engine_cannot_serve_are_rejected(engine, prompt, config, message):
+    with pytest.raises(RequestRejected) as err:
+        engine.add(make_request("bad", prompt, **config))
+    assert err.value.code == ErrorCode.INVALID_REQUEST and message in err.value.message
+    assert engine.num_active == 0
+
+
+def test_image_parts_are_rejected_by_a_text_model(engine):
+    message = ChatMessage.model_validate({"role": "user", "content": [
+        {"type": "text", "text": "what is this"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]})
+    body = ChatBody(messages=[message])
+    with pytest.raises(RequestRejected, match="image"):
+        engine.add(Request(id="img", task=TaskKind.CHAT, body=body, created_ms=0))
+
+
+def test_abort_frees_the_slot_for_the_next_request(engine):
+    engine.add(make_request("a", PROMPT, max_tokens=50, ignore_eos=True))
+    engine.step()
+    assert engine.kv.num_free_slots == engine.max_num_seqs - 1
+    assert engine.abort("a") is not None
+    assert engine.kv.num_free_slots == engine.max_num_seqs and engine.num_active == 0
+    assert engine.abort("a") is None
+    tokens, _, _, _ = run_one(engine, max_tokens=3, ignore_eos=True)
+    assert len(tokens) == 3
+
+
+def test_fail_running_drops_only_running_requests(engine):
+    for i in range(6):
+        engine.add(make_request(f"r{i}", PROMPT, max_tokens=10))
+    engine.step()
+    failed = engine.fail_running()
+    assert len(failed) == 4 and engine.num_active == 2 and engine.kv.num_free_slots == 4
+    assert set(drain(engine)) == {"r4", "r5"}
+
+
+def test_logprobs_of_filtered_tokens_are_left_out_so_events_stay_valid_json(engine):
+    import json
+
+    engine.add(make_request("lpk", PROMPT, max_tokens=3, temperature=1.0, top_k=1, logprobs=3, seed=1))
+    for out in drain(engine)["lpk"]:
+        (entry,) = out.logprobs
+        assert [e["token_id"] for e in entry["top_logprobs"]] == [entry["token_id"]]
+        json.loads(json.dumps(entry, allow_nan=False))
