@@ -45,6 +45,12 @@ class AsyncClient:
     async def aclose(self) -> None:
         await self.redis.aclose()
 
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.aclose()
+
     async def list_models(self) -> dict[str, dict[str, Any]]:
         raw = await self.redis.hgetall(self.keys.models())
         return {k.decode(): json.loads(v) for k, v in raw.items()}

@@ -101,7 +101,14 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 def _cmd_request(args: argparse.Namespace) -> int:
     from producer.client import Client
 
-    model = Client(_redis_url(args), prefix=args.prefix).get_model(args.model)
+    client = Client(_redis_url(args), prefix=args.prefix)
+    try:
+        return _print_request(args, client.get_model(args.model))
+    finally:
+        client.redis.close()
+
+
+def _print_request(args: argparse.Namespace, model) -> int:
     config = {"max_tokens": args.max_tokens, "temperature": args.temperature, "stream": not args.json}
     if args.request_id:
         config["request_id"] = args.request_id
@@ -123,7 +130,11 @@ def _cmd_request(args: argparse.Namespace) -> int:
 def _cmd_abort(args: argparse.Namespace) -> int:
     from producer.client import Client
 
-    was_running = Client(_redis_url(args), prefix=args.prefix).abort_request(args.model, args.request_id)
+    client = Client(_redis_url(args), prefix=args.prefix)
+    try:
+        was_running = client.abort_request(args.model, args.request_id)
+    finally:
+        client.redis.close()
     print("abort requested" if was_running else "already finished: nothing to abort")
     return 0
 

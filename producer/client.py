@@ -43,6 +43,15 @@ class Client:
         self.result_ttl_s = result_ttl_s
         self._enqueue = self.redis.register_script(ENQUEUE_LUA)
 
+    def close(self) -> None:
+        self.redis.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
     def list_models(self) -> dict[str, dict[str, Any]]:
         return {k.decode(): json.loads(v) for k, v in self.redis.hgetall(self.keys.models()).items()}
 

