@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--max-num-seqs", type=int, default=16)
     w.add_argument("--max-num-batched-tokens", type=int, default=2048)
     w.add_argument("--max-model-len", type=int, default=None)
+    w.add_argument("--kv-cache-tokens", type=int, default=None,
+                   help="KV cache budget in tokens (default: max-num-seqs x max-model-len); the newest request is "
+                        "preempted and recomputed under pressure")
     w.add_argument("--max-queue-len", type=int, default=10_000)
     w.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     w.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -90,7 +93,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     options = dict(
         model_name=args.model_name, model_path=args.model_path, redis_url=_redis_url(args), prefix=args.prefix,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len, max_queue_len=args.max_queue_len, device=args.device, dtype=args.dtype,
+        max_model_len=args.max_model_len, kv_cache_tokens=args.kv_cache_tokens, max_queue_len=args.max_queue_len, device=args.device, dtype=args.dtype,
         num_threads=args.threads, grace_s=args.grace_s, trust_remote_code=args.trust_remote_code,
     )
     if args.worker_id:

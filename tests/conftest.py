@@ -178,7 +178,8 @@ def worker_factory(redis_server_url, prefix, tiny_llama, tiny_llama_path):
         config = WorkerConfig(**options)
         engine = LLMEngine(model, tokenizer, LLMEngineConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-            max_model_len=config.max_model_len, max_tokens_limit=config.max_tokens_limit))
+            max_model_len=config.max_model_len, max_tokens_limit=config.max_tokens_limit,
+            max_cached_tokens=config.kv_cache_tokens))
         streams = WorkerStreams(redis.Redis.from_url(redis_server_url), config)
         handle = WorkerThread(Worker(config, engine, streams))
         made.append(handle)

@@ -31,9 +31,11 @@ def _workload(vocab_size: int, seed: int = 0) -> list[tuple[str, list[int], int,
     return work
 
 
-def run_engine(model, tokenizer, work, aborts=frozenset(), max_num_seqs=6, max_num_batched_tokens=40):
+def run_engine(model, tokenizer, work, aborts=frozenset(), max_num_seqs=6, max_num_batched_tokens=40,
+               max_cached_tokens=None, stats=None):
     engine = LLMEngine(model, tokenizer, LLMEngineConfig(max_num_seqs=max_num_seqs,
-                                                         max_num_batched_tokens=max_num_batched_tokens))
+                                                         max_num_batched_tokens=max_num_batched_tokens,
+                                                         max_cached_tokens=max_cached_tokens))
     outputs: dict[str, list[int]] = {}
     pending = sorted(work, key=lambda w: w[3])
     step = 0
@@ -48,6 +50,8 @@ def run_engine(model, tokenizer, work, aborts=frozenset(), max_num_seqs=6, max_n
                 outputs[request_id].append(-1)
         step += 1
         assert step < 5000, "engine made no progress"
+    if stats is not None:
+        stats.update(preemptions=engine.num_preemptions, steps=step)
     return outputs
 
 
@@ -140,3 +144,16 @@ def test_exact_without_chunking_and_at_one_seq(tiny_model):
     work = _workload(500, seed=3)[:12]
     assert mismatches(model, work, run_engine(model, tokenizer, work, max_num_seqs=1, max_num_batched_tokens=4096)) == []
     assert mismatches(model, work, run_engine(model, tokenizer, work, max_num_seqs=12, max_num_batched_tokens=4096)) == []
+
+
+def test_exact_under_kv_pressure_with_preemption(tiny_model):
+    model, tokenizer = tiny_model
+    rng = random.Random(5)
+    work = [(f"p{i}", [1] + [rng.randrange(5, 500) for _ in range(rng.randrange(180, 240))], rng.choice([40, 70]),
+             rng.randrange(0, 6)) for i in range(10)]
+    stats: dict = {}
+    # 1536 tokens: six rows of 256, but only three once a sequence passes 256 tokens
+    outputs = run_engine(model, tokenizer, work, max_num_seqs=6, max_num_batched_tokens=512, max_cached_tokens=1536,
+                         stats=stats)
+    assert stats["preemptions"] > 0
+    assert mismatches(model, work, outputs) == []

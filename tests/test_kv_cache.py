@@ -12,9 +12,9 @@ CPU = torch.device("cpu")
 HEADS, HEAD_DIM = 2, 3
 
 
-def make_cache(num_slots: int = 4, max_len: int = 1024, num_layers: int = 2) -> SlotKVCache:
-    return SlotKVCache(num_layers=num_layers, num_slots=num_slots, num_kv_heads=HEADS, head_dim=HEAD_DIM,
-                       max_len=max_len, dtype=torch.float32, device=CPU)
+def make_cache(num_slots: int = 4, max_len: int = 1024, num_layers: int = 2, budget: int | None = None) -> SlotKVCache:
+    return SlotKVCache(num_layers=num_layers, max_slots=num_slots, num_kv_heads=HEADS, head_dim=HEAD_DIM,
+                       max_len=max_len, dtype=torch.float32, device=CPU, max_cached_tokens=budget)
 
 
 def as_long(values) -> torch.Tensor:
@@ -71,7 +71,7 @@ def test_shapes_and_initial_capacity():
 # ---------------------------------------------------------------- growth
 
 
-def test_ensure_capacity_doubles_and_preserves_contents():
+def test_grow_doubles_and_preserves_live_rows():
     cache = make_cache(num_slots=2, max_len=4096)
     for layer in range(cache.num_layers):
         cache.keys[layer].normal_()
@@ -79,9 +79,9 @@ def test_ensure_capacity_doubles_and_preserves_contents():
     old_keys = [k.clone() for k in cache.keys]
     old_values = [v.clone() for v in cache.values]
 
-    cache.ensure_capacity(INITIAL_CAPACITY)  # already enough: untouched
+    assert cache.grow(INITIAL_CAPACITY, [0, 1]) == {0: 0, 1: 1}  # already enough: untouched
     assert cache.capacity == INITIAL_CAPACITY
-    cache.ensure_capacity(3 * INITIAL_CAPACITY)
+    assert cache.grow(3 * INITIAL_CAPACITY, [0, 1]) == {0: 0, 1: 1}
 
     assert cache.capacity == 4 * INITIAL_CAPACITY
     for layer in range(cache.num_layers):
@@ -91,22 +91,46 @@ def test_ensure_capacity_doubles_and_preserves_contents():
             assert not new[:, :, INITIAL_CAPACITY:].any()
 
 
-def test_ensure_capacity_stops_at_max_len_and_refuses_beyond():
+def test_grow_packs_live_rows_to_the_low_slots_and_frees_the_rest():
+    cache = make_cache(num_slots=4, max_len=4096)
+    for slot in range(4):
+        cache.keys[0][slot].fill_(slot)
+    moves = cache.grow(INITIAL_CAPACITY + 1, [3, 1])
+    assert moves == {1: 0, 3: 1}
+    assert cache.keys[0][0, :, :INITIAL_CAPACITY].eq(1).all() and cache.keys[0][1, :, :INITIAL_CAPACITY].eq(3).all()
+    assert [cache.allocate(), cache.allocate()] == [2, 3]
+
+
+def test_grow_stops_at_max_len_and_refuses_beyond():
     cache = make_cache(num_slots=1, max_len=600)
-    cache.ensure_capacity(300)
+    cache.grow(300, [])
     assert cache.capacity == 512
-    cache.ensure_capacity(513)
+    cache.grow(513, [])
     assert cache.capacity == 600
     assert cache.keys[0].shape[2] == 600
     with pytest.raises(ValueError):
-        cache.ensure_capacity(601)
+        cache.grow(601, [])
     assert cache.capacity == 600
 
 
-def test_ensure_capacity_beyond_a_small_max_len_raises():
-    cache = make_cache(max_len=64)
+def test_budget_bounds_rows_times_capacity():
+    cache = make_cache(num_slots=8, max_len=4096, budget=2048)
+    assert (cache.num_rows, cache.capacity) == (8, INITIAL_CAPACITY)
+    assert cache.rows_for_capacity(cache.capacity_for(600)) == 2
+    with pytest.raises(RuntimeError):
+        cache.grow(600, [0, 1, 2])  # three live rows of 1024 tokens exceed 2048
+    cache.grow(600, [0, 1])
+    assert cache.num_rows * cache.capacity <= 2048 and cache.num_rows == 2
+    assert cache.max_sequence_tokens == 2048
     with pytest.raises(ValueError):
-        cache.ensure_capacity(65)
+        cache.capacity_for(2049)
+
+
+def test_reset_returns_to_the_initial_size():
+    cache = make_cache(num_slots=2, max_len=4096)
+    cache.grow(1000, [])
+    cache.reset()
+    assert cache.capacity == INITIAL_CAPACITY and cache.num_free_slots == 2
 
 
 # ---------------------------------------------------------------- update
@@ -177,7 +201,7 @@ def test_gathered_update_writes_chunks_and_returns_the_rows():
 
 def test_update_after_growth_writes_into_the_new_tensors():
     cache = make_cache(num_slots=1, max_len=2048)
-    cache.ensure_capacity(INITIAL_CAPACITY + 1)
+    cache.grow(INITIAL_CAPACITY + 1, [])
     pos = INITIAL_CAPACITY + 10
     cache.begin_forward(layout([0], [0], [pos], [0], [0], kv_len=pos + 1, slot_range=(0, 1)))
     keys, _ = cache.update(states(1, 1), states(1, 1), layer_idx=0)

@@ -165,3 +165,20 @@ def test_logprobs_of_filtered_tokens_are_left_out_so_events_stay_valid_json(engi
         (entry,) = out.logprobs
         assert [e["token_id"] for e in entry["top_logprobs"]] == [entry["token_id"]]
         json.loads(json.dumps(entry, allow_nan=False))
+
+
+def test_kv_budget_limits_admission_and_preempts_the_newest(tiny_llama):
+    model, tokenizer = tiny_llama
+    engine = LLMEngine(model, tokenizer, LLMEngineConfig(max_num_seqs=4, max_num_batched_tokens=1024, max_model_len=1024,
+                                                         max_cached_tokens=1024))
+    with pytest.raises(RequestRejected, match="exceed"):
+        engine.add(make_request("huge", [1] * 900, max_tokens=200))
+    for i in range(4):
+        engine.add(make_request(f"r{i}", [1] + [7 + i] * 200, max_tokens=80, ignore_eos=True))
+    first = {o.seq.request_id: [o] for o in engine.step()}
+    assert len(engine.scheduler.running) == 4  # four rows of 256 tokens fit 1024
+    outs = drain(engine)
+    outs = {k: first.get(k, []) + v for k, v in outs.items()}
+    assert engine.num_preemptions >= 2  # past 256 tokens only two rows of 512 fit: the newest went back
+    assert all(sum(len(o.token_ids) for o in outs[f"r{i}"]) == 80 for i in range(4))
+    assert engine.kv.num_rows * engine.kv.capacity <= 1024

@@ -34,6 +34,7 @@ class WorkerConfig(BaseModel):
     max_num_batched_tokens: int = Field(2048, ge=1)
     max_model_len: int | None = Field(None, ge=2)
     max_tokens_limit: int = Field(32768, ge=1)
+    kv_cache_tokens: int | None = Field(None, ge=16)  # KV budget; None: max_num_seqs x max_model_len
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024)
     max_queue_len: int = Field(10_000, ge=0)  # producers refuse to enqueue past this; 0 = unbounded
 

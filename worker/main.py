@@ -25,6 +25,7 @@ def build_worker(config: WorkerConfig):
     engine = LLMEngine(model, tokenizer, LLMEngineConfig(
         max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
         max_model_len=config.max_model_len, max_tokens_limit=config.max_tokens_limit,
+        max_cached_tokens=config.kv_cache_tokens,
     ))
     client = redis.Redis.from_url(config.redis_url, health_check_interval=30)
     return Worker(config, engine, WorkerStreams(client, config))

@@ -36,11 +36,19 @@ class Sequence:
     arrival_s: float = field(default_factory=time.monotonic)
     first_token_s: float | None = None
     num_resumed_tokens: int = 0  # output tokens carried over from an earlier worker
+    num_preemptions: int = 0
     meta: dict[str, Any] = field(default_factory=dict)  # owner's bookkeeping (e.g. stream entry id)
 
     @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """all_ids[start:end] without building all_ids (decode steps ask for one token)."""
+        num_prompt = len(self.prompt_ids)
+        if start >= num_prompt:
+            return self.output_ids[start - num_prompt : end - num_prompt]
+        return self.all_ids[start:end]
 
     @property
     def num_tokens(self) -> int:

@@ -59,7 +59,9 @@ class Scheduler:
         seq.status = SeqStatus.WAITING
         self.waiting.append(seq)
 
-    def schedule(self) -> Schedule:
+    def schedule(self, max_running: int | None = None) -> Schedule:
+        """The next step's chunks. `max_running` caps admission below max_num_seqs (KV memory pressure)."""
+        limit = self.max_num_seqs if max_running is None else min(self.max_num_seqs, max_running)
         schedule = Schedule()
         budget = self.max_num_batched_tokens
         for seq in self.running:  # decodes first: one token each, never starved by prefills
@@ -71,7 +73,7 @@ class Scheduler:
                 take = min(seq.num_pending, budget)
                 schedule.chunks.append(ScheduledChunk(seq, take))
                 budget -= take
-        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
+        while self.waiting and len(self.running) < limit and budget > 0:
             seq = self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
@@ -79,6 +81,22 @@ class Scheduler:
             schedule.chunks.append(ScheduledChunk(seq, take))
             budget -= take
         return schedule
+
+    def preempt_newest(self, num: int) -> list[Sequence]:
+        """Send the `num` most recently admitted running sequences back to the front of the queue.
+
+        Their KV is dropped; they keep their output and are recomputed (prompt + output) when
+        readmitted, so their result is the same as if they had never been preempted.
+        """
+        victims = []
+        for _ in range(min(num, len(self.running))):
+            seq = self.running.pop()
+            seq.status = SeqStatus.WAITING
+            seq.num_computed = 0
+            seq.num_preemptions += 1
+            victims.append(seq)
+        self.waiting.extendleft(victims)  # the newest victim ends up last, so admission order is kept
+        return victims
 
     def finish(self, seq: Sequence) -> None:
         """Remove a finished or aborted sequence from whichever queue holds it."""

@@ -47,7 +47,7 @@ def build_group(group: list[ScheduledChunk], use_range: bool, device: torch.devi
     write_rows, write_pos, col_rows, col_cols = [], [], [], []
     for chunk, row in zip(group, row_of):
         start = chunk.seq.num_computed
-        tokens = chunk.seq.all_ids[start : start + chunk.num_tokens]
+        tokens = chunk.seq.token_slice(start, start + chunk.num_tokens)
         pad = width - len(tokens)
         ids[row][pad:] = tokens
         pos[row][pad:] = range(start, start + len(tokens))

@@ -33,19 +33,52 @@ class ForwardLayout:
 
 
 class SlotKVCache:
-    """Duck-types the part of transformers' `Cache` that attention layers call (`update`)."""
+    """Duck-types the part of transformers' `Cache` that attention layers call (`update`).
 
-    def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int,
-                 max_len: int, dtype: torch.dtype, device: torch.device):
+    Memory is bounded by `max_cached_tokens`: rows x capacity never exceeds it. Rows
+    grow in length by doubling; when a longer row is needed and the budget cannot hold
+    every running sequence at that length, the engine preempts some first (see `grow`).
+    """
+
+    def __init__(self, num_layers: int, max_slots: int, num_kv_heads: int, head_dim: int,
+                 max_len: int, dtype: torch.dtype, device: torch.device, max_cached_tokens: int | None = None):
         self.num_layers = num_layers
-        self.num_slots = num_slots
+        self.max_slots = max_slots
         self.max_len = max_len
-        self.capacity = min(INITIAL_CAPACITY, max_len)
-        shape = (num_slots, num_kv_heads, self.capacity, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self._free = list(range(num_slots))
+        self.max_cached_tokens = max_cached_tokens or max_slots * max_len
+        self._shape_rest = (num_kv_heads, head_dim)
+        self._dtype, self._device = dtype, device
+        self._allocate(self._initial_capacity())
         self._layout: ForwardLayout | None = None
+
+    def _initial_capacity(self) -> int:
+        return min(INITIAL_CAPACITY, self.max_len, self.max_cached_tokens)
+
+    def _allocate(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.num_rows = self.rows_for_capacity(capacity)
+        heads, head_dim = self._shape_rest
+        shape = (self.num_rows, heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, dtype=self._dtype, device=self._device) for _ in range(self.num_layers)]
+        self.values = [torch.zeros(shape, dtype=self._dtype, device=self._device) for _ in range(self.num_layers)]
+        self._free = list(range(self.num_rows))
+
+    def rows_for_capacity(self, capacity: int) -> int:
+        return min(self.max_slots, self.max_cached_tokens // capacity)
+
+    @property
+    def max_sequence_tokens(self) -> int:
+        """The longest sequence the cache can ever hold."""
+        return min(self.max_len, self.max_cached_tokens)
+
+    def capacity_for(self, num_tokens: int) -> int:
+        """The row length `grow` would pick to hold num_tokens (doubling, capped by max_len and the budget)."""
+        if num_tokens > self.max_sequence_tokens:
+            raise ValueError(f"{num_tokens} tokens exceed the cache (max_len {self.max_len}, budget {self.max_cached_tokens})")
+        capacity = self.capacity
+        while capacity < num_tokens:
+            capacity *= 2
+        return min(capacity, self.max_sequence_tokens)
 
     # ------------------------------------------------------------ slots
 
@@ -60,24 +93,36 @@ class SlotKVCache:
         return heapq.heappop(self._free)
 
     def free(self, slot: int) -> None:
-        if not 0 <= slot < self.num_slots or slot in self._free:
+        if not 0 <= slot < self.num_rows or slot in self._free:
             raise RuntimeError(f"KV slot {slot} freed twice or out of range")  # would hand one slot to two sequences
         heapq.heappush(self._free, slot)
 
-    def ensure_capacity(self, num_tokens: int) -> None:
-        """Grow every row to hold `num_tokens` positions (doubling; rare, amortized)."""
-        if num_tokens <= self.capacity:
-            return
-        if num_tokens > self.max_len:
-            raise ValueError(f"{num_tokens} tokens exceed the cache's max_len {self.max_len}")
-        new_capacity = self.capacity
-        while new_capacity < num_tokens:
-            new_capacity *= 2
-        new_capacity = min(new_capacity, self.max_len)
-        for layer in range(self.num_layers):
-            self.keys[layer] = _grow(self.keys[layer], new_capacity)
-            self.values[layer] = _grow(self.values[layer], new_capacity)
-        self.capacity = new_capacity
+    def grow(self, num_tokens: int, live_slots: list[int]) -> dict[int, int]:
+        """Make rows hold num_tokens, keeping the live rows packed into slots 0..n-1. Returns old -> new slot.
+
+        Rare: capacity doubles each time. The caller first preempts down to
+        rows_for_capacity(capacity_for(num_tokens)) live rows.
+        """
+        capacity = self.capacity_for(num_tokens)
+        if capacity <= self.capacity:
+            return {slot: slot for slot in live_slots}
+        if len(live_slots) > self.rows_for_capacity(capacity):
+            raise RuntimeError(f"{len(live_slots)} live rows do not fit the KV budget at {capacity} tokens a row")
+        old_keys, old_values, old_capacity = self.keys, self.values, self.capacity
+        self._allocate(capacity)
+        order = sorted(live_slots)
+        if order:
+            src = torch.tensor(order, device=self._device)
+            for layer in range(self.num_layers):
+                self.keys[layer][: len(order), :, :old_capacity] = old_keys[layer][src]
+                self.values[layer][: len(order), :, :old_capacity] = old_values[layer][src]
+        self._free = list(range(len(order), self.num_rows))
+        return {old: new for new, old in enumerate(order)}
+
+    def reset(self) -> None:
+        """Back to the initial size when nothing runs, returning what a long burst grew."""
+        if self.capacity > self._initial_capacity():
+            self._allocate(self._initial_capacity())
 
     # ------------------------------------------------------------ forward protocol
 
@@ -111,8 +156,3 @@ class SlotKVCache:
     def is_compileable(self) -> bool:
         return False
 
-
-def _grow(tensor: torch.Tensor, capacity: int) -> torch.Tensor:
-    grown = tensor.new_zeros((*tensor.shape[:2], capacity, tensor.shape[3]))
-    grown[:, :, : tensor.shape[2]] = tensor
-    return grown

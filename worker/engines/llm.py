@@ -27,6 +27,7 @@ class LLMEngineConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # None: the model's max_position_embeddings, capped at 8192
     max_tokens_limit: int = 32768
+    max_cached_tokens: int | None = None  # KV budget in tokens; None: max_num_seqs x max_model_len
 
 
 @dataclass
@@ -58,15 +59,17 @@ class LLMEngine:
         self.scheduler = Scheduler(config.max_num_seqs, max(config.max_num_batched_tokens, config.max_num_seqs))
         head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
         self.kv = SlotKVCache(
-            num_layers=mc.num_hidden_layers, num_slots=config.max_num_seqs,
+            num_layers=mc.num_hidden_layers, max_slots=config.max_num_seqs,
             num_kv_heads=getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads,
             head_dim=head_dim, max_len=self.max_model_len, dtype=self.dtype, device=self.device,
+            max_cached_tokens=config.max_cached_tokens,
         )
         self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self._text: dict[Sequence, _SeqText] = {}
         self._seen: torch.Tensor | None = None  # [slots, V] bool, only once a request uses repetition_penalty
         self.num_steps = 0
         self.num_generated_tokens = 0
+        self.num_preemptions = 0
 
     # ------------------------------------------------------------ requests in and out
 
@@ -121,6 +124,8 @@ class LLMEngine:
             self.kv.free(seq.slot)
             seq.slot = None
         self._text.pop(seq, None)
+        if self.scheduler.num_active == 0:
+            self.kv.reset()
 
     def _prompt_ids(self, request: Request) -> list[int]:
         body = request.body
@@ -151,25 +156,26 @@ class LLMEngine:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     def _check_lengths(self, prompt_ids: list[int], max_tokens: int | None) -> int:
-        room = self.max_model_len - len(prompt_ids)
+        room = self.kv.max_sequence_tokens - len(prompt_ids)
         if room < 1:
-            raise RequestRejected(ErrorCode.INVALID_REQUEST, f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.max_model_len}")
+            raise RequestRejected(ErrorCode.INVALID_REQUEST, f"the prompt has {len(prompt_ids)} tokens; this worker's context is {self.kv.max_sequence_tokens}")
         if max_tokens is None:
             return min(room, self.config.max_tokens_limit)
         if max_tokens > self.config.max_tokens_limit:
             raise RequestRejected(ErrorCode.INVALID_REQUEST, f"max_tokens {max_tokens} is over this worker's limit {self.config.max_tokens_limit}")
         if max_tokens > room:
             raise RequestRejected(ErrorCode.INVALID_REQUEST,
-                                  f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceed the context ({self.max_model_len})")
+                                  f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceed the context ({self.kv.max_sequence_tokens})")
         return max_tokens
 
     # ------------------------------------------------------------ the step
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
-        schedule = self.scheduler.schedule()
+        schedule = self.scheduler.schedule(max_running=self.kv.num_rows)
         if schedule.is_empty:
             return []
+        self._fit_cache(schedule)
         for chunk in schedule.chunks:
             self._ensure_slot(chunk.seq)
         decodes = [c for c in schedule.chunks if c.num_tokens == 1]
@@ -189,6 +195,31 @@ class LLMEngine:
             return []
         return self._sample_and_finish([c.seq for c in sampled], torch.cat(logits))
 
+    def _fit_cache(self, schedule) -> None:
+        """Grow the cache rows for this step; under the KV budget, preempt the newest sequences first."""
+        needed = max(c.seq.num_computed + c.num_tokens for c in schedule.chunks)
+        if needed <= self.kv.capacity:
+            return
+        rows = self.kv.rows_for_capacity(self.kv.capacity_for(needed))
+        victims = self.scheduler.preempt_newest(len(self.scheduler.running) - rows)
+        if victims:
+            self.num_preemptions += len(victims)
+            for seq in victims:
+                seq.slot = None
+            schedule.chunks = [c for c in schedule.chunks if c.seq not in victims]
+            needed = max(c.seq.num_computed + c.num_tokens for c in schedule.chunks)
+        live = [s for s in self.scheduler.running if s.slot is not None]
+        moves = self.kv.grow(needed, [s.slot for s in live])
+        if self._seen is not None and live:  # the repetition-penalty rows follow their sequences
+            self._seen = self._remap_seen([s.slot for s in live], [moves[s.slot] for s in live])
+        for seq in live:
+            seq.slot = moves[seq.slot]
+
+    def _remap_seen(self, old: list[int], new: list[int]) -> torch.Tensor:
+        seen = torch.zeros((self.max_num_seqs, self.vocab_size), dtype=torch.bool, device=self.device)
+        seen[torch.tensor(new, device=self.device)] = self._seen[torch.tensor(old, device=self.device)]
+        return seen
+
     def _ensure_slot(self, seq: Sequence) -> None:
         if seq.slot is not None:
             return
@@ -206,7 +237,6 @@ class LLMEngine:
 
     def _forward(self, group: list[ScheduledChunk], use_range: bool) -> torch.Tensor:
         """Run the model on one group of chunks; returns each chunk's last-position logits [G, V]."""
-        self.kv.ensure_capacity(max(c.seq.num_computed + c.num_tokens for c in group))
         inputs = build_group(group, use_range, self.device, self.dtype, self.sliding_window)
         self.kv.begin_forward(inputs.layout)
         try:
