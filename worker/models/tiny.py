@@ -57,12 +57,14 @@ def make_tokenizer(out_dir: Path, vocab_size: int = 512, seed: int = 0):
     return tokenizer
 
 
-def _config(arch: str, vocab_size: int, tokenizer, hidden: int, num_layers: int, max_len: int):
+def _config(arch: str, vocab_size: int, tokenizer, hidden: int, num_layers: int, max_len: int,
+            num_heads: int = 4, num_kv_heads: int = 2, intermediate: int | None = None):
     from transformers import LlamaConfig, Qwen2Config
 
     common = dict(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=num_layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_len,
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate or hidden * 2,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_len,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
@@ -86,14 +88,15 @@ def scale_weights(model: torch.nn.Module, seed: int) -> None:
 
 
 def make_tiny_model(out_dir: str | Path, arch: str = "llama", seed: int = 0, hidden: int = 64, num_layers: int = 2,
-                    max_len: int = 1024, vocab_size: int = 512) -> Path:
-    """Build and save a tiny model + tokenizer under out_dir; returns the path."""
+                    max_len: int = 1024, vocab_size: int = 512, num_heads: int = 4, num_kv_heads: int = 2,
+                    intermediate: int | None = None) -> Path:
+    """Build and save a seeded random model + tokenizer under out_dir (tiny by default); returns the path."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tokenizer(out, vocab_size=vocab_size, seed=seed)
-    config = _config(arch, len(tokenizer), tokenizer, hidden, num_layers, max_len)
+    config = _config(arch, len(tokenizer), tokenizer, hidden, num_layers, max_len, num_heads, num_kv_heads, intermediate)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     scale_weights(model, seed)
