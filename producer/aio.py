@@ -135,7 +135,8 @@ class AsyncModel:
         shaper = Shaper(request_id, self.name, task)
         if is_stream:
             return self._stream(request_id, shaper, timeout_s)
-        return shaper.completion(await self.client.wait(request_id, timeout_s=timeout_s))
+        done = await self.client.wait(request_id, timeout_s=timeout_s)
+        return shaper.completion(done, done.logprobs)
 
     async def _stream(self, request_id: str, shaper: Shaper, timeout_s: float | None) -> AsyncIterator[dict[str, Any]]:
         async for event in self.client.events(request_id, timeout_s=timeout_s):

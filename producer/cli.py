@@ -8,6 +8,7 @@ import os
 import sys
 
 from producer.errors import RedbatchError
+from producer.keys import DEFAULT_PREFIX
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 
@@ -18,7 +19,7 @@ def _redis_url(args: argparse.Namespace) -> str:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", default=None, help="redis:// or rediss:// URL (env REDBATCH_REDIS_URL)")
-    p.add_argument("--prefix", default="rb", help="key prefix")
+    p.add_argument("--prefix", default=DEFAULT_PREFIX, help="key prefix")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,8 +155,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from worker.demo import run_demo
 
+    from pathlib import Path
+
+    home = Path(os.environ.get("REDBATCH_HOME", Path.home() / ".cache" / "redbatch"))
     return run_demo(args.redis_url or os.environ.get("REDBATCH_REDIS_URL"), args.num_requests, args.max_tokens,
-                    args.max_num_seqs, args.threads)
+                    args.max_num_seqs, args.threads, home)
 
 
 _COMMANDS = {

@@ -162,7 +162,7 @@ class Model:
         if is_stream:
             return self._stream(request_id, shaper, timeout_s)
         done = self.client.wait(request_id, timeout_s=timeout_s)
-        return shaper.completion(done)
+        return shaper.completion(done, done.logprobs)
 
     def _stream(self, request_id: str, shaper: Shaper, timeout_s: float | None) -> Iterator[dict[str, Any]]:
         for event in self.client.events(request_id, timeout_s=timeout_s):

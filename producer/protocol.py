@@ -292,6 +292,8 @@ def _decode_fields(fields: dict[Any, Any], request_id: str, max_body_bytes: int)
         payload = json.loads(body_text)
     except json.JSONDecodeError as exc:
         raise BadEntry(f"body is not valid JSON: {exc.msg} at position {exc.pos}") from None
+    except ValueError as exc:  # e.g. an integer literal past Python's digit limit
+        raise BadEntry(f"body is not acceptable JSON: {exc}") from None
     except RecursionError:
         raise BadEntry("body JSON is nested too deeply") from None
     if not isinstance(payload, dict):

@@ -161,8 +161,11 @@ class WorkerThread:
 
 
 @pytest.fixture
-def worker_factory(redis_server_url, prefix, tiny_llama, tiny_llama_path):
-    """Build (not start) workers on the tiny Llama: worker_factory(max_num_seqs=4, ...) -> WorkerThread."""
+def worker_factory(redis_server_url, prefix, rds, tiny_llama, tiny_llama_path):
+    """Build (not start) workers on the tiny Llama: worker_factory(max_num_seqs=4, ...) -> WorkerThread.
+
+    Depends on `rds` so that workers stop before the test's keys are deleted.
+    """
     from worker.config import WorkerConfig
     from worker.engines.llm import LLMEngine, LLMEngineConfig
     from worker.loop import Worker

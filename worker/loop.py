@@ -15,7 +15,7 @@ from producer.protocol import BadEntry, ErrorCode, EventType, Usage, decode_requ
 from worker.config import WorkerConfig
 from worker.engines.base import Engine, RequestRejected
 from worker.request import Sequence, StepOutput
-from worker.streams import Outbox, WorkerStreams
+from worker.streams import Outbox, WorkerStreams, is_transient
 
 log = logging.getLogger("redbatch.worker")
 BURST_BLOCK_MS = 50
@@ -56,8 +56,8 @@ class Worker:
 
     def run(self, burst: bool = False) -> None:
         """Serve until stopped. burst=True: return once the stream is empty and nothing runs (tests)."""
-        self.streams.ensure_group()
-        self.streams.register([t.value for t in self.engine.tasks])
+        self._retry(self.streams.ensure_group)
+        self._retry(self.streams.register, [t.value for t in self.engine.tasks])
         self.ready.set()
         backoff_s = 0.1
         try:
@@ -65,7 +65,9 @@ class Worker:
                 try:
                     is_idle = self.iterate(burst)
                     backoff_s = 0.1
-                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                except redis.RedisError as exc:
+                    if not is_transient(exc):
+                        raise
                     log.warning("redis unavailable (%s); retrying in %.1f s", exc, backoff_s)
                     time.sleep(backoff_s)
                     backoff_s = min(MAX_BACKOFF_S, backoff_s * 2)
@@ -90,9 +92,31 @@ class Worker:
         outputs = self._step(outbox)
         self._record_step(started, outputs)
         self._publish(outputs, outbox)
-        self.streams.flush(outbox)
+        self._flush(outbox)
         self._maybe_heartbeat()
         return num_read == 0 and self.engine.num_active == 0 and not outputs
+
+    def _flush(self, outbox: Outbox) -> None:
+        """Write the step's output, retrying through Redis outages: the engine keeps its state meanwhile."""
+        fenced = self._retry(self.streams.flush, outbox, on_retry=lambda: setattr(outbox, "is_resend", True))
+        for request_id in fenced:  # another worker owns it now: stop without publishing anything more
+            log.warning("request %s is owned by another worker; dropping it here", request_id)
+            self.engine.abort(request_id)
+
+    def _retry(self, fn, *args, on_retry=None):
+        """Call fn until it gets past transient Redis failures (outage, OOM under noeviction, loading)."""
+        backoff_s = 0.05
+        while True:
+            try:
+                return fn(*args)
+            except redis.RedisError as exc:
+                if not is_transient(exc) or (self._stop.is_set() and time.monotonic() >= (self._drain_deadline or 0)):
+                    raise
+                log.warning("redis unavailable or refusing writes (%s); retrying in %.2f s", exc, backoff_s)
+            time.sleep(backoff_s)
+            backoff_s = min(MAX_BACKOFF_S, backoff_s * 2)
+            if on_retry is not None:
+                on_retry()
 
     def _read_and_admit(self, outbox: Outbox, burst: bool) -> int:
         free = self.engine.max_num_seqs - self.engine.num_active
@@ -101,12 +125,23 @@ class Worker:
         block_ms = None if self.engine.num_active else (BURST_BLOCK_MS if burst else self.config.read_block_ms)
         entries = self.streams.read(free, block_ms)
         ids = [read_request_id(fields) for _, fields in entries]
-        aborted = self.streams.aborted([i for i in ids if i is not None])
+        aborted = self._retry(self.streams.aborted, [i for i in ids if i is not None])
         for (entry_id, fields), request_id in zip(entries, ids):
             self._admit(entry_id, fields, request_id in aborted, outbox)
         return len(entries)
 
     def _admit(self, entry_id: str, fields: dict[Any, Any], is_aborted: bool, outbox: Outbox) -> None:
+        try:
+            self._admit_entry(entry_id, fields, is_aborted, outbox)
+        except Exception as exc:  # noqa: BLE001 - an unforeseen bad entry fails alone, never the worker
+            log.exception("unexpected error admitting entry %s", entry_id)
+            request_id = read_request_id(fields)
+            if request_id is None:
+                outbox.dead_letter(entry_id, fields, f"{type(exc).__name__}: {exc}")
+            else:
+                self._fail(request_id, entry_id, 0, ErrorCode.INVALID_REQUEST, f"{type(exc).__name__}: {exc}", outbox)
+
+    def _admit_entry(self, entry_id: str, fields: dict[Any, Any], is_aborted: bool, outbox: Outbox) -> None:
         try:
             request = decode_request(fields, self.config.max_body_bytes)
         except BadEntry as exc:
@@ -117,7 +152,7 @@ class Worker:
             return
         if is_aborted:
             outbox.event(request.id, 0, EventType.ABORTED)
-            outbox.ack(entry_id)
+            outbox.ack(entry_id, request.id)
         elif request.deadline_ms is not None and now_ms() > request.deadline_ms:
             self._fail(request.id, entry_id, 0, ErrorCode.EXPIRED, "the request's deadline passed before it started", outbox)
         else:
@@ -145,12 +180,12 @@ class Worker:
         active = {o.seq.request_id: o.seq for o in outputs}
         for seq in self.engine.sequences():
             active.setdefault(seq.request_id, seq)
-        aborted = self.streams.aborted(list(active))
+        aborted = self._retry(self.streams.aborted, list(active))
         for request_id in aborted:
             seq = active[request_id]
             self.engine.abort(request_id)
             outbox.event(request_id, self._next_seq(seq), EventType.ABORTED)
-            outbox.ack(seq.meta["entry_id"])
+            outbox.ack(seq.meta["entry_id"], request_id)
         for out in outputs:
             if out.seq.request_id not in aborted:
                 self._emit(out, outbox)
@@ -166,14 +201,14 @@ class Worker:
             outbox.event(seq.request_id, self._next_seq(seq), EventType.DONE, finish_reason=out.finish_reason,
                          text=seq.meta.get("text", ""), usage=usage,
                          logprobs=None if seq.meta["stream"] else seq.meta.get("logprobs"))
-            outbox.ack(seq.meta["entry_id"])
+            outbox.ack(seq.meta["entry_id"], seq.request_id)
             self.stats.num_finished += 1
 
     # ------------------------------------------------------------ helpers
 
     def _fail(self, request_id: str, entry_id: str, seq: int, code: ErrorCode, message: str, outbox: Outbox) -> None:
         outbox.event(request_id, seq, EventType.ERROR, code=code, message=message[:2000])
-        outbox.ack(entry_id)
+        outbox.ack(entry_id, request_id)
 
     @staticmethod
     def _next_seq(seq: Sequence) -> int:
@@ -191,13 +226,21 @@ class Worker:
         if time.monotonic() - self._last_heartbeat < self.config.heartbeat_interval_s:
             return
         self._last_heartbeat = time.monotonic()
+        try:
+            self.streams.heartbeat(self._heartbeat_fields())
+        except redis.RedisError as exc:  # a missed heartbeat is not worth a request: the next one comes soon
+            if not is_transient(exc):
+                raise
+            log.warning("heartbeat failed: %s", exc)
+
+    def _heartbeat_fields(self) -> dict[str, Any]:
         s = self.stats
-        self.streams.heartbeat({
+        return {
             "active": self.engine.num_active, "waiting": self.engine.num_waiting, "steps": s.num_steps,
             "tokens": s.num_tokens, "finished": s.num_finished,
             "step_ms": round(s.step_ms_total / s.num_steps, 2) if s.num_steps else 0,
             "max_num_seqs": self.engine.max_num_seqs, "draining": int(self._stop.is_set()),
-        })
+        }
 
     def _safe(self, fn) -> None:
         try:

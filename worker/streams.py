@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+import redis.exceptions as redis_errors
 
 from producer.keys import GROUP, Keys
 from producer.protocol import EventType, encode_event, event_stream_id, now_ms
@@ -25,17 +26,18 @@ EVENT_TTL_REFRESH_EVERY = 64  # events between EXPIREs of a long-running request
 
 @dataclass
 class Outbox:
-    """Events, acks and dead letters gathered during one loop iteration, flushed in one round trip."""
+    """Events, acks and dead letters gathered during one loop iteration, flushed together."""
 
     events: list[tuple[str, int, EventType, dict[str, Any]]] = field(default_factory=list)
-    acks: list[str] = field(default_factory=list)
+    acks: list[tuple[str, str]] = field(default_factory=list)  # (entry id, request whose terminal event gates it)
     dead: list[tuple[str, dict[Any, Any], str]] = field(default_factory=list)
+    is_resend: bool = False  # a retry after a failed flush: events already written are not a conflict
 
     def event(self, request_id: str, seq: int, type: EventType, **fields: Any) -> None:
         self.events.append((request_id, seq, type, fields))
 
-    def ack(self, entry_id: str) -> None:
-        self.acks.append(entry_id)
+    def ack(self, entry_id: str, request_id: str) -> None:
+        self.acks.append((entry_id, request_id))
 
     def dead_letter(self, entry_id: str, fields: dict[Any, Any], reason: str) -> None:
         self.dead.append((entry_id, fields, reason))
@@ -43,6 +45,24 @@ class Outbox:
     @property
     def is_empty(self) -> bool:
         return not (self.events or self.acks or self.dead)
+
+
+class TransientRedisError(redis.RedisError):
+    """Redis refused a write for a reason that passes (OOM under noeviction, LOADING, ...): retry later."""
+
+
+_TRANSIENT_PREFIXES = ("OOM", "LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "READONLY")
+_ID_CONFLICT = "equal or smaller than the target stream top item"
+
+
+_TRANSIENT_TYPES = (redis.ConnectionError, redis.TimeoutError, TransientRedisError, redis_errors.OutOfMemoryError,
+                    redis_errors.BusyLoadingError, redis_errors.ReadOnlyError, redis_errors.TryAgainError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, _TRANSIENT_TYPES):
+        return True
+    return isinstance(exc, redis.ResponseError) and str(exc).startswith(_TRANSIENT_PREFIXES)
 
 
 class WorkerStreams:
@@ -84,7 +104,15 @@ class WorkerStreams:
 
     def read(self, count: int, block_ms: int | None) -> list[tuple[str, dict[bytes, bytes]]]:
         """Up to `count` new entries for this consumer; blocks only when block_ms is given."""
-        reply = self.redis.xreadgroup(GROUP, self.config.worker_id, {self.requests_key: ">"}, count=count, block=block_ms)
+        try:
+            reply = self.redis.xreadgroup(GROUP, self.config.worker_id, {self.requests_key: ">"}, count=count,
+                                          block=block_ms)
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
+                raise
+            log.warning("request stream or group vanished (%s); recreating it", exc)
+            self.ensure_group()
+            return []
         entries = []
         for _, stream_entries in reply or []:
             for entry_id, fields in stream_entries:
@@ -100,38 +128,61 @@ class WorkerStreams:
             pipe.exists(self.keys.abort(request_id))
         return {rid for rid, hit in zip(request_ids, pipe.execute()) if hit}
 
-    def flush(self, outbox: Outbox) -> list[tuple[str, Exception]]:
-        """Write the outbox in one pipelined round trip. Returns the requests whose event writes failed."""
-        if outbox.is_empty:
-            return []
+    def flush(self, outbox: Outbox) -> set[str]:
+        """Write the outbox: events and dead letters in one round trip, then the acks they allow in a second.
+
+        An entry is acked only after its terminal event (or dead letter) is written. Returns the
+        requests whose event was refused because that seq already exists: another worker owns them
+        now (fencing), so this worker must drop them. Raises on transient failures; the caller
+        retries the same outbox, marked as a resend.
+        """
+        fenced: set[str] = set()
+        failed: set[str] = set()
+        written_dead: set[str] = set()
+        if outbox.events or outbox.dead:
+            owners, results = self._write(outbox)
+            for owner, result in zip(owners, results):
+                kind, name = owner
+                if not isinstance(result, Exception):
+                    if kind == "dead":
+                        written_dead.add(name)
+                    continue
+                if is_transient(result):
+                    raise TransientRedisError(str(result))
+                if _ID_CONFLICT in str(result) and kind == "event":
+                    if not outbox.is_resend:
+                        fenced.add(name)
+                    continue
+                log.warning("write for %s %s failed: %s", kind, name, result)
+                failed.add(name)
+        ackable = [entry for entry, rid in outbox.acks if rid not in fenced and rid not in failed] + sorted(written_dead)
+        if ackable:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.xack(self.requests_key, GROUP, *ackable)
+            pipe.xdel(self.requests_key, *ackable)
+            pipe.execute()
+        return fenced
+
+    def _write(self, outbox: Outbox) -> tuple[list[tuple[str, str]], list[Any]]:
         pipe = self.redis.pipeline(transaction=False)
-        owners: list[str | None] = []
+        owners: list[tuple[str, str]] = []
         ttl = self.config.result_ttl_s
         for request_id, seq, type, fields in outbox.events:
             key = self.keys.events(request_id)
             pipe.xadd(key, encode_event(seq, type, **fields), id=event_stream_id(seq))
-            owners.append(request_id)
+            owners.append(("event", request_id))
             if seq % EVENT_TTL_REFRESH_EVERY == 0 or type in (EventType.DONE, EventType.ERROR, EventType.ABORTED):
                 pipe.expire(key, ttl)
-                owners.append(None)
+                owners.append(("expire", request_id))
         for entry_id, fields, reason in outbox.dead:
             pipe.xadd(self.keys.dead(self.model), {**_as_text_fields(fields), "reason": reason, "entry_id": entry_id,
                                                    "worker": self.config.worker_id, "ts": str(now_ms())})
-            owners.append(None)
-            outbox.acks.append(entry_id)
-        if outbox.acks:
-            pipe.xack(self.requests_key, GROUP, *outbox.acks)
-            pipe.xdel(self.requests_key, *outbox.acks)
-            owners += [None, None]
-        failures = []
-        for owner, result in zip(owners, pipe.execute(raise_on_error=False)):
-            if isinstance(result, Exception):
-                if isinstance(result, redis.ConnectionError):
-                    raise result
-                log.warning("write for request %s failed: %s", owner, result)
-                if owner is not None:
-                    failures.append((owner, result))
-        return failures
+            owners.append(("dead", entry_id))
+        results = pipe.execute(raise_on_error=False)
+        for result in results:
+            if isinstance(result, (redis.ConnectionError, redis.TimeoutError)):
+                raise result
+        return owners, results
 
     def heartbeat(self, stats: dict[str, Any]) -> None:
         ms = now_ms()

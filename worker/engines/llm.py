@@ -261,7 +261,11 @@ class LLMEngine:
             self._seen_mask()[torch.tensor([s.slot for s in seqs], device=self.device), tokens] = True
         token_list = tokens.tolist()  # the step's one host sync
         logprob_rows = self._logprobs(seqs, processed, tokens) if any(want_logprobs) else {}
-        outputs = [self._advance(seq, state, tok, logprob_rows.get(i)) for i, (seq, state, tok) in enumerate(zip(seqs, states, token_list))]
+        outputs = [self._advance(seq, state, tok, logprob_rows.get(i))
+                   for i, (seq, state, tok) in enumerate(zip(seqs, states, token_list))]
+        for out in outputs:  # only once every row has advanced: a failure above leaves all of them to fail_running
+            if out.is_finished:
+                self._release(out.seq)
         self.num_generated_tokens += len(token_list)
         return outputs
 
@@ -307,7 +311,6 @@ class LLMEngine:
             seq.finish_reason = finish
             seq.meta["text"] = state.stops.text
             seq.meta["logprobs"] = state.logprobs or None
-            self._release(seq)
         return out
 
 
