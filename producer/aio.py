@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import redis.asyncio as aredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from producer.errors import QueueFull, RequestTimeout
+from producer.errors import RequestTimeout
 from producer.keys import DEFAULT_PREFIX, Keys
 from producer.protocol import TERMINAL_EVENTS, Event, TaskKind, decode_event
 from producer.results import Shaper
@@ -19,9 +22,11 @@ from producer.submit import (
     ENQUEUE_LUA,
     READ_BLOCK_MS,
     READ_COUNT,
+    RECONNECT_DELAY_S,
     ModelInfo,
     build_body,
     enqueue_args,
+    enqueue_error,
     model_key_name,
     prompt_payload,
     request_key_id,
@@ -74,7 +79,11 @@ class AsyncClient:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             block_ms = READ_BLOCK_MS if deadline is None else max(1, min(READ_BLOCK_MS, int((deadline - time.monotonic()) * 1000)))
-            reply = await self.redis.xread({key: after}, count=READ_COUNT, block=block_ms)
+            try:
+                reply = await self.redis.xread({key: after}, count=READ_COUNT, block=block_ms)
+            except (ConnectionError, TimeoutError, RedisConnectionError, RedisTimeoutError):
+                reply = None  # Redis restarting: the events are kept, wait
+                await asyncio.sleep(RECONNECT_DELAY_S)
             for _, entries in reply or []:
                 for entry_id, fields in entries:
                     after = entry_id
@@ -116,13 +125,12 @@ class AsyncModel:
                      deadline_ms: int | None = None) -> str:
         self.info.check_task(task)
         request_id, body = build_body(task, payload, generate_config)
-        args = enqueue_args(request_id, task, body, self.info.max_queue_len, deadline_ms)
+        args = enqueue_args(request_id, task, body, self.info.max_queue_len, deadline_ms, self.client.result_ttl_s)
+        keys = self.client.keys
         try:
-            await self.client._enqueue(keys=[self.client.keys.requests(self.name)], args=args)
+            await self.client._enqueue(keys=[keys.requests(self.name), keys.request_owner(self.name, request_id)], args=args)
         except ResponseError as exc:
-            if str(exc).startswith("QUEUEFULL"):
-                raise QueueFull(f"model {self.name!r} has {self.info.max_queue_len} queued requests; retry later") from None
-            raise
+            raise enqueue_error(exc, self.name, request_id, self.info.max_queue_len) from None
         return request_id
 
     async def abort(self, request_id: str) -> bool:

@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     w.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     w.add_argument("--grace-s", type=float, default=30.0)
+    w.add_argument("--lease-s", type=float, default=30.0, help="entries idle this long are reclaimed by another worker")
+    w.add_argument("--max-deliveries", type=int, default=3)
+    w.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    w.add_argument("--max-tokens-limit", type=int, default=32768)
     w.add_argument("--worker-id", default=None)
     w.add_argument("--burst", action="store_true", help="exit once the stream is empty and nothing runs")
     w.add_argument("--trust-remote-code", action="store_true")
@@ -60,6 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(a)
     a.add_argument("model")
     a.add_argument("request_id")
+
+    dl = sub.add_parser("dead", help="list, requeue or purge a model's dead letters")
+    _add_common(dl)
+    dl.add_argument("action", choices=["list", "requeue", "purge"])
+    dl.add_argument("model")
+    dl.add_argument("ids", nargs="*", help="requeue only these dead-letter ids")
+
+    acl = sub.add_parser("acl", help="print a minimal Redis ACL file line for a role")
+    acl.add_argument("role", choices=["producer", "worker"])
+    acl.add_argument("--username", default=None)
+    acl.add_argument("--password", required=True)
+    acl.add_argument("--prefix", default=DEFAULT_PREFIX)
 
     t = sub.add_parser("make-tiny-model", help="build a tiny random-weight model + tokenizer offline")
     t.add_argument("out_dir")
@@ -96,6 +112,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, kv_cache_tokens=args.kv_cache_tokens, max_queue_len=args.max_queue_len, device=args.device, dtype=args.dtype,
         num_threads=args.threads, grace_s=args.grace_s, trust_remote_code=args.trust_remote_code,
+        lease_s=args.lease_s, max_deliveries=args.max_deliveries, max_body_bytes=args.max_body_bytes,
+        max_tokens_limit=args.max_tokens_limit,
     )
     if args.worker_id:
         options["worker_id"] = args.worker_id
@@ -143,6 +161,34 @@ def _cmd_abort(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dead(args: argparse.Namespace) -> int:
+    import redis
+
+    from producer import admin
+    from producer.keys import Keys
+
+    keys = Keys(args.prefix)
+    with redis.Redis.from_url(_redis_url(args)) as client:
+        if args.action == "list":
+            letters = admin.list_dead(client, keys, args.model)
+            for letter in letters:
+                print(letter.summary())
+            print(f"{len(letters)} dead letters")
+        elif args.action == "requeue":
+            print(f"requeued {admin.requeue_dead(client, keys, args.model, args.ids or None)}")
+        else:
+            print(f"purged {admin.purge_dead(client, keys, args.model)}")
+    return 0
+
+
+def _cmd_acl(args: argparse.Namespace) -> int:
+    from producer.acl import acl_file_line
+    from producer.keys import Keys
+
+    print(acl_file_line(Keys(args.prefix), args.role, args.username or f"rb-{args.role}", args.password))
+    return 0
+
+
 def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from worker.models.tiny import make_tiny_model
@@ -164,7 +210,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 _COMMANDS = {
     "worker": _cmd_worker, "generate": _cmd_request, "chat": _cmd_request, "abort": _cmd_abort,
-    "make-tiny-model": _cmd_make_tiny_model, "demo": _cmd_demo,
+    "make-tiny-model": _cmd_make_tiny_model, "demo": _cmd_demo, "dead": _cmd_dead, "acl": _cmd_acl,
 }
 
 if __name__ == "__main__":

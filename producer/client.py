@@ -8,8 +8,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import redis
+from redis.exceptions import ResponseError
 
-from producer.errors import QueueFull, RequestTimeout
+from producer.errors import RequestTimeout
 from producer.keys import DEFAULT_PREFIX, Keys
 from producer.protocol import TERMINAL_EVENTS, Event, EventType, TaskKind, decode_event
 from producer.results import Shaper
@@ -18,9 +19,11 @@ from producer.submit import (
     ENQUEUE_LUA,
     READ_BLOCK_MS,
     READ_COUNT,
+    RECONNECT_DELAY_S,
     ModelInfo,
     build_body,
     enqueue_args,
+    enqueue_error,
     model_key_name,
     prompt_payload,
     request_key_id,
@@ -78,7 +81,11 @@ class Client:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             block_ms = _block_ms(deadline)
-            reply = self.redis.xread({key: after}, count=READ_COUNT, block=block_ms)
+            try:
+                reply = self.redis.xread({key: after}, count=READ_COUNT, block=block_ms)
+            except (redis.ConnectionError, redis.TimeoutError):  # Redis restarting: the events are kept, wait
+                reply = None
+                time.sleep(RECONNECT_DELAY_S)
             for _, entries in reply or []:
                 for entry_id, fields in entries:
                     after = entry_id
@@ -143,13 +150,12 @@ class Model:
         """Enqueue one request and return its id without waiting."""
         self.info.check_task(task)
         request_id, body = build_body(task, payload, generate_config)
-        args = enqueue_args(request_id, task, body, self.info.max_queue_len, deadline_ms)
+        args = enqueue_args(request_id, task, body, self.info.max_queue_len, deadline_ms, self.client.result_ttl_s)
+        keys = self.client.keys
         try:
-            self.client._enqueue(keys=[self.client.keys.requests(self.name)], args=args)
-        except redis.ResponseError as exc:
-            if str(exc).startswith("QUEUEFULL"):
-                raise QueueFull(f"model {self.name!r} has {self.info.max_queue_len} queued requests; retry later") from None
-            raise
+            self.client._enqueue(keys=[keys.requests(self.name), keys.request_owner(self.name, request_id)], args=args)
+        except ResponseError as exc:
+            raise enqueue_error(exc, self.name, request_id, self.info.max_queue_len) from None
         return request_id
 
     def abort(self, request_id: str) -> bool:

@@ -43,6 +43,10 @@ class Keys:
         # zset worker_id -> last heartbeat (unix ms); an addition to the v1 key table
         return f"{self.prefix}:{{{check_model_name(model)}}}:workers"
 
+    def request_owner(self, model: str, request_id: str) -> str:
+        """string: the request stream entry id that owns request_id (duplicate guard); in the model's slot."""
+        return f"{self.prefix}:{{{check_model_name(model)}}}:id:{check_request_id(request_id)}"
+
     def models(self) -> str:
         return f"{self.prefix}:models"
 

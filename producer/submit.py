@@ -7,7 +7,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from producer.errors import InvalidRequest, UnknownModel, UnsupportedTask
+from producer.errors import DuplicateRequest, InvalidRequest, QueueFull, UnknownModel, UnsupportedTask
 from producer.keys import check_model_name, check_request_id
 from producer.protocol import (
     Body,
@@ -21,17 +21,25 @@ from producer.protocol import (
 DEFAULT_RESULT_TTL_S = 3600
 READ_BLOCK_MS = 1000
 READ_COUNT = 256
+RECONNECT_DELAY_S = 0.25
 
-# Enqueue with backpressure in one atomic step: refuse when the stream holds max_len entries.
-# KEYS[1] = request stream; ARGV[1] = max_len (0 = unbounded); ARGV[2..] = field, value, ...
+# Enqueue in one atomic step: refuse an id that is queued, running or finished within the result
+# TTL, refuse when the stream holds max_len entries, else XADD and record which entry owns the id.
+# KEYS[1] = request stream, KEYS[2] = the id's owner key (same slot)
+# ARGV[1] = max_len (0 = unbounded), ARGV[2] = owner TTL in seconds, ARGV[3..] = field, value, ...
 ENQUEUE_LUA = """
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return {err = 'DUPLICATE ' .. KEYS[2]}
+end
 local max_len = tonumber(ARGV[1])
 if max_len > 0 and redis.call('XLEN', KEYS[1]) >= max_len then
   return {err = 'QUEUEFULL ' .. KEYS[1]}
 end
 local args = {}
-for i = 2, #ARGV do args[#args + 1] = ARGV[i] end
-return redis.call('XADD', KEYS[1], '*', unpack(args))
+for i = 3, #ARGV do args[#args + 1] = ARGV[i] end
+local id = redis.call('XADD', KEYS[1], '*', unpack(args))
+redis.call('SET', KEYS[2], id, 'EX', tonumber(ARGV[2]))
+return id
 """
 
 
@@ -82,9 +90,10 @@ def prompt_payload(prompt: str | list[int]) -> dict[str, Any]:
     return {"prompt_token_ids": list(prompt)}
 
 
-def enqueue_args(request_id: str, task: TaskKind, body: Body, max_queue_len: int, deadline_ms: int | None) -> list[str]:
+def enqueue_args(request_id: str, task: TaskKind, body: Body, max_queue_len: int, deadline_ms: int | None,
+                 owner_ttl_s: int = DEFAULT_RESULT_TTL_S) -> list[str]:
     fields = encode_request(request_id, task, body, deadline_ms=deadline_ms)
-    args: list[str] = [str(max_queue_len)]
+    args: list[str] = [str(max_queue_len), str(owner_ttl_s)]
     for name, value in fields.items():
         args += [name, value]
     return args
@@ -95,6 +104,16 @@ def model_key_name(name: str) -> str:
         return check_model_name(name)
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
+
+
+def enqueue_error(exc: Exception, model: str, request_id: str, max_queue_len: int) -> Exception:
+    """The typed error for a refusal by the enqueue script, or the exception itself."""
+    message = str(exc)
+    if message.startswith("QUEUEFULL"):
+        return QueueFull(f"model {model!r} has {max_queue_len} queued requests; retry later")
+    if message.startswith("DUPLICATE"):
+        return DuplicateRequest(f"request id {request_id!r} is already queued, running or recently finished")
+    return exc
 
 
 def request_key_id(request_id: str) -> str:

@@ -160,31 +160,37 @@ class WorkerThread:
             raise self.error
 
 
+def build_worker_thread(redis_url: str, prefix: str, tiny_llama, tiny_llama_path, model_name: str = "tiny",
+                        model=None, **overrides) -> WorkerThread:
+    """A worker on the tiny Llama (or `model`: a (model, tokenizer) pair) against redis_url, not started."""
+    from worker.config import WorkerConfig
+    from worker.engines.llm import LLMEngine, LLMEngineConfig
+    from worker.loop import Worker
+    from worker.streams import WorkerStreams
+
+    hf_model, tokenizer = model or tiny_llama
+    options = dict(model_name=model_name, model_path=str(tiny_llama_path), redis_url=redis_url, prefix=prefix,
+                   read_block_ms=100, heartbeat_interval_s=0.2, grace_s=5.0)
+    options.update(overrides)
+    config = WorkerConfig(**options)
+    engine = LLMEngine(hf_model, tokenizer, LLMEngineConfig(
+        max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+        max_model_len=config.max_model_len, max_tokens_limit=config.max_tokens_limit,
+        max_cached_tokens=config.kv_cache_tokens))
+    streams = WorkerStreams(redis.Redis.from_url(redis_url), config)
+    return WorkerThread(Worker(config, engine, streams))
+
+
 @pytest.fixture
 def worker_factory(redis_server_url, prefix, rds, tiny_llama, tiny_llama_path):
     """Build (not start) workers on the tiny Llama: worker_factory(max_num_seqs=4, ...) -> WorkerThread.
 
     Depends on `rds` so that workers stop before the test's keys are deleted.
     """
-    from worker.config import WorkerConfig
-    from worker.engines.llm import LLMEngine, LLMEngineConfig
-    from worker.loop import Worker
-    from worker.streams import WorkerStreams
-
     made: list[WorkerThread] = []
 
-    def make(model_name: str = "tiny", model=None, **overrides) -> WorkerThread:
-        model, tokenizer = model or tiny_llama
-        options = dict(model_name=model_name, model_path=str(tiny_llama_path), redis_url=redis_server_url,
-                       prefix=prefix, read_block_ms=100, heartbeat_interval_s=0.2, grace_s=5.0)
-        options.update(overrides)
-        config = WorkerConfig(**options)
-        engine = LLMEngine(model, tokenizer, LLMEngineConfig(
-            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-            max_model_len=config.max_model_len, max_tokens_limit=config.max_tokens_limit,
-            max_cached_tokens=config.kv_cache_tokens))
-        streams = WorkerStreams(redis.Redis.from_url(redis_server_url), config)
-        handle = WorkerThread(Worker(config, engine, streams))
+    def make(**overrides) -> WorkerThread:
+        handle = build_worker_thread(redis_server_url, prefix, tiny_llama, tiny_llama_path, **overrides)
         made.append(handle)
         return handle
 

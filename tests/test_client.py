@@ -14,6 +14,7 @@ import pytest
 
 from producer import Client, Model
 from producer.errors import (
+    DuplicateRequest,
     UnsupportedTask,
     InvalidRequest,
     ModelError,
@@ -429,10 +430,18 @@ def test_error_event_mid_stream_raises_after_the_tokens(model: Model, redis_conn
 
 def test_aborted_event_raises_request_aborted(model: Model, redis_conn: fakeredis.FakeRedis) -> None:
     write_events(redis_conn, "req-z", [(EventType.ABORTED, {})])
+    write_events(redis_conn, "req-z2", [(EventType.ABORTED, {})])
     with pytest.raises(RequestAborted):
         model.chat(MESSAGES, generate_config={"request_id": "req-z", "stream": False}, timeout_s=2)
     with pytest.raises(RequestAborted):
-        list(model.chat(MESSAGES, generate_config={"request_id": "req-z"}, timeout_s=2))
+        list(model.chat(MESSAGES, generate_config={"request_id": "req-z2"}, timeout_s=2))
+
+
+def test_reusing_an_id_is_refused_before_anything_is_written(model: Model, redis_conn: fakeredis.FakeRedis) -> None:
+    model.submit(TaskKind.GENERATE, {"prompt": "x"}, {"request_id": "once"})
+    with pytest.raises(DuplicateRequest):
+        model.submit(TaskKind.GENERATE, {"prompt": "y"}, {"request_id": "once"})
+    assert redis_conn.xlen(KEYS.requests(MODEL)) == 1
 
 
 def test_non_stream_timeout(model: Model) -> None:

@@ -43,6 +43,8 @@ class WorkerConfig(BaseModel):
     heartbeat_ttl_s: int = Field(15, ge=1)
     result_ttl_s: int = Field(3600, ge=1)
     grace_s: float = Field(30.0, ge=0)
+    lease_s: float = Field(30.0, gt=0)  # an entry idle this long is reclaimed by another worker
+    max_deliveries: int = Field(3, ge=1)
 
     @field_validator("model_name")
     @classmethod

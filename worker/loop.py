@@ -1,4 +1,4 @@
-"""The worker loop: read → validate → admit → step → abort check → publish → ack → heartbeat."""
+"""The worker loop: read → admit → step → abort check → publish → ack → leases → heartbeat."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from typing import Any
 
 import redis
 
-from producer.protocol import BadEntry, ErrorCode, EventType, Usage, decode_request, now_ms, read_request_id
+from producer.protocol import ErrorCode, EventType, Usage
 from worker.config import WorkerConfig
-from worker.engines.base import Engine, RequestRejected
+from worker.engines.base import Engine
+from worker.intake import Entry, Intake
 from worker.request import Sequence, StepOutput
 from worker.streams import Outbox, WorkerStreams, is_transient
 
@@ -28,6 +29,7 @@ class Stats:
     num_tokens: int = 0
     step_ms_total: float = 0.0
     num_finished: int = 0
+    num_reclaimed: int = 0
 
 
 class Worker:
@@ -35,11 +37,12 @@ class Worker:
         self.config = config
         self.engine = engine
         self.streams = streams
+        self.intake = Intake(config, engine, streams, self._retry)
         self.stats = Stats()
         self._stop = threading.Event()
         self.ready = threading.Event()  # set once the group exists and the model is registered
         self._drain_deadline: float | None = None
-        self._last_heartbeat = 0.0
+        self._last = {"heartbeat": 0.0, "renew": time.monotonic(), "reclaim": 0.0}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -59,23 +62,23 @@ class Worker:
         self._retry(self.streams.ensure_group)
         self._retry(self.streams.register, [t.value for t in self.engine.tasks])
         self.ready.set()
-        backoff_s = 0.1
         try:
             while not self._should_exit():
-                try:
-                    is_idle = self.iterate(burst)
-                    backoff_s = 0.1
-                except redis.RedisError as exc:
-                    if not is_transient(exc):
-                        raise
-                    log.warning("redis unavailable (%s); retrying in %.1f s", exc, backoff_s)
-                    time.sleep(backoff_s)
-                    backoff_s = min(MAX_BACKOFF_S, backoff_s * 2)
-                    continue
-                if burst and is_idle:
+                if self._iterate_once(burst) and burst:
                     break
         finally:
+            self._hand_back_unfinished()
             self._safe(self.streams.unregister)
+
+    def _iterate_once(self, burst: bool) -> bool:
+        try:
+            return self.iterate(burst)
+        except redis.RedisError as exc:
+            if not is_transient(exc):
+                raise
+            log.warning("redis unavailable (%s); retrying", exc)
+            time.sleep(0.2)
+            return False
 
     def _should_exit(self) -> bool:
         if not self._stop.is_set():
@@ -89,79 +92,26 @@ class Worker:
         outbox = Outbox()
         num_read = 0 if self._stop.is_set() else self._read_and_admit(outbox, burst)
         started = time.monotonic()
-        outputs = self._step(outbox)
+        outputs = self.intake.finished_on_resume + self._step(outbox)
+        self.intake.finished_on_resume = []
         self._record_step(started, outputs)
         self._publish(outputs, outbox)
         self._flush(outbox)
+        self._maybe_renew_leases()
         self._maybe_heartbeat()
         return num_read == 0 and self.engine.num_active == 0 and not outputs
-
-    def _flush(self, outbox: Outbox) -> None:
-        """Write the step's output, retrying through Redis outages: the engine keeps its state meanwhile."""
-        fenced = self._retry(self.streams.flush, outbox, on_retry=lambda: setattr(outbox, "is_resend", True))
-        for request_id in fenced:  # another worker owns it now: stop without publishing anything more
-            log.warning("request %s is owned by another worker; dropping it here", request_id)
-            self.engine.abort(request_id)
-
-    def _retry(self, fn, *args, on_retry=None):
-        """Call fn until it gets past transient Redis failures (outage, OOM under noeviction, loading)."""
-        backoff_s = 0.05
-        while True:
-            try:
-                return fn(*args)
-            except redis.RedisError as exc:
-                if not is_transient(exc) or (self._stop.is_set() and time.monotonic() >= (self._drain_deadline or 0)):
-                    raise
-                log.warning("redis unavailable or refusing writes (%s); retrying in %.2f s", exc, backoff_s)
-            time.sleep(backoff_s)
-            backoff_s = min(MAX_BACKOFF_S, backoff_s * 2)
-            if on_retry is not None:
-                on_retry()
 
     def _read_and_admit(self, outbox: Outbox, burst: bool) -> int:
         free = self.engine.max_num_seqs - self.engine.num_active
         if free <= 0:
             return 0
-        block_ms = None if self.engine.num_active else (BURST_BLOCK_MS if burst else self.config.read_block_ms)
-        entries = self.streams.read(free, block_ms)
-        ids = [read_request_id(fields) for _, fields in entries]
-        aborted = self._retry(self.streams.aborted, [i for i in ids if i is not None])
-        for (entry_id, fields), request_id in zip(entries, ids):
-            self._admit(entry_id, fields, request_id in aborted, outbox)
+        entries = [Entry(i, f, n) for i, f, n in self._maybe_reclaim(free)]
+        if len(entries) < free:
+            idle = not self.engine.num_active and not entries
+            block_ms = (BURST_BLOCK_MS if burst else self.config.read_block_ms) if idle else None
+            entries += [Entry(i, f) for i, f in self.streams.read(free - len(entries), block_ms)]
+        self.intake.admit(entries, outbox)
         return len(entries)
-
-    def _admit(self, entry_id: str, fields: dict[Any, Any], is_aborted: bool, outbox: Outbox) -> None:
-        try:
-            self._admit_entry(entry_id, fields, is_aborted, outbox)
-        except Exception as exc:  # noqa: BLE001 - an unforeseen bad entry fails alone, never the worker
-            log.exception("unexpected error admitting entry %s", entry_id)
-            request_id = read_request_id(fields)
-            if request_id is None:
-                outbox.dead_letter(entry_id, fields, f"{type(exc).__name__}: {exc}")
-            else:
-                self._fail(request_id, entry_id, 0, ErrorCode.INVALID_REQUEST, f"{type(exc).__name__}: {exc}", outbox)
-
-    def _admit_entry(self, entry_id: str, fields: dict[Any, Any], is_aborted: bool, outbox: Outbox) -> None:
-        try:
-            request = decode_request(fields, self.config.max_body_bytes)
-        except BadEntry as exc:
-            if exc.request_id is None:
-                outbox.dead_letter(entry_id, fields, exc.message)
-            else:
-                self._fail(exc.request_id, entry_id, 0, ErrorCode.INVALID_REQUEST, exc.message, outbox)
-            return
-        if is_aborted:
-            outbox.event(request.id, 0, EventType.ABORTED)
-            outbox.ack(entry_id, request.id)
-        elif request.deadline_ms is not None and now_ms() > request.deadline_ms:
-            self._fail(request.id, entry_id, 0, ErrorCode.EXPIRED, "the request's deadline passed before it started", outbox)
-        else:
-            try:
-                seq = self.engine.add(request)
-            except RequestRejected as exc:
-                self._fail(request.id, entry_id, 0, exc.code, exc.message, outbox)
-                return
-            seq.meta.update(entry_id=entry_id, next_seq=0, stream=request.generate_config.stream)
 
     def _step(self, outbox: Outbox) -> list[StepOutput]:
         if self.engine.num_active == 0:
@@ -171,8 +121,8 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - a model error fails this step's requests, never the worker
             log.exception("model error; failing the running requests")
             for seq in self.engine.fail_running():
-                self._fail(seq.request_id, seq.meta["entry_id"], seq.meta["next_seq"], ErrorCode.MODEL_ERROR,
-                           f"{type(exc).__name__}: {exc}", outbox)
+                outbox.fail(seq.request_id, seq.meta["entry_id"], self._next_seq(seq), ErrorCode.MODEL_ERROR,
+                            f"{type(exc).__name__}: {exc}")
             return []
 
     def _publish(self, outputs: list[StepOutput], outbox: Outbox) -> None:
@@ -192,7 +142,7 @@ class Worker:
 
     def _emit(self, out: StepOutput, outbox: Outbox) -> None:
         seq = out.seq
-        if seq.meta["stream"]:
+        if seq.meta["stream"] and (out.token_ids or out.text):
             outbox.event(seq.request_id, self._next_seq(seq), EventType.TOKEN, text=out.text, token_ids=out.token_ids,
                          logprobs=out.logprobs)
         if out.is_finished:
@@ -204,11 +154,53 @@ class Worker:
             outbox.ack(seq.meta["entry_id"], seq.request_id)
             self.stats.num_finished += 1
 
+    def _flush(self, outbox: Outbox) -> None:
+        """Write the step's output, retrying through Redis outages: the engine keeps its state meanwhile."""
+        fenced = self._retry(self.streams.flush, outbox, on_retry=lambda: setattr(outbox, "is_resend", True))
+        for request_id in fenced:  # another worker owns it now: stop without publishing anything more
+            log.warning("request %s is owned by another worker; dropping it here", request_id)
+            self.engine.abort(request_id)
+
+    # ------------------------------------------------------------ leases
+
+    def _maybe_reclaim(self, free: int) -> list[tuple[str, dict, int]]:
+        """Every lease/4 s, take over entries whose worker stopped renewing them."""
+        if self._stop.is_set() or time.monotonic() - self._last["reclaim"] < self.config.lease_s / 4:
+            return []
+        self._last["reclaim"] = time.monotonic()
+        claimed = self._retry(self.streams.reclaim, free)
+        self.stats.num_reclaimed += len(claimed)
+        return claimed
+
+    def _maybe_renew_leases(self) -> None:
+        if time.monotonic() - self._last["renew"] < self.config.lease_s / 3:
+            return
+        self._last["renew"] = time.monotonic()
+        self._retry(self.streams.renew, [s.meta["entry_id"] for s in self.engine.sequences()])
+
+    def _hand_back_unfinished(self) -> None:
+        """On exit, unfinished entries are marked idle so another worker resumes them at once."""
+        unfinished = [s.meta["entry_id"] for s in self.engine.sequences()]
+        if unfinished:
+            log.info("handing back %d unfinished requests for another worker to resume", len(unfinished))
+            self._safe(lambda: self.streams.hand_back(unfinished))
+
     # ------------------------------------------------------------ helpers
 
-    def _fail(self, request_id: str, entry_id: str, seq: int, code: ErrorCode, message: str, outbox: Outbox) -> None:
-        outbox.event(request_id, seq, EventType.ERROR, code=code, message=message[:2000])
-        outbox.ack(entry_id, request_id)
+    def _retry(self, fn, *args, on_retry=None):
+        """Call fn until it gets past transient Redis failures (outage, OOM under noeviction, loading)."""
+        backoff_s = 0.05
+        while True:
+            try:
+                return fn(*args)
+            except redis.RedisError as exc:
+                if not is_transient(exc) or (self._stop.is_set() and time.monotonic() >= (self._drain_deadline or 0)):
+                    raise
+                log.warning("redis unavailable or refusing writes (%s); retrying in %.2f s", exc, backoff_s)
+            time.sleep(backoff_s)
+            backoff_s = min(MAX_BACKOFF_S, backoff_s * 2)
+            if on_retry is not None:
+                on_retry()
 
     @staticmethod
     def _next_seq(seq: Sequence) -> int:
@@ -223,9 +215,9 @@ class Worker:
             self.stats.step_ms_total += (time.monotonic() - started) * 1000
 
     def _maybe_heartbeat(self) -> None:
-        if time.monotonic() - self._last_heartbeat < self.config.heartbeat_interval_s:
+        if time.monotonic() - self._last["heartbeat"] < self.config.heartbeat_interval_s:
             return
-        self._last_heartbeat = time.monotonic()
+        self._last["heartbeat"] = time.monotonic()
         try:
             self.streams.heartbeat(self._heartbeat_fields())
         except redis.RedisError as exc:  # a missed heartbeat is not worth a request: the next one comes soon
@@ -237,7 +229,7 @@ class Worker:
         s = self.stats
         return {
             "active": self.engine.num_active, "waiting": self.engine.num_waiting, "steps": s.num_steps,
-            "tokens": s.num_tokens, "finished": s.num_finished,
+            "tokens": s.num_tokens, "finished": s.num_finished, "reclaimed": s.num_reclaimed,
             "step_ms": round(s.step_ms_total / s.num_steps, 2) if s.num_steps else 0,
             "max_num_seqs": self.engine.max_num_seqs, "draining": int(self._stop.is_set()),
         }

@@ -71,6 +71,15 @@ class Sequence:
         return self.status == SeqStatus.FINISHED
 
 
+@dataclass(frozen=True)
+class Resume:
+    """What an earlier worker published for a request before it was reclaimed."""
+
+    output_ids: list[int]
+    text: str
+    next_seq: int
+
+
 @dataclass
 class StepOutput:
     """What one step produced for one request: new tokens, the text they release, and maybe the end."""

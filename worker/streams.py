@@ -17,7 +17,16 @@ import redis
 import redis.exceptions as redis_errors
 
 from producer.keys import GROUP, Keys
-from producer.protocol import EventType, encode_event, event_stream_id, now_ms
+from producer.protocol import (
+    TERMINAL_EVENTS,
+    ErrorCode,
+    Event,
+    EventType,
+    decode_event,
+    encode_event,
+    event_stream_id,
+    now_ms,
+)
 from worker.config import WorkerConfig
 
 log = logging.getLogger("redbatch.worker")
@@ -29,18 +38,24 @@ class Outbox:
     """Events, acks and dead letters gathered during one loop iteration, flushed together."""
 
     events: list[tuple[str, int, EventType, dict[str, Any]]] = field(default_factory=list)
-    acks: list[tuple[str, str]] = field(default_factory=list)  # (entry id, request whose terminal event gates it)
-    dead: list[tuple[str, dict[Any, Any], str]] = field(default_factory=list)
+    acks: list[tuple[str, str | None]] = field(default_factory=list)  # (entry id, request whose terminal event gates it)
+    dead: list[tuple[str, dict[Any, Any], str, bool]] = field(default_factory=list)  # (entry, fields, reason, ack)
     is_resend: bool = False  # a retry after a failed flush: events already written are not a conflict
 
     def event(self, request_id: str, seq: int, type: EventType, **fields: Any) -> None:
         self.events.append((request_id, seq, type, fields))
 
-    def ack(self, entry_id: str, request_id: str) -> None:
+    def ack(self, entry_id: str, request_id: str | None) -> None:
+        """Ack once request_id's events of this flush are written (None: ack unconditionally)."""
         self.acks.append((entry_id, request_id))
 
-    def dead_letter(self, entry_id: str, fields: dict[Any, Any], reason: str) -> None:
-        self.dead.append((entry_id, fields, reason))
+    def fail(self, request_id: str, entry_id: str, seq: int, code: ErrorCode, message: str) -> None:
+        self.event(request_id, seq, EventType.ERROR, code=code, message=message[:2000])
+        self.ack(entry_id, request_id)
+
+    def dead_letter(self, entry_id: str, fields: dict[Any, Any], reason: str, ack: bool = True) -> None:
+        """Copy the entry to the dead stream; ack it once the copy is written (unless an event gates the ack)."""
+        self.dead.append((entry_id, fields, reason, ack))
 
     @property
     def is_empty(self) -> bool:
@@ -73,6 +88,7 @@ class WorkerStreams:
         self.model = config.model_name
         self.requests_key = self.keys.requests(self.model)
         self.started_ms = now_ms()
+        self._reclaim_cursor = "0-0"
 
     # ------------------------------------------------------------ setup
 
@@ -119,6 +135,57 @@ class WorkerStreams:
                 entries.append((entry_id.decode() if isinstance(entry_id, bytes) else entry_id, fields or {}))
         return entries
 
+    def entry_states(self, items: list[tuple[str, str, bool]]) -> list["EntryState"]:
+        """For (request_id, entry_id, is_redelivery) items, in one round trip: abort key, owning entry, and
+        (redeliveries only) the events already published."""
+        if not items:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        ttl = self.config.result_ttl_s
+        for request_id, entry_id, is_redelivery in items:
+            pipe.exists(self.keys.abort(request_id))
+            owner = self.keys.request_owner(self.model, request_id)
+            pipe.set(owner, entry_id, nx=True, ex=ttl)
+            pipe.get(owner)
+            if is_redelivery:
+                pipe.xrange(self.keys.events(request_id))
+        results = iter(pipe.execute())
+        states = []
+        for _, _, is_redelivery in items:
+            aborted, _, owner = next(results), next(results), next(results)
+            events = [decode_event(f) for _, f in next(results)] if is_redelivery else []
+            states.append(EntryState(bool(aborted), owner.decode() if owner else None, events))
+        return states
+
+    def renew(self, entry_ids: list[str]) -> None:
+        """Reset the idle time of entries this worker is running, without counting a delivery."""
+        if entry_ids:
+            self.redis.xclaim(self.requests_key, GROUP, self.config.worker_id, 0, entry_ids, justid=True)
+
+    def hand_back(self, entry_ids: list[str]) -> None:
+        """Mark unfinished entries idle past the lease so another worker reclaims them at once."""
+        if entry_ids:
+            idle_ms = int(self.config.lease_s * 1000) + 1
+            self.redis.xclaim(self.requests_key, GROUP, self.config.worker_id, 0, entry_ids, idle=idle_ms, justid=True)
+
+    def reclaim(self, count: int) -> list[tuple[str, dict[bytes, bytes], int]]:
+        """Take over up to `count` entries idle past the lease; returns (entry id, fields, deliveries)."""
+        min_idle_ms = int(self.config.lease_s * 1000)
+        reply = self.redis.xautoclaim(self.requests_key, GROUP, self.config.worker_id, min_idle_ms,
+                                      start_id=self._reclaim_cursor, count=count)
+        self._reclaim_cursor, claimed = reply[0], reply[1]
+        deleted = reply[2] if len(reply) > 2 else []
+        if deleted:  # deleted while pending: nothing to run, just clear the pending entry
+            self.redis.xack(self.requests_key, GROUP, *deleted)
+        claimed = [(_text(i), f) for i, f in claimed if f]
+        if not claimed:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for entry_id, _ in claimed:
+            pipe.xpending_range(self.requests_key, GROUP, min=entry_id, max=entry_id, count=1)
+        counts = [rows[0]["times_delivered"] if rows else 1 for rows in pipe.execute()]
+        return [(entry_id, fields, n) for (entry_id, fields), n in zip(claimed, counts)]
+
     def aborted(self, request_ids: list[str]) -> set[str]:
         """Which of these requests have an abort key, in one round trip."""
         if not request_ids:
@@ -155,7 +222,8 @@ class WorkerStreams:
                     continue
                 log.warning("write for %s %s failed: %s", kind, name, result)
                 failed.add(name)
-        ackable = [entry for entry, rid in outbox.acks if rid not in fenced and rid not in failed] + sorted(written_dead)
+        ackable = [entry for entry, rid in outbox.acks if rid is None or (rid not in fenced and rid not in failed)]
+        ackable += [entry for entry, _, _, ack in outbox.dead if ack and entry in written_dead]
         if ackable:
             pipe = self.redis.pipeline(transaction=False)
             pipe.xack(self.requests_key, GROUP, *ackable)
@@ -171,10 +239,13 @@ class WorkerStreams:
             key = self.keys.events(request_id)
             pipe.xadd(key, encode_event(seq, type, **fields), id=event_stream_id(seq))
             owners.append(("event", request_id))
-            if seq % EVENT_TTL_REFRESH_EVERY == 0 or type in (EventType.DONE, EventType.ERROR, EventType.ABORTED):
+            if seq % EVENT_TTL_REFRESH_EVERY == 0 or type in TERMINAL_EVENTS:
                 pipe.expire(key, ttl)
                 owners.append(("expire", request_id))
-        for entry_id, fields, reason in outbox.dead:
+            if type in TERMINAL_EVENTS:  # duplicates of this id stay refused for the result TTL
+                pipe.expire(self.keys.request_owner(self.model, request_id), ttl)
+                owners.append(("expire", request_id))
+        for entry_id, fields, reason, _ in outbox.dead:
             pipe.xadd(self.keys.dead(self.model), {**_as_text_fields(fields), "reason": reason, "entry_id": entry_id,
                                                    "worker": self.config.worker_id, "ts": str(now_ms())})
             owners.append(("dead", entry_id))
@@ -202,6 +273,27 @@ class WorkerStreams:
         info.update(last_seen=ms, live_workers=int(live), max_num_seqs=self.config.max_num_seqs,
                     max_queue_len=self.config.max_queue_len)
         self.redis.hset(self.keys.models(), self.model, json.dumps(info))
+
+
+@dataclass
+class EntryState:
+    """What Redis knows about an entry's request when the worker picks the entry up."""
+
+    is_aborted: bool
+    owner_entry: str | None  # the entry that owns the request id (another one: this entry is a duplicate)
+    events: list[Event]  # already published (redeliveries only)
+
+    @property
+    def has_ended(self) -> bool:
+        return bool(self.events) and self.events[-1].is_terminal
+
+    @property
+    def next_seq(self) -> int:
+        return len(self.events)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _as_text_fields(fields: dict[Any, Any]) -> dict[str, bytes]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from producer.protocol import ErrorCode, Request, TaskKind
-from worker.request import Sequence, StepOutput
+from worker.request import Resume, Sequence, StepOutput
 
 
 class RequestRejected(Exception):
@@ -30,8 +30,11 @@ class Engine(Protocol):
     def sequences(self) -> list[Sequence]:
         """Every queued or running request."""
 
-    def add(self, request: Request, resume_ids: list[int] | None = None) -> Sequence:
-        """Validate and queue a request; raises RequestRejected. `resume_ids`: output already published."""
+    def add(self, request: Request, resume: Resume | None = None) -> Sequence:
+        """Validate and queue a request; raises RequestRejected. `resume`: what an earlier worker published."""
+
+    def finish_if_complete(self, seq: Sequence) -> StepOutput | None:
+        """For a resumed request whose published output already ends it: finish it now."""
 
     def abort(self, request_id: str) -> Sequence | None:
         """Drop a queued or running request and free what it holds."""

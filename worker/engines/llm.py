@@ -17,7 +17,7 @@ from worker.engines.batch import build_group
 from worker.engines.kv_cache import SlotKVCache
 from worker.engines.sampling import SamplingBatch, new_generator, sample, token_logprobs
 from worker.engines.text import IncrementalDetokenizer, StopStringMatcher
-from worker.request import Sequence, StepOutput
+from worker.request import Resume, Sequence, StepOutput
 from worker.scheduler import ScheduledChunk, Scheduler
 
 
@@ -77,7 +77,7 @@ class LLMEngine:
     def num_active(self) -> int:
         return self.scheduler.num_active
 
-    def add(self, request: Request, resume_ids: list[int] | None = None) -> Sequence:
+    def add(self, request: Request, resume: Resume | None = None) -> Sequence:
         prompt_ids = self._prompt_ids(request)
         cfg = request.generate_config
         max_tokens = self._check_lengths(prompt_ids, cfg.max_tokens)
@@ -88,16 +88,39 @@ class LLMEngine:
             generator=None if cfg.is_greedy else new_generator(cfg.seed),
             stop_token_ids=frozenset(cfg.stop_token_ids or ()),
         )
-        if resume_ids:
-            seq.output_ids = list(resume_ids)
-            seq.num_resumed_tokens = len(resume_ids)
-            state.detok.push(list(resume_ids))
-            for _ in resume_ids:  # keep a seeded generator in step with the tokens already drawn
-                if state.generator is not None:
-                    torch.rand((), generator=state.generator)
+        if resume is not None:
+            self._resume(seq, state, resume)
         self._text[seq] = state
         self.scheduler.add(seq)
         return seq
+
+    def _resume(self, seq: Sequence, state: _SeqText, resume: Resume) -> None:
+        """Continue after tokens an earlier worker published: same text state, same random stream."""
+        seq.output_ids = list(resume.output_ids)
+        seq.num_resumed_tokens = len(resume.output_ids)
+        state.stops.feed(state.detok.push(list(resume.output_ids)))
+        state.stops.num_released = min(len(resume.text), len(state.stops.text))  # what the client has
+        if state.generator is not None:
+            for _ in resume.output_ids:  # one uniform per sampled token: skip those already drawn
+                torch.rand((), generator=state.generator)
+
+    def finish_if_complete(self, seq: Sequence) -> StepOutput | None:
+        """A resumed request whose published tokens already end it (the old worker died before `done`)."""
+        if not seq.output_ids:
+            return None
+        state = self._text[seq]
+        last = seq.output_ids[-1]
+        if (last in self.eos_ids and not seq.params.ignore_eos) or last in state.stop_token_ids or state.stops.is_stopped:
+            finish = FinishReason.STOP
+        elif seq.num_output_tokens >= seq.max_tokens:
+            finish = FinishReason.LENGTH
+        else:
+            return None
+        text = "" if state.stops.is_stopped else state.stops.feed(state.detok.flush()) + state.stops.finish()
+        seq.finish_reason = finish
+        seq.meta.update(text=state.stops.text, logprobs=None)
+        self._release(seq)
+        return StepOutput(seq=seq, token_ids=[], text=text, finish_reason=finish)
 
     def abort(self, request_id: str) -> Sequence | None:
         seq = self.scheduler.find(request_id)

@@ -1,0 +1,53 @@
+"""Minimal Redis ACL rules for the two roles, built from the key names in producer.keys.
+
+A producer may enqueue (through the enqueue script or a plain XADD), read its events,
+set abort keys and read the model registry; it may not read or claim the request
+stream, nor touch worker keys. A worker may do everything its loop does, nothing more.
+Redis 7.0+ (selectors in parentheses, %R~ / %W~ read-only / write-only key patterns).
+"""
+
+from __future__ import annotations
+
+from producer.keys import Keys
+
+CONNECTION = "+ping +hello +auth +client|setname +select +script|load"  # CLIENT SETINFO is 7.2+
+
+
+def _patterns(keys: Keys) -> dict[str, str]:
+    p = keys.prefix
+    return {
+        "requests": f"{p}:{{*}}:requests", "dead": f"{p}:{{*}}:dead", "owner": f"{p}:{{*}}:id:*",
+        "workers": f"{p}:{{*}}:workers", "models": f"{p}:models", "worker": f"{p}:worker:*",
+        "events": f"{p}:req:*:events", "abort": f"{p}:req:*:abort",
+    }
+
+
+def acl_rules(keys: Keys, role: str) -> str:
+    k = _patterns(keys)
+    if role == "producer":
+        selectors = [
+            f"+hget +hgetall %R~{k['models']}",
+            f"+xread +xrange +xrevrange %R~{k['events']}",
+            f"+set %W~{k['abort']}",
+            f"+xadd +xlen ~{k['requests']}",
+            f"+exists +set ~{k['owner']}",
+            f"+evalsha +eval ~{k['requests']} ~{k['owner']}",
+        ]
+    elif role == "worker":
+        selectors = [
+            f"+xgroup|create +xreadgroup +xack +xdel +xclaim +xautoclaim +xpending ~{k['requests']}",
+            f"+xadd ~{k['dead']}",
+            f"+xadd +xrange +expire ~{k['events']}",
+            f"+exists %R~{k['abort']}",
+            f"+set +get +expire ~{k['owner']}",
+            f"+hset +hget %RW~{k['models']}",
+            f"+hset +expire +del ~{k['worker']}",
+            f"+zadd +zrem +zremrangebyscore +zcard ~{k['workers']}",
+        ]
+    else:
+        raise ValueError(f"unknown role {role!r}; use producer or worker")
+    return " ".join(["resetkeys", "resetchannels", "-@all", CONNECTION] + [f"({s})" for s in selectors])
+
+
+def acl_file_line(keys: Keys, role: str, username: str, password: str) -> str:
+    return f"user {username} on >{password} {acl_rules(keys, role)}"

@@ -1,0 +1,121 @@
+"""Turning stream entries (new or reclaimed) into engine requests, or into their terminal event.
+
+For each entry, one pipelined round trip tells: is it aborted, which entry owns its
+request id (duplicates), and, for a redelivery, what was already published. Then:
+
+    unreadable id          → dead letter
+    bad entry              → error invalid_request
+    already ended          → ack (a redelivery whose terminal event was written)
+    another entry's id     → ack, never executed (duplicate)
+    aborted                → aborted
+    delivered too often    → dead letter + error dead_letter
+    deadline passed        → error expired (unless it had already started)
+    otherwise              → engine.add, resuming after the published tokens
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from producer.protocol import BadEntry, ErrorCode, Event, EventType, Request, decode_request, now_ms, read_request_id
+from worker.config import WorkerConfig
+from worker.engines.base import Engine, RequestRejected
+from worker.request import Resume, StepOutput
+from worker.streams import EntryState, Outbox, WorkerStreams
+
+log = logging.getLogger("redbatch.worker")
+
+
+@dataclass
+class Entry:
+    entry_id: str
+    fields: dict[Any, Any]
+    deliveries: int = 1
+
+    @property
+    def request_id(self) -> str | None:
+        return read_request_id(self.fields)
+
+
+class Intake:
+    def __init__(self, config: WorkerConfig, engine: Engine, streams: WorkerStreams, retry):
+        self.config = config
+        self.engine = engine
+        self.streams = streams
+        self._retry = retry
+        self.finished_on_resume: list[StepOutput] = []  # resumed requests that were already complete
+
+    def admit(self, entries: list[Entry], outbox: Outbox) -> None:
+        readable = [e for e in entries if e.request_id is not None]
+        states = self._retry(self.streams.entry_states, [(e.request_id, e.entry_id, e.deliveries > 1) for e in readable])
+        by_entry = {e.entry_id: s for e, s in zip(readable, states)}
+        for entry in entries:
+            try:
+                self._admit(entry, by_entry.get(entry.entry_id), outbox)
+            except Exception as exc:  # noqa: BLE001 - an unforeseen bad entry fails alone, never the worker
+                log.exception("unexpected error admitting entry %s", entry.entry_id)
+                self._reject(entry, ErrorCode.INVALID_REQUEST, f"{type(exc).__name__}: {exc}", outbox, 0)
+
+    def _admit(self, entry: Entry, state: EntryState | None, outbox: Outbox) -> None:
+        if state is None:
+            outbox.dead_letter(entry.entry_id, entry.fields, "missing or invalid field 'id'")
+            return
+        if state.has_ended:
+            outbox.ack(entry.entry_id, None)  # a redelivery of a request whose terminal event is written
+            return
+        if state.owner_entry not in (None, entry.entry_id):
+            log.warning("entry %s reuses request id %s of entry %s: not executed", entry.entry_id, entry.request_id,
+                        state.owner_entry)
+            outbox.ack(entry.entry_id, None)
+            return
+        try:
+            request = decode_request(entry.fields, self.config.max_body_bytes)
+        except BadEntry as exc:
+            self._reject(entry, ErrorCode.INVALID_REQUEST, exc.message, outbox, state.next_seq)
+            return
+        self._start(entry, request, state, outbox)
+
+    def _start(self, entry: Entry, request: Request, state: EntryState, outbox: Outbox) -> None:
+        if state.is_aborted:
+            outbox.event(request.id, state.next_seq, EventType.ABORTED)
+            outbox.ack(entry.entry_id, request.id)
+        elif entry.deliveries > self.config.max_deliveries:
+            reason = f"delivered {entry.deliveries} times (max_deliveries {self.config.max_deliveries})"
+            outbox.dead_letter(entry.entry_id, entry.fields, reason, ack=False)
+            self._reject(entry, ErrorCode.DEAD_LETTER, reason, outbox, state.next_seq)
+        elif not state.events and request.deadline_ms is not None and now_ms() > request.deadline_ms:
+            self._reject(entry, ErrorCode.EXPIRED, "the request's deadline passed before it started", outbox, 0)
+        else:
+            self._add(entry, request, state, outbox)
+
+    def _add(self, entry: Entry, request: Request, state: EntryState, outbox: Outbox) -> None:
+        resume = resume_from(state.events) if request.generate_config.stream else None
+        try:
+            seq = self.engine.add(request, resume)
+        except RequestRejected as exc:
+            self._reject(entry, exc.code, exc.message, outbox, state.next_seq)
+            return
+        seq.meta.update(entry_id=entry.entry_id, next_seq=state.next_seq, stream=request.generate_config.stream)
+        if resume is not None:
+            log.info("resuming request %s after %d published tokens", request.id, len(resume.output_ids))
+            done = self.engine.finish_if_complete(seq)
+            if done is not None:
+                self.finished_on_resume.append(done)
+
+    def _reject(self, entry: Entry, code: ErrorCode, message: str, outbox: Outbox, seq: int) -> None:
+        request_id = entry.request_id
+        if request_id is None:
+            outbox.dead_letter(entry.entry_id, entry.fields, message)
+        else:
+            outbox.fail(request_id, entry.entry_id, seq, code, message)
+
+
+def resume_from(events: list[Event]) -> Resume | None:
+    """What a reclaimed request had published: its tokens, their text, and the next seq."""
+    tokens = [e for e in events if e.type == EventType.TOKEN]
+    if not tokens:
+        return None
+    return Resume(output_ids=[t for e in tokens for t in (e.token_ids or [])], text="".join(e.text or "" for e in tokens),
+                  next_seq=len(events))
