@@ -160,7 +160,7 @@ class WorkerThread:
             raise self.error
 
 
-def build_worker_thread(redis_url: str, prefix: str, tiny_llama, tiny_llama_path, model_name: str = "tiny",
+def build_worker_thread(server_url: str, prefix: str, tiny_llama, tiny_llama_path, model_name: str = "tiny",
                         model=None, **overrides) -> WorkerThread:
     """A worker on the tiny Llama (or `model`: a (model, tokenizer) pair) against redis_url, not started."""
     from worker.config import WorkerConfig
@@ -169,7 +169,7 @@ def build_worker_thread(redis_url: str, prefix: str, tiny_llama, tiny_llama_path
     from worker.streams import WorkerStreams
 
     hf_model, tokenizer = model or tiny_llama
-    options = dict(model_name=model_name, model_path=str(tiny_llama_path), redis_url=redis_url, prefix=prefix,
+    options = dict(model_name=model_name, model_path=str(tiny_llama_path), redis_url=server_url, prefix=prefix,
                    read_block_ms=100, heartbeat_interval_s=0.2, grace_s=5.0)
     options.update(overrides)
     config = WorkerConfig(**options)
@@ -177,7 +177,7 @@ def build_worker_thread(redis_url: str, prefix: str, tiny_llama, tiny_llama_path
         max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
         max_model_len=config.max_model_len, max_tokens_limit=config.max_tokens_limit,
         max_cached_tokens=config.kv_cache_tokens))
-    streams = WorkerStreams(redis.Redis.from_url(redis_url), config)
+    streams = WorkerStreams(redis.Redis.from_url(config.redis_url), config)
     return WorkerThread(Worker(config, engine, streams))
 
 

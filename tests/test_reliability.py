@@ -1,0 +1,212 @@
+"""Delivery guarantees when things go wrong: reclaim and resume, dead letters, duplicates,
+hand-back on shutdown, lease renewal, Redis restarts. Real Redis, real workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import redis
+import torch
+
+from producer import Client, DuplicateRequest
+from producer import admin
+from producer.keys import GROUP, Keys
+from producer.protocol import EventType, GenerateBody, GenerateConfig, TaskKind, decode_event, encode_request
+from tests.conftest import _free_port
+from tests.test_loop import events_of, wait_for
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture
+def client(redis_server_url, prefix):
+    c = Client(redis_server_url, prefix=prefix)
+    yield c
+    c.close()
+
+
+def reference(tiny_llama, prompt: str, max_tokens: int) -> list[int]:
+    model, tokenizer = tiny_llama
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
+                         eos_token_id=None)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def streamed_ids(events) -> list[int]:
+    return [t for e in events if e.type == EventType.TOKEN for t in (e.token_ids or [])]
+
+
+def assert_clean_stream(events) -> None:
+    assert [e.seq for e in events] == list(range(len(events))), "gap or duplicate in seq"
+    assert sum(e.is_terminal for e in events) == 1 and events[-1].is_terminal
+
+
+# ---------------------------------------------------------------- hand-back, resume, lease renewal
+
+
+def test_unfinished_requests_are_handed_back_and_resumed_exactly(worker_factory, client, tiny_llama):
+    first = worker_factory(grace_s=0.3, lease_s=30).start()
+    model = client.get_model("tiny")
+    prompts = [f"resume me {i} river" for i in range(3)]
+    ids = [model.submit(TaskKind.GENERATE, {"prompt": p}, {"max_tokens": 400, "ignore_eos": True, "temperature": 0}) for p in prompts]
+    wait_for(lambda: all(len(events_of(client, i)) >= 5 for i in ids))
+    first.stop()  # grace runs out: the three are handed back unfinished
+    assert all(not events_of(client, i)[-1].is_terminal for i in ids)
+    second = worker_factory(lease_s=30).start()  # lease 30 s, yet it takes them at once: they were handed back
+    for request_id, prompt in zip(ids, prompts):
+        events = list(client.events(request_id, timeout_s=60))
+        assert_clean_stream(events)
+        assert streamed_ids(events) == reference(tiny_llama, prompt, 400)
+        assert events[-1].usage.completion_tokens == 400
+    assert second.worker.stats.num_reclaimed == 3
+
+
+def test_live_workers_renew_their_leases(worker_factory, client):
+    busy = worker_factory(lease_s=0.6).start()
+    idle = worker_factory(lease_s=0.6).start()
+    model = client.get_model("tiny")
+    request_id = model.submit(TaskKind.GENERATE, {"prompt": "long"}, {"max_tokens": 300, "ignore_eos": True, "temperature": 0})
+    assert client.wait(request_id, timeout_s=60).type == EventType.DONE  # takes several leases of time
+    assert busy.worker.stats.num_reclaimed + idle.worker.stats.num_reclaimed == 0
+    assert_clean_stream(events_of(client, request_id))
+
+
+def _worker_process(url, prefix, model_path, worker_id, lease_s=1.0):
+    cmd = [sys.executable, "-m", "producer.cli", "worker", "--model-name", "tiny", "--model-path", str(model_path),
+           "--redis-url", url, "--prefix", prefix, "--threads", "1", "--max-num-seqs", "4",
+           "--lease-s", str(lease_s), "--worker-id", worker_id]
+    return subprocess.Popen(cmd, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_kill_9_mid_generation_loses_and_duplicates_nothing(redis_server_url, prefix, rds, client, tiny_llama,
+                                                           tiny_llama_path):
+    keys = Keys(prefix)
+    procs = {name: _worker_process(redis_server_url, prefix, tiny_llama_path, name) for name in ("victim", "survivor")}
+    try:
+        wait_for(lambda: rds.zcard(keys.model_workers("tiny")) >= 2, timeout_s=90)
+        model = client.get_model("tiny")
+        prompts = [f"kill test {i} mountain" for i in range(6)]
+        ids = [model.submit(TaskKind.GENERATE, {"prompt": p}, {"max_tokens": 500, "ignore_eos": True, "temperature": 0}) for p in prompts]
+        victims = wait_for(lambda: [r["message_id"] for r in rds.xpending_range(keys.requests("tiny"), GROUP, "-", "+", 10,
+                                                                                 consumername="victim")])
+        wait_for(lambda: all(len(events_of(client, i)) >= 10 for i in ids), timeout_s=60)
+        procs["victim"].send_signal(signal.SIGKILL)
+        procs["victim"].wait()
+        for request_id, prompt in zip(ids, prompts):
+            events = list(client.events(request_id, timeout_s=120))
+            assert_clean_stream(events)
+            assert streamed_ids(events) == reference(tiny_llama, prompt, 500)
+        assert victims and int(rds.hgetall(keys.worker("survivor"))[b"reclaimed"]) >= 1
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+# ---------------------------------------------------------------- dead letters and duplicates
+
+
+def test_too_many_deliveries_go_to_the_dead_letters_and_can_be_requeued(worker_factory, client, rds, prefix):
+    keys = Keys(prefix)
+    client.redis.hset(keys.models(), "tiny", json.dumps({"tasks": ["generate"], "max_queue_len": 0}))
+    stream = keys.requests("tiny")
+    rds.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    body = GenerateBody(prompt="poison", generate_config=GenerateConfig(max_tokens=3))
+    entry_id = rds.xadd(stream, encode_request("poison-1", TaskKind.GENERATE, body)).decode()
+    rds.xreadgroup(GROUP, "crashed-worker", {stream: ">"})  # delivery 1
+    for _ in range(3):  # three more workers took it and died: deliveries 2..4
+        rds.xclaim(stream, GROUP, "crashed-worker", 0, [entry_id], idle=60_000)
+    worker_factory(lease_s=1, max_deliveries=3).start()
+    final = client.wait("poison-1", timeout_s=30)
+    assert final.type == EventType.ERROR and final.code == "dead_letter"
+    (letter,) = admin.list_dead(rds, keys, "tiny")
+    assert letter.request_id == "poison-1" and "5 times" in letter.reason  # 4 crashed + this one
+    wait_for(lambda: rds.xpending(stream, GROUP)["pending"] == 0)
+    assert admin.requeue_dead(rds, keys, "tiny") == 1
+    assert client.wait("poison-1", timeout_s=30).type == EventType.DONE  # a fresh start after the requeue
+    assert admin.list_dead(rds, keys, "tiny") == []
+    rds.xadd(keys.dead("tiny"), {"reason": "x"})
+    assert admin.purge_dead(rds, keys, "tiny") == 1
+
+
+def test_duplicate_ids_are_refused_and_never_run_twice(worker_factory, client, rds, prefix):
+    worker_factory().start()
+    model = client.get_model("tiny")
+    model.generate("once", generate_config={"max_tokens": 3, "stream": False, "request_id": "dup-1"})
+    with pytest.raises(DuplicateRequest):  # finished within the result TTL
+        model.generate("again", generate_config={"max_tokens": 3, "request_id": "dup-1"})
+    # a producer that bypasses the client: two entries with one id reach the stream
+    body = GenerateBody(prompt="raw", generate_config=GenerateConfig(max_tokens=4, ignore_eos=True))
+    stream = Keys(prefix).requests("tiny")
+    rds.xadd(stream, encode_request("dup-2", TaskKind.GENERATE, body))
+    rds.xadd(stream, encode_request("dup-2", TaskKind.GENERATE, body))
+    assert client.wait("dup-2", timeout_s=30).type == EventType.DONE
+    wait_for(lambda: rds.xlen(stream) == 0)
+    events = events_of(client, "dup-2")
+    assert_clean_stream(events)
+    assert len(streamed_ids(events)) == 4
+
+
+# ---------------------------------------------------------------- Redis restarts
+
+
+class PrivateRedis:
+    """A redis-server of this test's own, with AOF, that the test stops and starts."""
+
+    def __init__(self, workdir):
+        self.port = _free_port()
+        self.args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(workdir),
+                     "--appendonly", "yes", "--appendfsync", "always", "--save", ""]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL)
+        wait_for(self._answers, timeout_s=10)
+
+    def _answers(self) -> bool:
+        try:
+            with redis.Redis.from_url(self.url) as r:
+                return r.ping()
+        except redis.ConnectionError:
+            return False
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)  # a clean shutdown: AOF flushed
+        self.proc.wait(10)
+
+
+@pytest.mark.skipif(not __import__("shutil").which("redis-server"), reason="needs a redis-server binary")
+def test_redis_restart_mid_run_loses_nothing(tmp_path, prefix, tiny_llama, tiny_llama_path):
+    from tests.conftest import build_worker_thread
+
+    server = PrivateRedis(tmp_path)
+    server.start()
+    handle = build_worker_thread(server.url, prefix, tiny_llama, tiny_llama_path, lease_s=30).start()
+    client = Client(server.url, prefix=prefix)
+    try:
+        model = client.get_model("tiny")
+        prompts = [f"restart {i} sun" for i in range(3)]
+        ids = [model.submit(TaskKind.GENERATE, {"prompt": p}, {"max_tokens": 250, "ignore_eos": True, "temperature": 0}) for p in prompts]
+        wait_for(lambda: all(len(events_of(client, i)) >= 5 for i in ids))
+        server.stop()
+        time.sleep(1.0)  # the worker keeps its requests and retries
+        assert handle.is_alive
+        server.start()
+        for request_id, prompt in zip(ids, prompts):
+            events = list(client.events(request_id, timeout_s=120))
+            assert_clean_stream(events)
+            assert streamed_ids(events) == reference(tiny_llama, prompt, 250)
+    finally:
+        handle.stop()
+        client.close()
+        server.stop()
