@@ -4,7 +4,9 @@
 
 Prints requests sent, completed, lost, duplicated tokens (a seq seen twice or tokens past
 max_tokens), wrong outputs (greedy tokens differing from per-request `generate`), and the
-longest recovery: the longest silence a streaming client saw inside one request.
+longest recovery: the longest silence a client saw between two events of a request that had
+already started streaming (a kill stalls the requests it hit until they resume elsewhere).
+The longest queue wait (submit to first event) is printed apart: it measures load, not recovery.
 Redis runs with AOF `appendfsync always`, so a kill -9 of Redis loses no acknowledged write.
 """
 
@@ -108,17 +110,24 @@ async def one_request(client: AsyncClient, i: int, prompt: str, max_tokens: int)
             break
         except (redis.ConnectionError, OSError):
             await asyncio.sleep(0.2)
-    seqs, tokens, longest_gap, last, terminal = [], [], 0.0, time.monotonic(), None
+    seqs, tokens, terminal = [], [], None
+    submitted, last, queue_wait, longest_gap, gap_window = time.monotonic(), None, 0.0, 0.0, ""
     async for event in client.events(request_id, timeout_s=600):
         now = time.monotonic()
-        longest_gap, last = max(longest_gap, now - last), now
+        if last is None:
+            queue_wait = now - submitted
+        elif now - last > longest_gap:
+            longest_gap = now - last
+            gap_window = f"{time.strftime('%X', time.localtime(time.time() - longest_gap))}-{time.strftime('%X')}"
+        last = now
         seqs.append(event.seq)
         if event.type == EventType.TOKEN:
             tokens += event.token_ids or []
         if event.is_terminal:
             terminal = event.type
     return {"id": request_id, "prompt": prompt, "max_tokens": max_tokens, "seqs": seqs, "tokens": tokens,
-            "terminal": terminal, "longest_gap": longest_gap}
+            "terminal": terminal, "longest_gap": longest_gap,
+            "gap_window": gap_window, "queue_wait": queue_wait}
 
 
 async def run(args) -> tuple[list[dict], Path]:
@@ -168,7 +177,10 @@ def report(results: list[dict], model_path: Path) -> None:
     print(f"duplicated tokens:  {duplicated}")
     print(f"gapped streams:     {sum(r['seqs'] != list(range(len(r['seqs']))) for r in results)}")
     print(f"wrong outputs:      {wrong} (greedy tokens vs per-request generate)")
-    print(f"longest recovery:   {max(r['longest_gap'] for r in results):.2f} s (longest silence inside one stream)")
+    worst = max(results, key=lambda r: r["longest_gap"])
+    print(f"longest recovery:   {worst['longest_gap']:.2f} s (longest silence inside a stream that had started: "
+          f"{worst['id']}, {worst['gap_window']})")
+    print(f"longest queue wait: {max(r['queue_wait'] for r in results):.2f} s (submit to first event: load, not recovery)")
 
 
 def _wrong_outputs(completed: list[dict], model_path: Path) -> int:

@@ -78,6 +78,28 @@ def test_live_workers_renew_their_leases(worker_factory, client):
     assert_clean_stream(events_of(client, request_id))
 
 
+def test_orphans_resume_ahead_of_new_requests(worker_factory, client, rds, prefix):
+    """A full worker notices orphaned entries and gives them each slot that frees, before new entries."""
+    keys, worker = Keys(prefix), worker_factory(max_num_seqs=2, lease_s=0.4)
+    worker.worker.streams.ensure_group()
+    worker.worker.streams.register(["generate"])
+    model = client.get_model("tiny")
+    config = {"max_tokens": 8, "ignore_eos": True, "temperature": 0}
+    orphans = [model.submit(TaskKind.GENERATE, {"prompt": f"orphan {i}"}, config) for i in range(2)]
+    rds.xreadgroup(GROUP, "dead-worker", {keys.requests("tiny"): ">"}, count=2)  # taken, then never renewed
+    # Two long requests fill both slots and finish one step apart, long after the orphans' lease ran out.
+    running = [model.submit(TaskKind.GENERATE, {"prompt": "long"}, {**config, "max_tokens": n}) for n in (200, 201)]
+    newer = [model.submit(TaskKind.GENERATE, {"prompt": f"new {i}"}, config) for i in range(3)]
+    admitted, admit = [], worker.worker.intake.admit
+    worker.worker.intake.admit = lambda entries, outbox: (admitted.extend(e.request_id for e in entries),
+                                                          admit(entries, outbox))
+    worker.start()
+    for request_id in orphans + running + newer:
+        assert client.wait(request_id, timeout_s=60).type == EventType.DONE
+    assert sorted(admitted[2:4]) == sorted(orphans) and admitted[4:] == newer, admitted
+    assert worker.worker.stats.num_reclaimed == 2
+
+
 def _worker_process(url, prefix, model_path, worker_id, lease_s=1.0):
     cmd = [sys.executable, "-m", "producer.cli", "worker", "--model-name", "tiny", "--model-path", str(model_path),
            "--redis-url", url, "--prefix", prefix, "--threads", "1", "--max-num-seqs", "4",

@@ -20,7 +20,7 @@ from worker.streams import Outbox, WorkerStreams, is_transient
 
 log = logging.getLogger("redbatch.worker")
 BURST_BLOCK_MS = 50
-MAX_BACKOFF_S = 5.0
+MAX_BACKOFF_S = 2.0
 
 
 @dataclass
@@ -43,6 +43,7 @@ class Worker:
         self.ready = threading.Event()  # set once the group exists and the model is registered
         self._drain_deadline: float | None = None
         self._last = {"heartbeat": 0.0, "renew": time.monotonic(), "reclaim": 0.0}
+        self._orphans_waiting = False
 
     # ------------------------------------------------------------ lifecycle
 
@@ -103,9 +104,9 @@ class Worker:
 
     def _read_and_admit(self, outbox: Outbox, burst: bool) -> int:
         free = self.engine.max_num_seqs - self.engine.num_active
+        entries = [Entry(i, f, n) for i, f, n in self._maybe_reclaim(free)]
         if free <= 0:
             return 0
-        entries = [Entry(i, f, n) for i, f, n in self._maybe_reclaim(free)]
         if len(entries) < free:
             idle = not self.engine.num_active and not entries
             block_ms = (BURST_BLOCK_MS if burst else self.config.read_block_ms) if idle else None
@@ -164,11 +165,21 @@ class Worker:
     # ------------------------------------------------------------ leases
 
     def _maybe_reclaim(self, free: int) -> list[tuple[str, dict, int]]:
-        """Every lease/4 s, take over entries whose worker stopped renewing them."""
-        if self._stop.is_set() or time.monotonic() - self._last["reclaim"] < self.config.lease_s / 4:
+        """Take over entries whose worker stopped renewing them, ahead of any new entry.
+
+        Every lease/4 s a worker looks for such orphans (with a cheap probe while it is full).
+        While it knows some wait, it reclaims at every iteration with a free slot, so requests
+        that had started streaming resume before requests that have not started.
+        """
+        due = time.monotonic() - self._last["reclaim"] >= self.config.lease_s / 4
+        if self._stop.is_set() or not (due or (self._orphans_waiting and free > 0)):
             return []
         self._last["reclaim"] = time.monotonic()
+        if free <= 0:
+            self._orphans_waiting = self._orphans_waiting or self._retry(self.streams.has_orphans)
+            return []
         claimed = self._retry(self.streams.reclaim, free)
+        self._orphans_waiting = bool(claimed) or not self.streams.reclaim_scan_done
         self.stats.num_reclaimed += len(claimed)
         return claimed
 

@@ -89,6 +89,7 @@ class WorkerStreams:
         self.requests_key = self.keys.requests(self.model)
         self.started_ms = now_ms()
         self._reclaim_cursor = "0-0"
+        self.reclaim_scan_done = False
 
     # ------------------------------------------------------------ setup
 
@@ -169,11 +170,16 @@ class WorkerStreams:
             self.redis.xclaim(self.requests_key, GROUP, self.config.worker_id, 0, entry_ids, idle=idle_ms, justid=True)
 
     def reclaim(self, count: int) -> list[tuple[str, dict[bytes, bytes], int]]:
-        """Take over up to `count` entries idle past the lease; returns (entry id, fields, deliveries)."""
+        """Take over up to `count` entries idle past the lease; returns (entry id, fields, deliveries).
+
+        Sets `reclaim_scan_done` when this call scanned the whole pending list and found nothing
+        more to take (XAUTOCLAIM scans a window per call and resumes from a cursor)."""
         min_idle_ms = int(self.config.lease_s * 1000)
+        start = self._reclaim_cursor
         reply = self.redis.xautoclaim(self.requests_key, GROUP, self.config.worker_id, min_idle_ms,
-                                      start_id=self._reclaim_cursor, count=count)
-        self._reclaim_cursor, claimed = reply[0], reply[1]
+                                      start_id=start, count=count)
+        self._reclaim_cursor, claimed = _text(reply[0]), reply[1]
+        self.reclaim_scan_done = start == "0-0" and self._reclaim_cursor == "0-0" and len(claimed) < count
         deleted = reply[2] if len(reply) > 2 else []
         if deleted:  # deleted while pending: nothing to run, just clear the pending entry
             self.redis.xack(self.requests_key, GROUP, *deleted)
@@ -185,6 +191,12 @@ class WorkerStreams:
             pipe.xpending_range(self.requests_key, GROUP, min=entry_id, max=entry_id, count=1)
         counts = [rows[0]["times_delivered"] if rows else 1 for rows in pipe.execute()]
         return [(entry_id, fields, n) for (entry_id, fields), n in zip(claimed, counts)]
+
+    def has_orphans(self) -> bool:
+        """Whether any entry has been idle past the lease: its worker stopped renewing it."""
+        rows = self.redis.xpending_range(self.requests_key, GROUP, min="-", max="+", count=1,
+                                         idle=int(self.config.lease_s * 1000))
+        return bool(rows)
 
     def aborted(self, request_ids: list[str]) -> set[str]:
         """Which of these requests have an abort key, in one round trip."""
