@@ -23,7 +23,7 @@ def _patterns(keys: Keys) -> dict[str, str]:
 
 
 def acl_rules(keys: Keys, role: str) -> str:
-    k = _patterns(keys)
+    k, connection = _patterns(keys), CONNECTION
     if role == "producer":
         selectors = [
             f"+hget +hgetall %R~{k['models']}",
@@ -34,6 +34,7 @@ def acl_rules(keys: Keys, role: str) -> str:
             f"+evalsha +eval ~{k['requests']} ~{k['owner']}",
         ]
     elif role == "worker":
+        connection += " +info"  # INFO server: uptime, so reclaim waits out a lease after a Redis restart
         selectors = [
             f"+xgroup|create +xreadgroup +xack +xdel +xclaim +xautoclaim +xpending ~{k['requests']}",
             f"+xadd ~{k['dead']}",
@@ -46,7 +47,7 @@ def acl_rules(keys: Keys, role: str) -> str:
         ]
     else:
         raise ValueError(f"unknown role {role!r}; use producer or worker")
-    return " ".join(["resetkeys", "resetchannels", "-@all", CONNECTION] + [f"({s})" for s in selectors])
+    return " ".join(["resetkeys", "resetchannels", "-@all", connection] + [f"({s})" for s in selectors])
 
 
 def acl_file_line(keys: Keys, role: str, username: str, password: str) -> str:

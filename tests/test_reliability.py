@@ -232,3 +232,38 @@ def test_redis_restart_mid_run_loses_nothing(tmp_path, prefix, tiny_llama, tiny_
         handle.stop()
         client.close()
         server.stop()
+
+
+@pytest.mark.skipif(not __import__("shutil").which("redis-server"), reason="needs a redis-server binary")
+def test_outage_longer_than_the_lease_steals_nothing_from_live_workers(tmp_path, prefix, tiny_llama, tiny_llama_path):
+    """An outage ages every pending entry by its length; live workers keep what they run anyway."""
+    from tests.conftest import build_worker_thread
+
+    server = PrivateRedis(tmp_path)
+    server.start()
+    busy = build_worker_thread(server.url, prefix, tiny_llama, tiny_llama_path, lease_s=1.0, worker_id="busy").start()
+    client = Client(server.url, prefix=prefix)
+    idle = None
+    try:
+        model = client.get_model("tiny")
+        prompts = [f"outage {i} moon" for i in range(3)]
+        config = {"max_tokens": 300, "ignore_eos": True, "temperature": 0}
+        ids = [model.submit(TaskKind.GENERATE, {"prompt": p}, config) for p in prompts]
+        wait_for(lambda: all(len(events_of(client, i)) >= 3 for i in ids))
+        server.stop()
+        time.sleep(2.5)  # longer than the lease
+        server.start()
+        # A worker that starts now reclaims at once, while the busy one may still wait out its backoff.
+        idle = build_worker_thread(server.url, prefix, tiny_llama, tiny_llama_path, lease_s=1.0,
+                                   worker_id="idle").start()
+        for request_id, prompt in zip(ids, prompts):
+            events = list(client.events(request_id, timeout_s=120))
+            assert_clean_stream(events)
+            assert streamed_ids(events) == reference(tiny_llama, prompt, 300)
+        assert idle.worker.stats.num_reclaimed == 0 and busy.worker.stats.num_reclaimed == 0
+    finally:
+        for handle in (busy, idle):
+            if handle is not None:
+                handle.stop()
+        client.close()
+        server.stop()

@@ -208,6 +208,7 @@ class Worker:
                 if not is_transient(exc) or (self._stop.is_set() and time.monotonic() >= (self._drain_deadline or 0)):
                     raise
                 log.warning("redis unavailable or refusing writes (%s); retrying in %.2f s", exc, backoff_s)
+                self._last["renew"] = 0.0  # renew the leases as soon as Redis answers: the outage aged them
             time.sleep(backoff_s)
             backoff_s = min(MAX_BACKOFF_S, backoff_s * 2)
             if on_retry is not None:

@@ -174,6 +174,8 @@ class WorkerStreams:
 
         Sets `reclaim_scan_done` when this call scanned the whole pending list and found nothing
         more to take (XAUTOCLAIM scans a window per call and resumes from a cursor)."""
+        if self.redis_restarted_recently():
+            return []
         min_idle_ms = int(self.config.lease_s * 1000)
         start = self._reclaim_cursor
         reply = self.redis.xautoclaim(self.requests_key, GROUP, self.config.worker_id, min_idle_ms,
@@ -192,8 +194,19 @@ class WorkerStreams:
         counts = [rows[0]["times_delivered"] if rows else 1 for rows in pipe.execute()]
         return [(entry_id, fields, n) for (entry_id, fields), n in zip(claimed, counts)]
 
+    def redis_restarted_recently(self) -> bool:
+        """Whether Redis came up less than a lease ago.
+
+        Idle times in the pending list are wall-clock based, so an outage ages every entry by its
+        length: right after a restart even the entries of live workers look idle. Reclaim waits one
+        lease after a restart, which gives live workers the time to renew what they run."""
+        uptime_s = self.redis.info("server").get("uptime_in_seconds")  # whole seconds: count one more
+        return uptime_s is not None and float(uptime_s) < self.config.lease_s + 1
+
     def has_orphans(self) -> bool:
         """Whether any entry has been idle past the lease: its worker stopped renewing it."""
+        if self.redis_restarted_recently():
+            return False
         rows = self.redis.xpending_range(self.requests_key, GROUP, min="-", max="+", count=1,
                                          idle=int(self.config.lease_s * 1000))
         return bool(rows)
