@@ -18,9 +18,13 @@ import argparse
 import math
 import random
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (python bench/bench.py): import from the repository root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
 from rich.console import Console
