@@ -68,6 +68,28 @@ def test_unfinished_requests_are_handed_back_and_resumed_exactly(worker_factory,
     assert second.worker.stats.num_reclaimed == 3
 
 
+def test_rolling_restarts_never_dead_letter_a_request(worker_factory, client, tiny_llama, rds, prefix):
+    """Each graceful hand-back is not a failed delivery: four restarts with max_deliveries 1 still finish."""
+    model, prompt = None, "rolling restart lake"
+    request_id, seen = None, 0
+    for generation in range(4):
+        handle = worker_factory(grace_s=0.2, lease_s=30, max_deliveries=1).start()
+        if model is None:
+            model = client.get_model("tiny")
+            request_id = model.submit(TaskKind.GENERATE, {"prompt": prompt},
+                                      {"max_tokens": 600, "ignore_eos": True, "temperature": 0})
+        wait_for(lambda: len(events_of(client, request_id)) >= seen + 5)
+        seen = len(events_of(client, request_id))
+        handle.stop()
+        assert not events_of(client, request_id)[-1].is_terminal, f"finished or failed at restart {generation}"
+    last = worker_factory(lease_s=30, max_deliveries=1).start()
+    events = list(client.events(request_id, timeout_s=60))
+    assert_clean_stream(events)
+    assert events[-1].type == EventType.DONE
+    assert streamed_ids(events) == reference(tiny_llama, prompt, 600)
+    assert last.worker.stats.num_reclaimed == 1 and rds.xlen(Keys(prefix).dead("tiny")) == 0
+
+
 def test_live_workers_renew_their_leases(worker_factory, client):
     busy = worker_factory(lease_s=0.6).start()
     idle = worker_factory(lease_s=0.6).start()

@@ -33,6 +33,7 @@ class Entry:
     entry_id: str
     fields: dict[Any, Any]
     deliveries: int = 1
+    reclaimed: bool = False  # taken over from another worker: it may have published tokens already
 
     @property
     def request_id(self) -> str | None:
@@ -49,7 +50,8 @@ class Intake:
 
     def admit(self, entries: list[Entry], outbox: Outbox) -> None:
         readable = [e for e in entries if e.request_id is not None]
-        states = self._retry(self.streams.entry_states, [(e.request_id, e.entry_id, e.deliveries > 1) for e in readable])
+        states = self._retry(self.streams.entry_states, [(e.request_id, e.entry_id, e.reclaimed or e.deliveries > 1)
+                                                                for e in readable])
         by_entry = {e.entry_id: s for e, s in zip(readable, states)}
         for entry in entries:
             try:
@@ -97,7 +99,8 @@ class Intake:
         except RequestRejected as exc:
             self._reject(entry, exc.code, exc.message, outbox, state.next_seq)
             return
-        seq.meta.update(entry_id=entry.entry_id, next_seq=state.next_seq, stream=request.generate_config.stream)
+        seq.meta.update(entry_id=entry.entry_id, deliveries=entry.deliveries, next_seq=state.next_seq,
+                        stream=request.generate_config.stream)
         if resume is not None:
             log.info("resuming request %s after %d published tokens", request.id, len(resume.output_ids))
             done = self.engine.finish_if_complete(seq)

@@ -104,7 +104,7 @@ class Worker:
 
     def _read_and_admit(self, outbox: Outbox, burst: bool) -> int:
         free = self.engine.max_num_seqs - self.engine.num_active
-        entries = [Entry(i, f, n) for i, f, n in self._maybe_reclaim(free)]
+        entries = [Entry(i, f, n, reclaimed=True) for i, f, n in self._maybe_reclaim(free)]
         if free <= 0:
             return 0
         if len(entries) < free:
@@ -191,7 +191,7 @@ class Worker:
 
     def _hand_back_unfinished(self) -> None:
         """On exit, unfinished entries are marked idle so another worker resumes them at once."""
-        unfinished = [s.meta["entry_id"] for s in self.engine.sequences()]
+        unfinished = [(s.meta["entry_id"], s.meta.get("deliveries", 1)) for s in self.engine.sequences()]
         if unfinished:
             log.info("handing back %d unfinished requests for another worker to resume", len(unfinished))
             self._safe(lambda: self.streams.hand_back(unfinished))

@@ -163,11 +163,19 @@ class WorkerStreams:
         if entry_ids:
             self.redis.xclaim(self.requests_key, GROUP, self.config.worker_id, 0, entry_ids, justid=True)
 
-    def hand_back(self, entry_ids: list[str]) -> None:
-        """Mark unfinished entries idle past the lease so another worker reclaims them at once."""
-        if entry_ids:
-            idle_ms = int(self.config.lease_s * 1000) + 1
-            self.redis.xclaim(self.requests_key, GROUP, self.config.worker_id, 0, entry_ids, idle=idle_ms, justid=True)
+    def hand_back(self, entries: list[tuple[str, int]]) -> None:
+        """Mark unfinished (entry id, deliveries) idle past the lease so another worker reclaims them at once.
+
+        A hand-back is not a failed delivery: the count is set one lower, so the reclaim that
+        follows brings it back to what it was and rolling restarts never dead-letter a request."""
+        if not entries:
+            return
+        idle_ms = int(self.config.lease_s * 1000) + 1
+        pipe = self.redis.pipeline(transaction=False)
+        for entry_id, deliveries in entries:
+            pipe.xclaim(self.requests_key, GROUP, self.config.worker_id, 0, [entry_id], idle=idle_ms,
+                        retrycount=max(0, deliveries - 1), justid=True)
+        pipe.execute()
 
     def reclaim(self, count: int) -> list[tuple[str, dict[bytes, bytes], int]]:
         """Take over up to `count` entries idle past the lease; returns (entry id, fields, deliveries).
