@@ -90,6 +90,7 @@ class WorkerStreams:
         self.started_ms = now_ms()
         self._reclaim_cursor = "0-0"
         self.reclaim_scan_done = False
+        self._can_read_uptime = True
 
     # ------------------------------------------------------------ setup
 
@@ -208,7 +209,14 @@ class WorkerStreams:
         Idle times in the pending list are wall-clock based, so an outage ages every entry by its
         length: right after a restart even the entries of live workers look idle. Reclaim waits one
         lease after a restart, which gives live workers the time to renew what they run."""
-        uptime_s = self.redis.info("server").get("uptime_in_seconds")  # whole seconds: count one more
+        if not self._can_read_uptime:
+            return False
+        try:
+            uptime_s = self.redis.info("server").get("uptime_in_seconds")  # whole seconds: count one more
+        except redis.ResponseError as exc:  # INFO refused (ACL without +info, a proxy): leases alone decide
+            log.warning("cannot read Redis uptime (%s); reclaim will not wait out Redis restarts", exc)
+            self._can_read_uptime = False
+            return False
         return uptime_s is not None and float(uptime_s) < self.config.lease_s + 1
 
     def has_orphans(self) -> bool:
