@@ -184,6 +184,7 @@ class WorkerStreams:
         Sets `reclaim_scan_done` when this call scanned the whole pending list and found nothing
         more to take (XAUTOCLAIM scans a window per call and resumes from a cursor)."""
         if self.redis_restarted_recently():
+            self.reclaim_scan_done = True  # nothing may be taken yet: look again at the next lease/4 tick
             return []
         min_idle_ms = int(self.config.lease_s * 1000)
         start = self._reclaim_cursor
