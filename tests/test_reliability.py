@@ -90,6 +90,25 @@ def test_rolling_restarts_never_dead_letter_a_request(worker_factory, client, ti
     assert last.worker.stats.num_reclaimed == 1 and rds.xlen(Keys(prefix).dead("tiny")) == 0
 
 
+def test_a_crash_hands_back_as_a_delivery(worker_factory, client, rds, prefix):
+    """Only a clean stop discounts the hand-back: a request that crashes workers still reaches the dead letters."""
+    handle = worker_factory(lease_s=0.3)
+    handle.worker.streams.ensure_group()
+    handle.worker.streams.register(["generate"])
+    client.get_model("tiny").submit(TaskKind.GENERATE, {"prompt": "crash"},
+                                    {"max_tokens": 400, "ignore_eos": True, "temperature": 0})
+
+    def broken_renew(entry_ids):
+        if entry_ids:
+            raise redis.ResponseError("simulated bug")
+
+    handle.worker.streams.renew = broken_renew
+    with pytest.raises(redis.ResponseError):
+        handle.worker.run()
+    rows = rds.xpending_range(Keys(prefix).requests("tiny"), GROUP, "-", "+", 10)
+    assert [row["times_delivered"] for row in rows] == [1]  # a clean stop would have left 0
+
+
 def test_live_workers_renew_their_leases(worker_factory, client):
     busy = worker_factory(lease_s=0.6).start()
     idle = worker_factory(lease_s=0.6).start()
@@ -112,6 +131,8 @@ def test_orphans_resume_ahead_of_new_requests(worker_factory, client, rds, prefi
     # Two long requests fill both slots and finish one step apart, long after the orphans' lease ran out.
     running = [model.submit(TaskKind.GENERATE, {"prompt": "long"}, {**config, "max_tokens": n}) for n in (200, 201)]
     newer = [model.submit(TaskKind.GENERATE, {"prompt": f"new {i}"}, config) for i in range(3)]
+    step = worker.worker.engine.step
+    worker.worker.engine.step = lambda: (time.sleep(0.005), step())[1]  # 200 steps outlast the lease anywhere
     admitted, admit = [], worker.worker.intake.admit
     worker.worker.intake.admit = lambda entries, outbox: (admitted.extend(e.request_id for e in entries),
                                                           admit(entries, outbox))
@@ -289,3 +310,25 @@ def test_outage_longer_than_the_lease_steals_nothing_from_live_workers(tmp_path,
                 handle.stop()
         client.close()
         server.stop()
+
+
+def test_a_reclaim_pass_ends_over_a_long_pending_list(redis_server_url, prefix, rds):
+    """Real Redis scans COUNT*10 pending entries per XAUTOCLAIM: a pass over many live entries still ends."""
+    from worker.config import WorkerConfig
+    from worker.streams import WorkerStreams
+
+    streams = WorkerStreams(rds, WorkerConfig(model_name="tiny", model_path="p", prefix=prefix, worker_id="r",
+                                              lease_s=30))
+    streams.ensure_group()
+    streams.redis_restarted_recently = lambda: False  # the test server may be younger than the lease
+    for i in range(60):
+        rds.xadd(streams.requests_key, {"id": f"live-{i}"})
+    rds.xreadgroup(GROUP, "busy", {streams.requests_key: ">"}, count=60)  # all running, none idle
+    calls = 0
+    while True:
+        calls += 1
+        assert streams.reclaim(2) == []
+        if streams.reclaim_scan_done:
+            break
+        assert calls < 10, "the pass never ends: a worker with a free slot would reclaim at every step"
+    assert calls > 1  # it took several windows: the case a single-call check misses

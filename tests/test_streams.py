@@ -51,6 +51,24 @@ def test_no_reclaim_in_the_first_lease_after_a_restart(server, monkeypatch, upti
         assert streams.reclaim_scan_done  # blocked: the loop does not retry at every iteration meanwhile
 
 
+def test_uptime_is_asked_again_only_after_an_error(server, monkeypatch):
+    streams = make_streams(server, "w1")
+    monkeypatch.setattr(streams.redis, "info", lambda section: {"uptime_in_seconds": 3600})
+    assert not streams.redis_restarted_recently()
+    monkeypatch.setattr(streams.redis, "info", lambda section: {"uptime_in_seconds": 0})  # restarted meanwhile
+    assert not streams.redis_restarted_recently()  # not asked: no error was seen
+    streams.forget_uptime()
+    assert streams.redis_restarted_recently()
+
+
+def test_a_crash_hand_back_counts_as_a_delivery(server):
+    first, second = make_streams(server, "w1", lease_s=30), make_streams(server, "w2", lease_s=30)
+    entry_id = first.redis.xadd(first.requests_key, {"id": "r1"}).decode()
+    first.redis.xreadgroup(GROUP, "w1", {first.requests_key: ">"}, count=1)
+    first.hand_back([(entry_id, 1)], is_delivery=True)
+    assert [(e, n) for e, _, n in second.reclaim(4)] == [(entry_id, 2)]
+
+
 def test_hand_back_keeps_the_delivery_count(server):
     first, second = make_streams(server, "w1", lease_s=30), make_streams(server, "w2", lease_s=30)
     entry_id = first.redis.xadd(first.requests_key, {"id": "r1"}).decode()

@@ -16,11 +16,10 @@ from worker.config import WorkerConfig
 from worker.engines.base import Engine
 from worker.intake import Entry, Intake
 from worker.request import Sequence, StepOutput
-from worker.streams import Outbox, WorkerStreams, is_transient
+from worker.streams import MAX_BACKOFF_S, Outbox, WorkerStreams, is_transient
 
 log = logging.getLogger("redbatch.worker")
 BURST_BLOCK_MS = 50
-MAX_BACKOFF_S = 2.0
 
 
 @dataclass
@@ -42,7 +41,7 @@ class Worker:
         self._stop = threading.Event()
         self.ready = threading.Event()  # set once the group exists and the model is registered
         self._drain_deadline: float | None = None
-        self._last = {"heartbeat": 0.0, "renew": time.monotonic(), "reclaim": 0.0}
+        self._last = {"heartbeat": 0.0, "renew": time.monotonic(), "reclaim": 0.0, "redis_error": float("-inf")}
         self._orphans_waiting = False
 
     # ------------------------------------------------------------ lifecycle
@@ -63,12 +62,14 @@ class Worker:
         self._retry(self.streams.ensure_group)
         self._retry(self.streams.register, [t.value for t in self.engine.tasks])
         self.ready.set()
+        is_clean_exit = False
         try:
             while not self._should_exit():
                 if self._iterate_once(burst) and burst:
                     break
+            is_clean_exit = True
         finally:
-            self._hand_back_unfinished()
+            self._hand_back_unfinished(is_clean_exit)
             self._safe(self.streams.unregister)
 
     def _iterate_once(self, burst: bool) -> bool:
@@ -78,6 +79,7 @@ class Worker:
             if not is_transient(exc):
                 raise
             log.warning("redis unavailable (%s); retrying", exc)
+            self._note_redis_error()
             time.sleep(0.2)
             return False
 
@@ -91,6 +93,7 @@ class Worker:
     def iterate(self, burst: bool = False) -> bool:
         """One pass of the loop. Returns True when there was nothing to do."""
         outbox = Outbox()
+        self._maybe_renew_leases()  # before any reclaim, so this worker never takes back its own entries
         num_read = 0 if self._stop.is_set() else self._read_and_admit(outbox, burst)
         started = time.monotonic()
         outputs = self.intake.finished_on_resume + self._step(outbox)
@@ -98,7 +101,6 @@ class Worker:
         self._record_step(started, outputs)
         self._publish(outputs, outbox)
         self._flush(outbox)
-        self._maybe_renew_leases()
         self._maybe_heartbeat()
         return num_read == 0 and self.engine.num_active == 0 and not outputs
 
@@ -171,15 +173,20 @@ class Worker:
         While it knows some wait, it reclaims at every iteration with a free slot, so requests
         that had started streaming resume before requests that have not started.
         """
-        due = time.monotonic() - self._last["reclaim"] >= self.config.lease_s / 4
+        now = time.monotonic()
+        due = now - self._last["reclaim"] >= self.config.lease_s / 4
         if self._stop.is_set() or not (due or (self._orphans_waiting and free > 0)):
             return []
+        if now - self._last["redis_error"] < self.config.lease_s + MAX_BACKOFF_S:
+            return []  # an outage (or a partition) aged every lease: give live workers time to renew
         self._last["reclaim"] = time.monotonic()
         if free <= 0:
             self._orphans_waiting = self._orphans_waiting or self._retry(self.streams.has_orphans)
             return []
         claimed = self._retry(self.streams.reclaim, free)
         self._orphans_waiting = bool(claimed) or not self.streams.reclaim_scan_done
+        running = {s.meta["entry_id"] for s in self.engine.sequences()}
+        claimed = [c for c in claimed if c[0] not in running]  # a late renewal of our own: keep running it once
         self.stats.num_reclaimed += len(claimed)
         return claimed
 
@@ -189,12 +196,15 @@ class Worker:
         self._last["renew"] = time.monotonic()
         self._retry(self.streams.renew, [s.meta["entry_id"] for s in self.engine.sequences()])
 
-    def _hand_back_unfinished(self) -> None:
-        """On exit, unfinished entries are marked idle so another worker resumes them at once."""
+    def _hand_back_unfinished(self, is_clean_exit: bool) -> None:
+        """On exit, unfinished entries are marked idle so another worker resumes them at once.
+
+        After a clean stop the hand-back does not count as a delivery; after a crash it does,
+        so a request that kills workers still reaches the dead letters."""
         unfinished = [(s.meta["entry_id"], s.meta.get("deliveries", 1)) for s in self.engine.sequences()]
         if unfinished:
             log.info("handing back %d unfinished requests for another worker to resume", len(unfinished))
-            self._safe(lambda: self.streams.hand_back(unfinished))
+            self._safe(lambda: self.streams.hand_back(unfinished, is_delivery=not is_clean_exit))
 
     # ------------------------------------------------------------ helpers
 
@@ -208,11 +218,17 @@ class Worker:
                 if not is_transient(exc) or (self._stop.is_set() and time.monotonic() >= (self._drain_deadline or 0)):
                     raise
                 log.warning("redis unavailable or refusing writes (%s); retrying in %.2f s", exc, backoff_s)
-                self._last["renew"] = 0.0  # renew the leases as soon as Redis answers: the outage aged them
+                self._note_redis_error()
             time.sleep(backoff_s)
             backoff_s = min(MAX_BACKOFF_S, backoff_s * 2)
             if on_retry is not None:
                 on_retry()
+
+    def _note_redis_error(self) -> None:
+        """Renew the leases as soon as Redis answers (the outage aged them) and hold off reclaiming."""
+        self._last["renew"] = 0.0
+        self._last["redis_error"] = time.monotonic()
+        self.streams.forget_uptime()
 
     @staticmethod
     def _next_seq(seq: Sequence) -> int:

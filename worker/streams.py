@@ -30,6 +30,7 @@ from producer.protocol import (
 from worker.config import WorkerConfig
 
 log = logging.getLogger("redbatch.worker")
+MAX_BACKOFF_S = 2.0  # longest wait between retries while Redis is away
 EVENT_TTL_REFRESH_EVERY = 64  # events between EXPIREs of a long-running request's stream
 
 
@@ -91,6 +92,7 @@ class WorkerStreams:
         self._reclaim_cursor = "0-0"
         self.reclaim_scan_done = False
         self._can_read_uptime = True
+        self._is_past_restart_window = False  # Redis has been up long enough; asked again after an error
 
     # ------------------------------------------------------------ setup
 
@@ -164,18 +166,19 @@ class WorkerStreams:
         if entry_ids:
             self.redis.xclaim(self.requests_key, GROUP, self.config.worker_id, 0, entry_ids, justid=True)
 
-    def hand_back(self, entries: list[tuple[str, int]]) -> None:
+    def hand_back(self, entries: list[tuple[str, int]], is_delivery: bool = False) -> None:
         """Mark unfinished (entry id, deliveries) idle past the lease so another worker reclaims them at once.
 
-        A hand-back is not a failed delivery: the count is set one lower, so the reclaim that
-        follows brings it back to what it was and rolling restarts never dead-letter a request."""
+        A graceful hand-back is not a failed delivery: the count is set one lower, so the reclaim
+        that follows brings it back to what it was and rolling restarts never dead-letter a request."""
         if not entries:
             return
         idle_ms = int(self.config.lease_s * 1000) + 1
         pipe = self.redis.pipeline(transaction=False)
         for entry_id, deliveries in entries:
+            retrycount = None if is_delivery else max(0, deliveries - 1)
             pipe.xclaim(self.requests_key, GROUP, self.config.worker_id, 0, [entry_id], idle=idle_ms,
-                        retrycount=max(0, deliveries - 1), justid=True)
+                        retrycount=retrycount, justid=True)
         pipe.execute()
 
     def reclaim(self, count: int) -> list[tuple[str, dict[bytes, bytes], int]]:
@@ -191,7 +194,7 @@ class WorkerStreams:
         reply = self.redis.xautoclaim(self.requests_key, GROUP, self.config.worker_id, min_idle_ms,
                                       start_id=start, count=count)
         self._reclaim_cursor, claimed = _text(reply[0]), reply[1]
-        self.reclaim_scan_done = start == "0-0" and self._reclaim_cursor == "0-0" and len(claimed) < count
+        self.reclaim_scan_done = self._reclaim_cursor == "0-0" and len(claimed) < count
         deleted = reply[2] if len(reply) > 2 else []
         if deleted:  # deleted while pending: nothing to run, just clear the pending entry
             self.redis.xack(self.requests_key, GROUP, *deleted)
@@ -205,20 +208,27 @@ class WorkerStreams:
         return [(entry_id, fields, n) for (entry_id, fields), n in zip(claimed, counts)]
 
     def redis_restarted_recently(self) -> bool:
-        """Whether Redis came up less than a lease ago.
+        """Whether Redis came up too recently for live workers to have renewed their leases.
 
         Idle times in the pending list are wall-clock based, so an outage ages every entry by its
-        length: right after a restart even the entries of live workers look idle. Reclaim waits one
-        lease after a restart, which gives live workers the time to renew what they run."""
-        if not self._can_read_uptime:
+        length: right after a restart even the entries of live workers look idle. Reclaim waits a
+        lease, plus the longest retry backoff and a second (uptime is in whole seconds), after a
+        restart. Asked once, and again only after a Redis error (`forget_uptime`)."""
+        if self._is_past_restart_window or not self._can_read_uptime:
             return False
         try:
-            uptime_s = self.redis.info("server").get("uptime_in_seconds")  # whole seconds: count one more
+            uptime_s = self.redis.info("server").get("uptime_in_seconds")
         except redis.ResponseError as exc:  # INFO refused (ACL without +info, a proxy): leases alone decide
             log.warning("cannot read Redis uptime (%s); reclaim will not wait out Redis restarts", exc)
             self._can_read_uptime = False
             return False
-        return uptime_s is not None and float(uptime_s) < self.config.lease_s + 1
+        is_recent = uptime_s is not None and float(uptime_s) < self.config.lease_s + MAX_BACKOFF_S + 1
+        self._is_past_restart_window = not is_recent
+        return is_recent
+
+    def forget_uptime(self) -> None:
+        """After a Redis error: Redis may have restarted, so ask its uptime again before reclaiming."""
+        self._is_past_restart_window = False
 
     def has_orphans(self) -> bool:
         """Whether any entry has been idle past the lease: its worker stopped renewing it."""
