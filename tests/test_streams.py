@@ -79,7 +79,7 @@ def test_hand_back_keeps_the_delivery_count(server):
     assert [(e, n) for e, _, n in first.reclaim(4)] == [(entry_id, 1)]
 
 
-def test_reclaim_scan_done_only_after_a_full_pass(server):
+def test_a_pass_over_live_entries_takes_nothing_and_ends(server):
     streams = make_streams(server, "w1", lease_s=30)
     streams.redis.xadd(streams.requests_key, {"id": "r1"})
     streams.redis.xreadgroup(GROUP, "busy", {streams.requests_key: ">"}, count=1)  # fresh: not idle

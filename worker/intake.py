@@ -33,7 +33,7 @@ class Entry:
     entry_id: str
     fields: dict[Any, Any]
     deliveries: int = 1
-    reclaimed: bool = False  # taken over from another worker: it may have published tokens already
+    reclaimed: bool = False  # taken over from another worker (or handed back): it may have published tokens
 
     @property
     def request_id(self) -> str | None:
@@ -50,8 +50,7 @@ class Intake:
 
     def admit(self, entries: list[Entry], outbox: Outbox) -> None:
         readable = [e for e in entries if e.request_id is not None]
-        states = self._retry(self.streams.entry_states, [(e.request_id, e.entry_id, e.reclaimed or e.deliveries > 1)
-                                                                for e in readable])
+        states = self._retry(self.streams.entry_states, [(e.request_id, e.entry_id, e.reclaimed) for e in readable])
         by_entry = {e.entry_id: s for e, s in zip(readable, states)}
         for entry in entries:
             try:

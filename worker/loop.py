@@ -179,7 +179,7 @@ class Worker:
             return []
         if now - self._last["redis_error"] < self.config.lease_s + MAX_BACKOFF_S:
             return []  # an outage (or a partition) aged every lease: give live workers time to renew
-        self._last["reclaim"] = time.monotonic()
+        self._last["reclaim"] = now
         if free <= 0:
             self._orphans_waiting = self._orphans_waiting or self._retry(self.streams.has_orphans)
             return []

@@ -190,9 +190,8 @@ class WorkerStreams:
             self.reclaim_scan_done = True  # nothing may be taken yet: look again at the next lease/4 tick
             return []
         min_idle_ms = int(self.config.lease_s * 1000)
-        start = self._reclaim_cursor
         reply = self.redis.xautoclaim(self.requests_key, GROUP, self.config.worker_id, min_idle_ms,
-                                      start_id=start, count=count)
+                                      start_id=self._reclaim_cursor, count=count)
         self._reclaim_cursor, claimed = _text(reply[0]), reply[1]
         self.reclaim_scan_done = self._reclaim_cursor == "0-0" and len(claimed) < count
         deleted = reply[2] if len(reply) > 2 else []
