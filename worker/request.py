@@ -20,8 +20,9 @@ class SeqStatus(str, Enum):
 class Sequence:
     """A generation request as the engine and scheduler see it.
 
-    Invariant: the KV cache holds the first `num_computed` tokens of `all_ids`;
-    the next forward must compute `all_ids[num_computed:]`.
+    Invariant: the KV cache holds the first `num_computed` tokens of `all_ids`, in the
+    blocks of `block_table` (position p in block p // block_size); the next forward must
+    compute `all_ids[num_computed:]`.
     """
 
     request_id: str
@@ -30,8 +31,11 @@ class Sequence:
     max_tokens: int
     output_ids: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
-    slot: int | None = None
+    block_table: list[int] = field(default_factory=list)  # KV cache blocks, in position order
+    block_hashes: list[int] = field(default_factory=list)  # prefix hashes of its full blocks (memo)
+    num_registered_blocks: int = 0  # leading blocks already offered to the prefix cache
     num_computed: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at the last admission
     finish_reason: FinishReason | None = None
     arrival_s: float = field(default_factory=time.monotonic)
     first_token_s: float | None = None

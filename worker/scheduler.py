@@ -1,10 +1,11 @@
-"""Which requests run in the next step. Plain Python: no torch, no Redis."""
+"""Which requests run in the next step, and which KV blocks they get. Plain Python: no torch, no Redis."""
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
 
+from worker.engines.blocks import BlockManager
 from worker.request import Sequence, SeqStatus
 
 
@@ -18,10 +19,15 @@ class ScheduledChunk:
         """True when this chunk reaches the end of the sequence, so the step samples a token for it."""
         return self.seq.num_computed + self.num_tokens == self.seq.num_tokens
 
+    @property
+    def is_decode(self) -> bool:
+        return self.num_tokens == 1 and self.seq.num_computed > 0
+
 
 @dataclass
 class Schedule:
     chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
@@ -33,19 +39,24 @@ class Schedule:
 
 
 class Scheduler:
-    """Running first, then waiting (FIFO), under max_num_seqs and a per-step token budget.
+    """Running first (decodes, then prefills under way), then waiting (FIFO), under max_num_seqs,
+    a per-step token budget and the KV blocks.
 
-    A prompt longer than the budget is prefilled in chunks over several steps, so one
-    long prompt never stalls the decodes of the running requests.
+    A prompt longer than the budget is prefilled in chunks over several steps, so one long prompt
+    never stalls the decodes of the running requests. When a decode needs a block and none is
+    free, the most recently admitted sequence is preempted: its blocks are released and it is
+    recomputed later (its full blocks usually come back from the prefix cache).
     """
 
-    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, blocks: BlockManager):
         if max_num_seqs < 1 or max_num_batched_tokens < max_num_seqs:
             raise ValueError("need max_num_seqs >= 1 and max_num_batched_tokens >= max_num_seqs")
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.blocks = blocks
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0
 
     @property
     def num_active(self) -> int:
@@ -59,52 +70,90 @@ class Scheduler:
         seq.status = SeqStatus.WAITING
         self.waiting.append(seq)
 
-    def schedule(self, max_running: int | None = None) -> Schedule:
-        """The next step's chunks. `max_running` caps admission below max_num_seqs (KV memory pressure)."""
-        limit = self.max_num_seqs if max_running is None else min(self.max_num_seqs, max_running)
+    def schedule(self) -> Schedule:
         schedule = Schedule()
-        budget = self.max_num_batched_tokens
-        for seq in self.running:  # decodes first: one token each, never starved by prefills
-            if seq.num_pending == 1:
-                schedule.chunks.append(ScheduledChunk(seq, 1))
-                budget -= 1
-        for seq in self.running:  # then prefills already under way, in admission order
-            if seq.num_pending > 1 and budget > 0:
-                take = min(seq.num_pending, budget)
-                schedule.chunks.append(ScheduledChunk(seq, take))
-                budget -= take
-        while self.waiting and len(self.running) < limit and budget > 0:
-            seq = self.waiting.popleft()
-            seq.status = SeqStatus.RUNNING
-            self.running.append(seq)
-            take = min(seq.num_pending, budget)
-            schedule.chunks.append(ScheduledChunk(seq, take))
-            budget -= take
+        budget = self._schedule_decodes(schedule, self.max_num_batched_tokens)
+        budget = self._schedule_prefills(schedule, budget)
+        self._admit(schedule, budget)
+        while schedule.is_empty and self.running:  # running prefills all wait for blocks: free some
+            schedule.preempted.append(self._preempt_newest())
+            budget = self._schedule_prefills(schedule, self.max_num_batched_tokens)
+            self._admit(schedule, budget)
         return schedule
 
-    def preempt_newest(self, num: int) -> list[Sequence]:
-        """Send the `num` most recently admitted running sequences back to the front of the queue.
+    def _schedule_decodes(self, schedule: Schedule, budget: int) -> int:
+        for seq in list(self.running):
+            if seq.status != SeqStatus.RUNNING or seq.num_pending != 1:
+                continue  # preempted meanwhile, or still prefilling
+            while not self.blocks.grow(seq, seq.num_tokens):
+                victim = self._preempt_newest()
+                schedule.preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status == SeqStatus.RUNNING:
+                schedule.chunks.append(ScheduledChunk(seq, 1))
+                budget -= 1
+        return budget
 
-        Their KV is dropped; they keep their output and are recomputed (prompt + output) when
-        readmitted, so their result is the same as if they had never been preempted.
-        """
-        victims = []
-        for _ in range(min(num, len(self.running))):
-            seq = self.running.pop()
-            seq.status = SeqStatus.WAITING
-            seq.num_computed = 0
-            seq.num_preemptions += 1
-            victims.append(seq)
-        self.waiting.extendleft(victims)  # the newest victim ends up last, so admission order is kept
-        return victims
+    def _schedule_prefills(self, schedule: Schedule, budget: int) -> int:
+        scheduled = {id(c.seq) for c in schedule.chunks}
+        for seq in self.running:
+            if budget <= 0:
+                break
+            if seq.num_pending > 1 and id(seq) not in scheduled:
+                take = min(seq.num_pending, budget)
+                if self.blocks.grow(seq, seq.num_computed + take):
+                    schedule.chunks.append(ScheduledChunk(seq, take))
+                    budget -= take
+        return budget
+
+    def _admit(self, schedule: Schedule, budget: int) -> None:
+        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
+            seq = self.waiting[0]
+            take = self.blocks.admit(seq, budget)
+            if take is None:
+                break  # FIFO: nobody overtakes the head of the queue
+            self.waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            schedule.chunks.append(ScheduledChunk(seq, take))
+            budget -= take
+
+    def _preempt_newest(self) -> Sequence:
+        seq = self.running.pop()
+        self.preempt(seq)
+        return seq
+
+    def preempt(self, seq: Sequence) -> None:
+        """Back to the front of the queue with no KV; it keeps its output and is recomputed
+        (prompt + output) when readmitted, so its result is the same as if never preempted."""
+        if seq in self.running:
+            self.running.remove(seq)
+        self.blocks.free(seq)
+        seq.status = SeqStatus.WAITING
+        seq.num_computed = 0
+        seq.num_registered_blocks = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)  # preempted newest-first, so admission order is kept
+
+    def preempt_newest(self, num: int) -> list[Sequence]:
+        """Preempt up to `num` of the most recently admitted running sequences (e.g. after an OOM)."""
+        return [self._preempt_newest() for _ in range(min(num, len(self.running)))]
+
+    def computed(self, seq: Sequence, num_tokens: int) -> None:
+        """A step computed num_tokens more of seq: advance it and offer its full blocks to the prefix cache."""
+        seq.num_computed += num_tokens
+        self.blocks.register_computed(seq)
 
     def finish(self, seq: Sequence) -> None:
-        """Remove a finished or aborted sequence from whichever queue holds it."""
+        """Remove a finished or aborted sequence from whichever queue holds it and release its blocks."""
         seq.status = SeqStatus.FINISHED
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        self.blocks.free(seq)
 
     def find(self, request_id: str) -> Sequence | None:
         for seq in self.running:

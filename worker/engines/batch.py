@@ -1,88 +1,191 @@
-"""Building one forward's tensors from scheduled chunks.
+"""Building one packed step's tensors from the scheduled chunks.
 
-Two layouts:
-- range (decode groups): rows are the slots lo..hi-1, so the cache hands attention
-  a zero-copy view; slots in the range that are not in the group become dummy rows
-  (token 0, nothing written, attending only to key 0 so the softmax stays finite).
-- gathered (prefill groups): one row per chunk, left-padded to the longest chunk,
-  so every row's last real token is the last column (`logits_to_keep=1`).
+Token order in the packed row: decode tokens first, grouped by similar KV length, then
+each prefill chunk. All host-side metadata (token ids, positions, write slots, block tables,
+key ranges, the logits rows and whatever the sampler needs) goes into one int64 staging
+buffer and crosses to the device in one copy; masks and key slots are derived there.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from worker.engines.kv_cache import ForwardLayout
+from worker.engines.attention import AttentionGroup, StepAttention
+from worker.engines.kv_cache import PagedKVCache
 from worker.scheduler import ScheduledChunk
+
+DECODE_PAD_RATIO = 1.25  # a decode group's padded keys stay within this factor of its real keys
+
+
+class Staging:
+    """Named int64 (or float32, bit-cast) arrays gathered on the host, sent to the device in one copy."""
+
+    def __init__(self) -> None:
+        self._parts: list[tuple[str, int, tuple[int, ...], bool]] = []  # name, offset, shape, is_float
+        self._values: list[int] = []
+        self._floats: list[tuple[int, list[float]]] = []
+
+    def add(self, name: str, values: list[int], shape: tuple[int, ...] | None = None) -> None:
+        self._parts.append((name, len(self._values), shape or (len(values),), False))
+        self._values.extend(values)
+
+    def add_floats(self, name: str, values: list[float]) -> None:
+        self._floats.append((len(self._values), values))
+        self._parts.append((name, len(self._values), (len(values),), True))
+        self._values.extend([0] * len(values))
+
+    def send(self, device: torch.device) -> dict[str, torch.Tensor]:
+        host = torch.tensor(self._values, dtype=torch.int64)
+        for offset, values in self._floats:  # float32 bits, widened to int64 without changing them
+            host[offset : offset + len(values)] = torch.tensor(values, dtype=torch.float32).view(torch.int32).long()
+        if device.type == "cuda":
+            host = host.pin_memory()
+        dev = host.to(device, non_blocking=True)
+        out = {}
+        for name, offset, shape, is_float in self._parts:
+            size = 1
+            for dim in shape:
+                size *= dim
+            view = dev[offset : offset + size].view(shape)
+            out[name] = view.int().view(torch.float32) if is_float else view
+        return out
 
 
 @dataclass
-class GroupInputs:
-    input_ids: torch.Tensor  # [R, T]
-    position_ids: torch.Tensor  # [R, T]
-    attention_mask: torch.Tensor | dict[str, torch.Tensor]  # [R, 1, T, L] additive
-    layout: ForwardLayout
-    member_rows: torch.Tensor | None  # rows holding the group's chunks, in group order; None = all rows
+class StepInputs:
+    input_ids: torch.Tensor  # [1, N]
+    position_ids: torch.Tensor  # [1, N]
+    logits_rows: torch.Tensor  # [S] packed index of each sampled chunk's last token
+    attention: StepAttention
+    chunks: list[ScheduledChunk]  # in packed order
+    sampled: list[ScheduledChunk]  # chunks that complete their sequence, in logits-row order
+    extra: dict[str, torch.Tensor]  # whatever else the caller staged (sampling parameters)
 
 
-def build_group(group: list[ScheduledChunk], use_range: bool, device: torch.device, dtype: torch.dtype,
-                sliding_window: int | None = None) -> GroupInputs:
-    width = max(c.num_tokens for c in group)  # T
-    if use_range:
-        lo = min(c.seq.slot for c in group)
-        hi = max(c.seq.slot for c in group) + 1
-        row_of = [c.seq.slot - lo for c in group]
-        num_rows = hi - lo
-        row_slots = list(range(lo, hi))
-    else:
-        lo = hi = None
-        row_of = list(range(len(group)))
-        num_rows = len(group)
-        row_slots = [c.seq.slot for c in group]
-    ids = [[0] * width for _ in range(num_rows)]
-    pos = [[0] * width for _ in range(num_rows)]
-    valid = [[False] * width for _ in range(num_rows)]
-    write_rows, write_pos, col_rows, col_cols = [], [], [], []
-    for chunk, row in zip(group, row_of):
-        start = chunk.seq.num_computed
-        tokens = chunk.seq.token_slice(start, start + chunk.num_tokens)
-        pad = width - len(tokens)
-        ids[row][pad:] = tokens
-        pos[row][pad:] = range(start, start + len(tokens))
-        valid[row][pad:] = [True] * len(tokens)
-        write_rows += [chunk.seq.slot] * len(tokens)
-        write_pos += range(start, start + len(tokens))
-        col_rows += [row] * len(tokens)
-        col_cols += range(pad, width)
-    kv_len = max(c.seq.num_computed + c.num_tokens for c in group)  # L
-    as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
-    position_ids = as_long(pos)
-    valid_t = torch.tensor(valid, dtype=torch.bool, device=device)
-    layout = ForwardLayout(
-        row_slots=as_long(row_slots), write_rows=as_long(write_rows), write_pos=as_long(write_pos),
-        write_cols=(as_long(col_rows), as_long(col_cols)), kv_len=kv_len,
-        slot_range=(lo, hi) if use_range else None,
-    )
-    mask = _additive_mask(position_ids, valid_t, kv_len, dtype, None)
-    if sliding_window is not None:
-        mask = {"full_attention": mask,
-                "sliding_attention": _additive_mask(position_ids, valid_t, kv_len, dtype, sliding_window)}
-    member_rows = None if row_of == list(range(num_rows)) else as_long(row_of)
-    return GroupInputs(as_long(ids), position_ids, mask, layout, member_rows)
+@dataclass
+class _GroupPlan:
+    chunks: list[ScheduledChunk]
+    num_queries: int
+    kv_start: list[int]  # first visible key position, per row
+    kv_end: list[int]  # one past the last visible key position, per row
+    q_start: int  # position of the first query (prefill groups)
+    window: int | None  # sliding window: a query at p reads keys p - window + 1 .. p
 
 
-def _additive_mask(position_ids: torch.Tensor, valid: torch.Tensor, kv_len: int, dtype: torch.dtype,
-                   window: int | None) -> torch.Tensor:
-    # query at position p may read keys 0..p (and, with a sliding window, only the last `window` of them);
-    # padding and dummy queries read key 0 only, so no softmax row is empty
-    keys = torch.arange(kv_len, device=position_ids.device)[None, None, :]  # [1, 1, L]
-    query_pos = position_ids[:, :, None]  # [R, T, 1]
-    allowed = keys <= query_pos
-    if window is not None:
-        allowed &= keys > query_pos - window
-    allowed = torch.where(valid[:, :, None], allowed, keys == 0)  # [R, T, L]
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[:, None]  # [R, 1, T, L]
+def order_chunks(chunks: list[ScheduledChunk]) -> list[list[ScheduledChunk]]:
+    """Decode chunks grouped by similar KV length (longest first), then one group per prefill chunk."""
+    decodes = sorted((c for c in chunks if c.num_tokens == 1), key=lambda c: -c.seq.num_computed)
+    groups: list[list[ScheduledChunk]] = []
+    for chunk in decodes:
+        group = groups[-1] if groups and groups[-1][0].num_tokens == 1 else None
+        if group is not None:
+            longest = group[0].seq.num_computed + 1
+            real = sum(c.seq.num_computed + 1 for c in group) + chunk.seq.num_computed + 1
+            if (len(group) + 1) * longest <= DECODE_PAD_RATIO * real:
+                group.append(chunk)
+                continue
+        groups.append([chunk])
+    groups += [[c] for c in chunks if c.num_tokens > 1]
+    return groups
+
+
+def build_step(chunks: list[ScheduledChunk], cache: PagedKVCache, sliding_window: int | None,
+               staging: Staging | None = None,
+               add_extra: Callable[[Staging, list[ScheduledChunk]], None] | None = None) -> StepInputs:
+    """`add_extra(staging, sampled)` stages more per-sampled-row arrays (sampling parameters) into the same copy."""
+    staging = staging or Staging()
+    block_size = cache.block_size
+    grouped = order_chunks(chunks)
+    ordered = [c for g in grouped for c in g]
+    ids, positions, slots, logits_rows, sampled = [], [], [], [], []
+    for chunk in ordered:
+        seq, start = chunk.seq, chunk.seq.num_computed
+        ids += seq.token_slice(start, start + chunk.num_tokens)
+        table = seq.block_table
+        for pos in range(start, start + chunk.num_tokens):
+            slots.append(table[pos // block_size] * block_size + pos % block_size)
+        positions += range(start, start + chunk.num_tokens)
+        if chunk.completes:
+            logits_rows.append(len(ids) - 1)
+            sampled.append(chunk)
+    staging.add("input_ids", ids)
+    staging.add("positions", positions)
+    staging.add("write_slots", slots)
+    staging.add("logits_rows", logits_rows)
+    plans = _plans(grouped, None)
+    sliding_plans = _plans(grouped, sliding_window) if sliding_window else None
+    for prefix, group_plans in (("attn.full", plans), ("attn.sliding", sliding_plans or [])):
+        for i, plan in enumerate(group_plans):
+            _stage_group(staging, f"{prefix}{i}", plan, block_size)
+    if add_extra is not None:
+        add_extra(staging, sampled)
+    dev = staging.send(cache.keys[0].device)
+    groups = _device_groups(dev, "attn.full", plans, block_size)
+    sliding = _device_groups(dev, "attn.sliding", sliding_plans, block_size) if sliding_plans else None
+    attention = StepAttention(cache=cache, write_slots=dev["write_slots"], groups=groups, sliding_groups=sliding)
+    core = {"input_ids", "positions", "write_slots", "logits_rows"}
+    extra = {k: v for k, v in dev.items() if k not in core and not k.startswith("attn.")}
+    return StepInputs(input_ids=dev["input_ids"][None], position_ids=dev["positions"][None],
+                      logits_rows=dev["logits_rows"], attention=attention, chunks=ordered, sampled=sampled,
+                      extra=extra)
+
+
+def _plans(grouped: list[list[ScheduledChunk]], window: int | None) -> list[_GroupPlan]:
+    plans = []
+    for group in grouped:
+        first = group[0]
+        q_start = first.seq.num_computed
+        ends = [c.seq.num_computed + c.num_tokens for c in group]
+        if window is None:
+            starts = [0] * len(group)
+        else:  # the first query (position q_start) reads back to q_start - window + 1
+            starts = [max(0, c.seq.num_computed - window + 1) for c in group]
+        plans.append(_GroupPlan(group, first.num_tokens, starts, ends, q_start, window))
+    return plans
+
+
+def _stage_group(staging: Staging, name: str, plan: _GroupPlan, block_size: int) -> None:
+    first_block = [s // block_size for s in plan.kv_start]
+    num_blocks = max(-(-e // block_size) - f for e, f in zip(plan.kv_end, first_block))
+    table = []
+    for chunk, f in zip(plan.chunks, first_block):
+        row = chunk.seq.block_table[f : f + num_blocks]
+        table += row + [row[0]] * (num_blocks - len(row))  # padding blocks are masked out
+    staging.add(f"{name}.table", table, (len(plan.chunks), num_blocks))
+    staging.add(f"{name}.range", [f * block_size for f in first_block] + plan.kv_start + plan.kv_end,
+                (3, len(plan.chunks)))
+
+
+def _device_groups(dev: dict[str, torch.Tensor], prefix: str, plans: list[_GroupPlan], block_size: int
+                   ) -> list[AttentionGroup]:
+    groups, start = [], 0
+    for i, plan in enumerate(plans):
+        table, (base, kv_start, kv_end) = dev[f"{prefix}{i}.table"], dev[f"{prefix}{i}.range"]
+        rows, queries = len(plan.chunks), plan.num_queries
+        width = max(e - s for s, e in zip(plan.kv_start, plan.kv_end))  # L
+        offsets = torch.arange(width, device=table.device)
+        key_pos = kv_start[:, None] + offsets[None, :]  # [G, L]
+        in_range = key_pos < kv_end[:, None]
+        rel = (key_pos - base[:, None]).clamp_(max=table.shape[1] * block_size - 1)
+        slots = table.gather(1, rel // block_size) * block_size + rel % block_size  # [G, L]
+        mask = None
+        is_causal = False
+        if queries == 1:
+            if any(e - s != width for s, e in zip(plan.kv_start, plan.kv_end)):
+                mask = in_range[:, None, None, :]  # [G, 1, 1, L] key padding
+        elif plan.q_start == 0 and plan.window is None:
+            is_causal = True  # a fresh prompt chunk: keys = queries, SDPA's causal mask
+        else:
+            q_pos = plan.q_start + torch.arange(queries, device=table.device)  # [T]
+            allowed = key_pos[:, None, :] <= q_pos[None, :, None]  # [1, T, L]
+            if plan.window is not None:
+                allowed &= key_pos[:, None, :] > q_pos[None, :, None] - plan.window
+            mask = allowed[:, None]  # [1, 1, T, L]
+        groups.append(AttentionGroup(start=start, num_rows=rows, num_queries=queries, slots=slots, mask=mask,
+                                     is_causal=is_causal))
+        start += rows * queries
+    return groups
+

@@ -1,0 +1,88 @@
+"""One LLM request's output side: sampled tokens in, text deltas and the finish decision out.
+
+Host work after the step's one device->host transfer: incremental detokenization, stop
+strings with hold-back, EOS / stop_token_ids / max_tokens, logprob rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from producer.protocol import FinishReason
+from worker.engines.text import IncrementalDetokenizer, StopStringMatcher
+from worker.request import Resume, Sequence, StepOutput
+
+
+@dataclass
+class OutputState:
+    """Per-request state that lives only in the engine."""
+
+    detok: IncrementalDetokenizer
+    stops: StopStringMatcher
+    seed: int  # the sampler's per-request seed (counter-based: the n-th output token uses counter n)
+    stop_token_ids: frozenset[int]
+    eos_ids: frozenset[int]
+    seen_row: int | None = None  # row in the repetition-penalty mask, once scheduled
+    logprobs: list[dict] = field(default_factory=list)
+
+    def resume(self, seq: Sequence, resume: Resume) -> None:
+        """Continue after tokens an earlier worker published: same text state; the sampler's counter
+        is the output index, so the random stream continues by itself."""
+        seq.output_ids = list(resume.output_ids)
+        seq.num_resumed_tokens = len(resume.output_ids)
+        self.stops.feed(self.detok.push(list(resume.output_ids)))
+        self.stops.num_released = min(len(resume.text), len(self.stops.text))  # what the client has
+
+    def finish_resumed(self, seq: Sequence) -> StepOutput | None:
+        """A resumed request whose published tokens already end it (the old worker died before `done`)."""
+        if not seq.output_ids:
+            return None
+        if self._is_stop_token(seq, seq.output_ids[-1]) or self.stops.is_stopped:
+            finish = FinishReason.STOP
+        elif seq.num_output_tokens >= seq.max_tokens:
+            finish = FinishReason.LENGTH
+        else:
+            return None
+        text = "" if self.stops.is_stopped else self.stops.feed(self.detok.flush()) + self.stops.finish()
+        seq.finish_reason = finish
+        seq.meta.update(text=self.stops.text, logprobs=None)
+        return StepOutput(seq=seq, token_ids=[], text=text, finish_reason=finish)
+
+    def advance(self, seq: Sequence, token: int, logprob: dict | None) -> StepOutput:
+        """Append one sampled token; decide whether the request is done and what text it releases."""
+        seq.output_ids.append(token)
+        if logprob is not None:
+            self.logprobs.append(logprob)
+        finish = None
+        text = ""
+        if self._is_stop_token(seq, token):
+            finish = FinishReason.STOP
+        else:
+            text = self.stops.feed(self.detok.push([token]))
+            if self.stops.is_stopped:
+                finish = FinishReason.STOP
+        if finish is None and seq.num_output_tokens >= seq.max_tokens:
+            finish = FinishReason.LENGTH
+        if finish is not None and not self.stops.is_stopped:
+            text += self.stops.feed(self.detok.flush())
+            text += self.stops.finish()
+            if self.stops.is_stopped:
+                finish = FinishReason.STOP
+        out = StepOutput(seq=seq, token_ids=[token], text=text, finish_reason=finish,
+                         logprobs=[logprob] if logprob is not None else None)
+        if finish is not None:
+            seq.finish_reason = finish
+            seq.meta["text"] = self.stops.text
+            seq.meta["logprobs"] = self.logprobs or None
+        return out
+
+    def _is_stop_token(self, seq: Sequence, token: int) -> bool:
+        return (token in self.eos_ids and not seq.params.ignore_eos) or token in self.stop_token_ids
+
+
+def logprob_row(tokenizer, token: int, logprob: float, top_ids: list[int], top_logprobs: list[float], n: int) -> dict:
+    return {
+        "token_id": token, "token": tokenizer.decode([token]), "logprob": logprob,
+        "top_logprobs": [{"token_id": t, "token": tokenizer.decode([t]), "logprob": v}
+                         for t, v in zip(top_ids[:n], top_logprobs[:n]) if v != float("-inf")],
+    }
