@@ -1,9 +1,11 @@
 """Greedy output of the continuous-batching engine equals per-request `model.generate` (fp32).
 
 Requests arrive at different steps, outnumber max_num_seqs, mix prompt lengths and
-max_tokens, prefill in chunks, and some are aborted mid-flight. The first tests show
-that the comparison can fail: the model is sensitive to its input and to its KV cache,
-and deliberately broken engines (shifted positions, a leaking mask) are caught.
+max_tokens, prefill in chunks, share prefixes through the prefix cache, get preempted
+under KV pressure (with eviction), and some are aborted mid-flight. The first tests show
+that the comparison can fail: the model is sensitive to its input, its KV cache and its
+window, and deliberately broken engines (late positions, a leaking mask, a dropped key, a
+prefix cache that matches too loosely) are caught.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ import torch
 
 from tests.conftest import make_request
 from worker.engines import batch as batch_module
+from worker.engines import blocks as blocks_module
 from worker.engines.llm import LLMEngine, LLMEngineConfig
 
 NUM_REQUESTS = 36
 ABORTED = {"r3", "r11", "r20", "r29"}
+SYSTEM_PROMPT_LEN = 50  # three full blocks of 16 and a partial one
 
 
 def _workload(vocab_size: int, seed: int = 0) -> list[tuple[str, list[int], int, int]]:
@@ -31,11 +35,22 @@ def _workload(vocab_size: int, seed: int = 0) -> list[tuple[str, list[int], int,
     return work
 
 
-def run_engine(model, tokenizer, work, aborts=frozenset(), max_num_seqs=6, max_num_batched_tokens=40,
-               max_cached_tokens=None, stats=None):
-    engine = LLMEngine(model, tokenizer, LLMEngineConfig(max_num_seqs=max_num_seqs,
-                                                         max_num_batched_tokens=max_num_batched_tokens,
-                                                         max_cached_tokens=max_cached_tokens))
+def _shared_prefix_workload(vocab_size: int, seed: int = 0, num: int = 24) -> list[tuple[str, list[int], int, int]]:
+    """A system prompt shared by every request, different user turns; some prompts repeat exactly."""
+    rng = random.Random(seed)
+    system = [1] + [rng.randrange(5, vocab_size) for _ in range(SYSTEM_PROMPT_LEN - 1)]
+    work = []
+    for i in range(num):
+        turn = [rng.randrange(5, vocab_size) for _ in range(rng.choice([3, 14, 30, 47]))]
+        if i % 6 == 5:
+            turn = work[i - 1][1][SYSTEM_PROMPT_LEN:]  # the same prompt again: served from the cache but its last block
+        work.append((f"s{i}", system + turn, rng.choice([4, 12, 20]), rng.randrange(0, 30)))
+    return work
+
+
+def run_engine(model, tokenizer, work, aborts=frozenset(), stats=None, **config):
+    config = {"max_num_seqs": 6, "max_num_batched_tokens": 40, **config}
+    engine = LLMEngine(model, tokenizer, LLMEngineConfig(**config))
     outputs: dict[str, list[int]] = {}
     pending = sorted(work, key=lambda w: w[3])
     step = 0
@@ -50,8 +65,10 @@ def run_engine(model, tokenizer, work, aborts=frozenset(), max_num_seqs=6, max_n
                 outputs[request_id].append(-1)
         step += 1
         assert step < 5000, "engine made no progress"
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks  # every block came back
     if stats is not None:
-        stats.update(preemptions=engine.num_preemptions, steps=step)
+        stats.update(preemptions=engine.num_preemptions, steps=step, hit_tokens=engine.blocks.num_hit_tokens,
+                     evicted=engine.blocks.num_evicted_blocks)
     return outputs
 
 
@@ -71,6 +88,19 @@ def tiny_model(request):
     return request.getfixturevalue(f"tiny_{request.param}")
 
 
+@pytest.fixture(scope="module")
+def tiny_sliding(tmp_path_factory, torch_threads):
+    """Qwen2 whose second layer attends through an 8-token sliding window (the first one sees everything)."""
+    from worker.models.loading import load_llm
+    from worker.models.tiny import make_tiny_model
+
+    path = make_tiny_model(tmp_path_factory.mktemp("tiny-sliding"), arch="qwen2", seed=2, sliding_window=8)
+    return load_llm(str(path))
+
+
+# ---------------------------------------------------------------- the comparison can fail
+
+
 def test_model_is_sensitive_to_one_early_prompt_token(tiny_model):
     model, _ = tiny_model
     rng = random.Random(1)
@@ -83,50 +113,81 @@ def test_model_is_sensitive_to_one_early_prompt_token(tiny_model):
     assert num_changed >= 7
 
 
-def test_model_is_sensitive_to_a_dropped_kv_row(tiny_model, monkeypatch):
+def _patch_groups(monkeypatch, edit):
+    real = batch_module._device_groups
+
+    def patched(*args, **kwargs):
+        groups = real(*args, **kwargs)
+        for group in groups:
+            edit(group)
+        return groups
+
+    monkeypatch.setattr(batch_module, "_device_groups", patched)
+
+
+def test_model_is_sensitive_to_a_dropped_key(tiny_model, monkeypatch):
     model, tokenizer = tiny_model
     work = _workload(500)[:8]
-    real_mask = batch_module._additive_mask
 
-    def drop_key_one(position_ids, valid, kv_len, dtype, window):
-        mask = real_mask(position_ids, valid, kv_len, dtype, window)
-        if kv_len > 2:
-            mask[..., 1] = torch.finfo(dtype).min  # no query may read position 1
-        return mask
+    def read_key_zero_for_key_one(group):
+        if group.slots.shape[1] > 2:
+            group.slots[:, 1] = group.slots[:, 0]  # position 1's key/value replaced by position 0's
 
-    monkeypatch.setattr(batch_module, "_additive_mask", drop_key_one)
-    outputs = run_engine(model, tokenizer, work)
-    assert len(mismatches(model, work, outputs)) >= 4
+    _patch_groups(monkeypatch, read_key_zero_for_key_one)
+    assert len(mismatches(model, work, run_engine(model, tokenizer, work))) >= 4
 
 
-def test_shifted_positions_fail_the_comparison(tiny_model, monkeypatch):
+def test_late_decode_positions_fail_the_comparison(tiny_model, monkeypatch):
     model, tokenizer = tiny_model
     work = _workload(500)[:8]
-    real_build = batch_module.build_group
+    real_build = batch_module.build_step
 
     def shifted(*args, **kwargs):
         # decode tokens one position late (RoPE is relative: a shift of every position would be harmless)
         inputs = real_build(*args, **kwargs)
-        if inputs.position_ids.shape[1] == 1:
-            inputs.position_ids = inputs.position_ids + 1
+        num_decodes = sum(1 for c in inputs.chunks if c.num_tokens == 1)
+        inputs.position_ids[0, :num_decodes] += 1
         return inputs
 
-    monkeypatch.setattr("worker.engines.llm.build_group", shifted)
+    monkeypatch.setattr("worker.engines.llm.build_step", shifted)
     assert len(mismatches(model, work, run_engine(model, tokenizer, work))) >= 4
 
 
 def test_leaking_mask_fails_the_comparison(tiny_model, monkeypatch):
     model, tokenizer = tiny_model
     work = _workload(500)
-    real_mask = batch_module._additive_mask
 
-    def leaky(position_ids, valid, kv_len, dtype, window):
-        mask = real_mask(position_ids, valid, kv_len, dtype, window)
-        mask.zero_()  # every query reads every key of its slot: padding, stale rows, the future
-        return mask
+    def leak(group):
+        group.mask = None  # every query reads every key of its rows: padding, and the future of a chunk
+        group.is_causal = False
 
-    monkeypatch.setattr(batch_module, "_additive_mask", leaky)
+    _patch_groups(monkeypatch, leak)
     assert len(mismatches(model, work, run_engine(model, tokenizer, work))) >= NUM_REQUESTS // 2
+
+
+def test_a_prefix_cache_that_matches_too_loosely_fails_the_comparison(tiny_model, monkeypatch):
+    model, tokenizer = tiny_model
+    work = _shared_prefix_workload(500)
+    for i, (rid, prompt, max_tokens, arrival) in enumerate(work):  # same first 8 tokens of every block's user turn...
+        work[i] = (rid, prompt[:SYSTEM_PROMPT_LEN] + [7] * 8 + prompt[SYSTEM_PROMPT_LEN:], max_tokens, arrival)
+    real_tokens = blocks_module.BlockManager._block_tokens
+
+    def first_half_only(self, seq, index):
+        return real_tokens(self, seq, index)[: self.block_size // 2]  # ...and a cache that only looks at those
+
+    monkeypatch.setattr(blocks_module.BlockManager, "_block_tokens", first_half_only)
+    assert len(mismatches(model, work, run_engine(model, tokenizer, work))) >= 4
+
+
+def test_model_is_sensitive_to_its_sliding_window(tiny_sliding, monkeypatch):
+    model, tokenizer = tiny_sliding
+    work = [(rid, prompt, max_tokens, arrival) for rid, prompt, max_tokens, arrival in _workload(500)[:12]
+            if len(prompt) > 16]
+    monkeypatch.setattr("worker.engines.llm._sliding_window", lambda *_: None)  # an engine that ignores the window
+    assert len(mismatches(model, work, run_engine(model, tokenizer, work))) >= len(work) // 2
+
+
+# ---------------------------------------------------------------- exactness
 
 
 def test_greedy_output_equals_generate_per_request(tiny_model):
@@ -146,14 +207,70 @@ def test_exact_without_chunking_and_at_one_seq(tiny_model):
     assert mismatches(model, work, run_engine(model, tokenizer, work, max_num_seqs=12, max_num_batched_tokens=4096)) == []
 
 
-def test_exact_under_kv_pressure_with_preemption(tiny_model):
+def test_exact_with_shared_prefixes_and_an_aborted_sharer(tiny_model):
+    model, tokenizer = tiny_model
+    work = _shared_prefix_workload(500)
+    aborted = {"s2", "s9"}
+    stats: dict = {}
+    outputs = run_engine(model, tokenizer, work, aborts=aborted, stats=stats, block_size=16)
+    assert stats["hit_tokens"] >= 16 * 3 * (len(work) // 2)  # most requests found the system prompt cached
+    assert mismatches(model, work, outputs, skip=aborted) == []
+    no_cache = run_engine(model, tokenizer, work, aborts=aborted, block_size=16, enable_prefix_caching=False)
+    assert {k: v for k, v in no_cache.items() if k not in aborted} == {k: v for k, v in outputs.items() if k not in aborted}
+
+
+def test_exact_under_kv_pressure_with_preemption_and_eviction(tiny_model):
     model, tokenizer = tiny_model
     rng = random.Random(5)
-    work = [(f"p{i}", [1] + [rng.randrange(5, 500) for _ in range(rng.randrange(180, 240))], rng.choice([40, 70]),
+    system = [1] + [rng.randrange(5, 500) for _ in range(63)]
+    work = [(f"p{i}", system + [rng.randrange(5, 500) for _ in range(rng.randrange(120, 180))], rng.choice([40, 70]),
              rng.randrange(0, 6)) for i in range(10)]
     stats: dict = {}
-    # 1536 tokens: six rows of 256, but only three once a sequence passes 256 tokens
-    outputs = run_engine(model, tokenizer, work, max_num_seqs=6, max_num_batched_tokens=512, max_cached_tokens=1536,
-                         stats=stats)
-    assert stats["preemptions"] > 0
+    # 1024 tokens = 64 blocks of 16: about four of these sequences at a time, fewer as they grow
+    outputs = run_engine(model, tokenizer, work, max_num_seqs=6, max_num_batched_tokens=512, max_cached_tokens=1024,
+                         max_model_len=1024, stats=stats)
+    assert stats["preemptions"] > 0 and stats["evicted"] > 0 and stats["hit_tokens"] > 0
     assert mismatches(model, work, outputs) == []
+
+
+def test_exact_with_a_sliding_window(tiny_sliding):
+    model, tokenizer = tiny_sliding
+    work = _workload(500, seed=4)[:16]
+    assert mismatches(model, work, run_engine(model, tokenizer, work, max_num_batched_tokens=24)) == []
+
+
+def test_an_out_of_memory_step_preempts_retries_and_stays_exact(tiny_model, monkeypatch):
+    model, tokenizer = tiny_model
+    work = _workload(500, seed=6)[:12]
+    real_forward = type(model).forward
+    state = {"failures": 0, "limit": 4}
+
+    def forward_that_runs_out_of_memory(self, *args, **kwargs):
+        if kwargs["input_ids"].shape[1] > 20 and state["failures"] < state["limit"]:  # big steps fail, a few times
+            state["failures"] += 1
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", forward_that_runs_out_of_memory)
+    stats: dict = {}
+    outputs = run_engine(model, tokenizer, work, stats=stats)
+    monkeypatch.undo()
+    assert state["failures"] == 4 and stats["preemptions"] > 0
+    assert mismatches(model, work, outputs) == []
+
+
+def test_an_out_of_memory_that_preempting_does_not_clear_fails_the_step(tiny_llama, monkeypatch):
+    model, tokenizer = tiny_llama
+    engine = LLMEngine(model, tokenizer, LLMEngineConfig(max_num_seqs=4, max_num_batched_tokens=64))
+    for i in range(4):
+        engine.add(make_request(f"o{i}", [1] + [9 + i] * 20, max_tokens=5))
+
+    def always_out_of_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(type(model), "forward", always_out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        engine.step()
+    monkeypatch.undo()
+    assert engine.num_preemptions >= 2  # it preempted before giving up
+    assert engine.num_active == 4 and all(s.num_output_tokens == 0 for s in engine.sequences())

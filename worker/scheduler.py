@@ -70,14 +70,16 @@ class Scheduler:
         seq.status = SeqStatus.WAITING
         self.waiting.append(seq)
 
-    def schedule(self) -> Schedule:
+    def schedule(self, max_num_tokens: int | None = None) -> Schedule:
+        """The next step. `max_num_tokens` lowers the token budget (a retry after running out of memory)."""
+        limit = max(1, min(max_num_tokens or self.max_num_batched_tokens, self.max_num_batched_tokens))
         schedule = Schedule()
-        budget = self._schedule_decodes(schedule, self.max_num_batched_tokens)
+        budget = self._schedule_decodes(schedule, limit)
         budget = self._schedule_prefills(schedule, budget)
         self._admit(schedule, budget)
         while schedule.is_empty and self.running:  # running prefills all wait for blocks: free some
             schedule.preempted.append(self._preempt_newest())
-            budget = self._schedule_prefills(schedule, self.max_num_batched_tokens)
+            budget = self._schedule_prefills(schedule, limit)
             self._admit(schedule, budget)
         return schedule
 

@@ -39,6 +39,7 @@ class BlockManager:
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # oldest first
         self._cached: dict[int, int] = {}  # prefix hash -> block id
         self.num_hit_tokens = 0  # prompt tokens served from the prefix cache, over the manager's life
+        self.num_evicted_blocks = 0  # cached blocks handed out again (their prefix forgotten)
 
     @property
     def num_blocks(self) -> int:
@@ -165,6 +166,7 @@ class BlockManager:
         if block.hash is not None:
             if self._cached.get(block.hash) == block_id:
                 del self._cached[block.hash]
+                self.num_evicted_blocks += 1
             block.hash, block.parent_hash, block.tokens = None, None, ()
         block.ref_count = 1
         return block_id

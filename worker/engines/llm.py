@@ -27,7 +27,7 @@ from worker.request import Resume, Sequence, StepOutput
 from worker.scheduler import ScheduledChunk, Scheduler
 
 log = logging.getLogger("redbatch.engine")
-MAX_OOM_RETRIES = 2  # an OOM in a step preempts half the running sequences and retries, this many times
+MAX_OOM_RETRIES = 2  # an OOM in a step preempts half the running sequences and retries with half the tokens
 
 
 @dataclass(frozen=True)
@@ -136,18 +136,20 @@ class LLMEngine:
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
+        max_num_tokens = None
         for attempt in range(MAX_OOM_RETRIES + 1):
-            schedule = self.scheduler.schedule()
+            schedule = self.scheduler.schedule(max_num_tokens)
             if schedule.is_empty:
                 return []
             try:
                 return self._run(schedule.chunks)
             except torch.OutOfMemoryError:
-                if attempt == MAX_OOM_RETRIES or len(self.scheduler.running) <= 1:
+                if attempt == MAX_OOM_RETRIES:
                     raise
-                victims = self.scheduler.preempt_newest(max(1, len(self.scheduler.running) // 2))
-                log.warning("out of memory in a step of %d tokens; preempted %d sequences and retrying",
-                            schedule.num_tokens, len(victims))
+                victims = self.scheduler.preempt_newest(len(self.scheduler.running) // 2)
+                max_num_tokens = max(1, schedule.num_tokens // 2)
+                log.warning("out of memory in a step of %d tokens; preempted %d sequences, retrying with %d tokens",
+                            schedule.num_tokens, len(victims), max_num_tokens)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
         return []

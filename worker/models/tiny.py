@@ -58,7 +58,8 @@ def make_tokenizer(out_dir: Path, vocab_size: int = 512, seed: int = 0):
 
 
 def _config(arch: str, vocab_size: int, tokenizer, hidden: int, num_layers: int, max_len: int,
-            num_heads: int = 4, num_kv_heads: int = 2, intermediate: int | None = None):
+            num_heads: int = 4, num_kv_heads: int = 2, intermediate: int | None = None,
+            sliding_window: int | None = None):
     from transformers import LlamaConfig, Qwen2Config
 
     common = dict(
@@ -71,7 +72,10 @@ def _config(arch: str, vocab_size: int, tokenizer, hidden: int, num_layers: int,
     if arch == "llama":
         return LlamaConfig(**common)
     if arch == "qwen2":
-        return Qwen2Config(**common, use_sliding_window=False)
+        if sliding_window is None:
+            return Qwen2Config(**common, use_sliding_window=False)
+        # layers from max_window_layers on use the window: layer 0 full, the others sliding
+        return Qwen2Config(**common, use_sliding_window=True, sliding_window=sliding_window, max_window_layers=1)
     raise ValueError(f"unknown tiny architecture {arch!r}; use llama or qwen2")
 
 
@@ -89,14 +93,15 @@ def scale_weights(model: torch.nn.Module, seed: int) -> None:
 
 def make_tiny_model(out_dir: str | Path, arch: str = "llama", seed: int = 0, hidden: int = 64, num_layers: int = 2,
                     max_len: int = 1024, vocab_size: int = 512, num_heads: int = 4, num_kv_heads: int = 2,
-                    intermediate: int | None = None) -> Path:
+                    intermediate: int | None = None, sliding_window: int | None = None) -> Path:
     """Build and save a seeded random model + tokenizer under out_dir (tiny by default); returns the path."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tokenizer(out, vocab_size=vocab_size, seed=seed)
-    config = _config(arch, len(tokenizer), tokenizer, hidden, num_layers, max_len, num_heads, num_kv_heads, intermediate)
+    config = _config(arch, len(tokenizer), tokenizer, hidden, num_layers, max_len, num_heads, num_kv_heads, intermediate,
+                     sliding_window)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     scale_weights(model, seed)
