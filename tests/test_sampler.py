@@ -422,3 +422,22 @@ def test_to_host_without_logprobs_returns_tokens_only():
     result = sample(random_logits(2), tensors_of([GenerateConfig(temperature=0.0)] * 2))
     host = result.to_host()
     assert host.tokens == result.tokens.tolist() and host.logprob is None and host.top_ids is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_draws_equal_cpu_draws_without_a_sync():
+    seeds, counters = torch.randint(0, 2**62, (4096,)), torch.arange(4096)
+    assert torch.equal(uniforms(seeds.cuda(), counters.cuda()).cpu(), uniforms(seeds, counters))
+    configs = [cfg for cfg in CONFIGS for _ in range(2)] + [GenerateConfig(temperature=0.0, logprobs=3)]
+    logits = random_logits(len(configs), vocab=500, seed=11)
+    cuda_t = tensors_of(configs, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        result = sample(logits.cuda(), cuda_t)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    cpu = sample(logits, tensors_of(configs)).to_host()
+    # same uniforms; softmax/cumsum round differently per device, which moves a token only when a
+    # uniform falls within rounding of a CDF boundary (~1e-6 per row)
+    assert result.to_host().tokens == cpu.tokens

@@ -168,7 +168,10 @@ class SampleResult:
 
 
 def sample(logits: Tensor, t: SamplingTensors, seen: Tensor | None = None) -> SampleResult:
-    """One token per row of logits [B, V]; `seen` [B, V] marks prompt and output tokens (repetition penalty)."""
+    """One token per row of logits [B, V].
+
+    `seen` [B, V] bool marks each row's prompt and output tokens; without it no penalty is applied.
+    """
     logits = logits.float()
     if t.repetition_penalty is not None and seen is not None:
         logits = _penalize(logits, seen, t.repetition_penalty)
