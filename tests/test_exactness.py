@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tests.conftest import make_request
+from worker.engines import attention as attention_module
 from worker.engines import batch as batch_module
 from worker.engines import blocks as blocks_module
 from worker.engines.llm import LLMEngine, LLMEngineConfig
@@ -114,26 +115,29 @@ def test_model_is_sensitive_to_one_early_prompt_token(tiny_model):
 
 
 def _patch_groups(monkeypatch, edit):
-    real = batch_module._device_groups
+    real = batch_module._device_variant
 
     def patched(*args, **kwargs):
-        groups = real(*args, **kwargs)
+        block_ids, groups = real(*args, **kwargs)
         for group in groups:
             edit(group)
-        return groups
+        return block_ids, groups
 
-    monkeypatch.setattr(batch_module, "_device_groups", patched)
+    monkeypatch.setattr(batch_module, "_device_variant", patched)
 
 
 def test_model_is_sensitive_to_a_dropped_key(tiny_model, monkeypatch):
     model, tokenizer = tiny_model
     work = _workload(500)[:8]
+    real_rows = attention_module._rows_keys
 
-    def read_key_zero_for_key_one(group):
-        if group.slots.shape[1] > 2:
-            group.slots[:, 1] = group.slots[:, 0]  # position 1's key/value replaced by position 0's
+    def key_zero_for_key_one(blocks, group):
+        keys = real_rows(blocks, group).clone()  # [G, Hkv, L, D]
+        if keys.shape[2] > 2:
+            keys[:, :, 1] = keys[:, :, 0]  # position 1's key/value replaced by position 0's
+        return keys
 
-    _patch_groups(monkeypatch, read_key_zero_for_key_one)
+    monkeypatch.setattr(attention_module, "_rows_keys", key_zero_for_key_one)
     assert len(mismatches(model, work, run_engine(model, tokenizer, work))) >= 4
 
 

@@ -39,8 +39,10 @@ class AttentionGroup:
     start: int  # first packed token of the group
     num_rows: int  # G
     num_queries: int  # T per row (1 for decode groups)
-    slots: torch.Tensor  # [G, L] cache slot of each key a row may read (padding: any valid slot)
-    mask: torch.Tensor | None  # [G, 1, T, L] bool, True = may attend; None = every key, or causal
+    block_offset: int  # the group's rows in StepAttention.block_ids: [block_offset, + G * num_blocks)
+    num_blocks: int  # blocks read per row
+    num_keys: int  # L: keys read per row, from the start of its first block
+    mask: torch.Tensor | None  # [G, 1, T, L] bool, True = may attend; None = every key read, or causal
     is_causal: bool  # T == L from position 0: SDPA's own causal mask suffices
 
     @property
@@ -52,13 +54,14 @@ class AttentionGroup:
 class StepAttention:
     cache: PagedKVCache
     write_slots: torch.Tensor  # [N] cache slot of every packed token
+    block_ids: torch.Tensor  # [sum of G * num_blocks] the blocks every group reads, row after row
     groups: list[AttentionGroup]
-    sliding_groups: list[AttentionGroup] | None = None  # same rows, keys limited to the window
+    sliding: tuple[torch.Tensor, list[AttentionGroup]] | None = None  # same rows, keys limited to the window
 
-    def groups_for(self, sliding_window: int | None) -> list[AttentionGroup]:
-        if sliding_window and self.sliding_groups is not None:
-            return self.sliding_groups
-        return self.groups
+    def layout_for(self, sliding_window: int | None) -> tuple[torch.Tensor, list[AttentionGroup]]:
+        if sliding_window and self.sliding is not None:
+            return self.sliding
+        return self.block_ids, self.groups
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -74,19 +77,31 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     k_cache.index_copy_(0, step.write_slots, key[0].transpose(0, 1).to(k_cache.dtype))
     v_cache.index_copy_(0, step.write_slots, value[0].transpose(0, 1).to(v_cache.dtype))
     num_heads, head_dim = query.shape[1], query.shape[3]
+    block_ids, groups = step.layout_for(kwargs.get("sliding_window"))
+    block_size = step.cache.block_size
+    # one gather per layer for every group's blocks: [sum G * num_blocks, block_size, Hkv, D]
+    k_blocks = k_cache.view(-1, block_size, *k_cache.shape[1:]).index_select(0, block_ids)
+    v_blocks = v_cache.view(-1, block_size, *v_cache.shape[1:]).index_select(0, block_ids)
     q = query[0].transpose(0, 1)  # [N, H, D]
     out = torch.empty_like(q)
-    for group in step.groups_for(kwargs.get("sliding_window")):
-        out[group.start : group.end] = _group_attention(q[group.start : group.end], k_cache, v_cache, group,
+    for group in groups:
+        out[group.start : group.end] = _group_attention(q[group.start : group.end], k_blocks, v_blocks, group,
                                                         num_heads, head_dim, scaling)
     return out[None], None  # [1, N, H, D]
 
 
-def _group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: AttentionGroup,
+def _rows_keys(blocks: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
+    """[G, Hkv, L, D]: the group's rows of gathered blocks, as keys (or values) in position order."""
+    rows = blocks[group.block_offset : group.block_offset + group.num_rows * group.num_blocks]
+    rows = rows.view(group.num_rows, group.num_blocks * blocks.shape[1], *blocks.shape[2:])  # [G, nb * bs, Hkv, D]
+    return rows[:, : group.num_keys].transpose(1, 2)
+
+
+def _group_attention(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor, group: AttentionGroup,
                      num_heads: int, head_dim: int, scaling: float | None) -> torch.Tensor:
     rows, queries = group.num_rows, group.num_queries
-    keys = k_cache[group.slots].transpose(1, 2)  # [G, Hkv, L, D]
-    values = v_cache[group.slots].transpose(1, 2)
+    keys = _rows_keys(k_blocks, group)  # [G, Hkv, L, D]
+    values = _rows_keys(v_blocks, group)
     num_kv_heads = keys.shape[1]
     if queries == 1:
         # one query per row: fold the query heads sharing a KV head into the query axis (no KV repeat)

@@ -73,6 +73,7 @@ class _GroupPlan:
     kv_end: list[int]  # one past the last visible key position, per row
     q_start: int  # position of the first query (prefill groups)
     window: int | None  # sliding window: a query at p reads keys p - window + 1 .. p
+    num_blocks: int = 0  # blocks read per row (set when staged)
 
 
 def order_chunks(chunks: list[ScheduledChunk]) -> list[list[ScheduledChunk]]:
@@ -117,15 +118,16 @@ def build_step(chunks: list[ScheduledChunk], cache: PagedKVCache, sliding_window
     staging.add("logits_rows", logits_rows)
     plans = _plans(grouped, None)
     sliding_plans = _plans(grouped, sliding_window) if sliding_window else None
-    for prefix, group_plans in (("attn.full", plans), ("attn.sliding", sliding_plans or [])):
-        for i, plan in enumerate(group_plans):
-            _stage_group(staging, f"{prefix}{i}", plan, block_size)
+    _stage_variant(staging, "attn.full", plans, block_size)
+    if sliding_plans:
+        _stage_variant(staging, "attn.sliding", sliding_plans, block_size)
     if add_extra is not None:
         add_extra(staging, sampled)
     dev = staging.send(cache.keys[0].device)
-    groups = _device_groups(dev, "attn.full", plans, block_size)
-    sliding = _device_groups(dev, "attn.sliding", sliding_plans, block_size) if sliding_plans else None
-    attention = StepAttention(cache=cache, write_slots=dev["write_slots"], groups=groups, sliding_groups=sliding)
+    block_ids, groups = _device_variant(dev, "attn.full", plans, block_size)
+    sliding = _device_variant(dev, "attn.sliding", sliding_plans, block_size) if sliding_plans else None
+    attention = StepAttention(cache=cache, write_slots=dev["write_slots"], block_ids=block_ids, groups=groups,
+                              sliding=sliding)
     core = {"input_ids", "positions", "write_slots", "logits_rows"}
     extra = {k: v for k, v in dev.items() if k not in core and not k.startswith("attn.")}
     return StepInputs(input_ids=dev["input_ids"][None], position_ids=dev["positions"][None],
@@ -147,45 +149,61 @@ def _plans(grouped: list[list[ScheduledChunk]], window: int | None) -> list[_Gro
     return plans
 
 
-def _stage_group(staging: Staging, name: str, plan: _GroupPlan, block_size: int) -> None:
-    first_block = [s // block_size for s in plan.kv_start]
-    num_blocks = max(-(-e // block_size) - f for e, f in zip(plan.kv_end, first_block))
-    table = []
-    for chunk, f in zip(plan.chunks, first_block):
-        row = chunk.seq.block_table[f : f + num_blocks]
-        table += row + [row[0]] * (num_blocks - len(row))  # padding blocks are masked out
-    staging.add(f"{name}.table", table, (len(plan.chunks), num_blocks))
-    staging.add(f"{name}.range", [f * block_size for f in first_block] + plan.kv_start + plan.kv_end,
-                (3, len(plan.chunks)))
+def _stage_variant(staging: Staging, name: str, plans: list[_GroupPlan], block_size: int) -> None:
+    """Every group's block rows (whole blocks from the first one a row reads) in one array, and each
+    row's (first block position, first visible key, end of keys) in another."""
+    block_ids, bases, starts, ends = [], [], [], []
+    for plan in plans:
+        first_block = [s // block_size for s in plan.kv_start]
+        plan.num_blocks = max(-(-e // block_size) - f for e, f in zip(plan.kv_end, first_block))
+        for chunk, f in zip(plan.chunks, first_block):
+            row = chunk.seq.block_table[f : f + plan.num_blocks]
+            block_ids += row + [row[0]] * (plan.num_blocks - len(row))  # padding blocks are masked out
+            bases.append(f * block_size)
+        starts += plan.kv_start
+        ends += plan.kv_end
+    staging.add(f"{name}.blocks", block_ids)
+    staging.add(f"{name}.range", bases + starts + ends, (3, len(bases)))
 
 
-def _device_groups(dev: dict[str, torch.Tensor], prefix: str, plans: list[_GroupPlan], block_size: int
-                   ) -> list[AttentionGroup]:
-    groups, start = [], 0
-    for i, plan in enumerate(plans):
-        table, (base, kv_start, kv_end) = dev[f"{prefix}{i}.table"], dev[f"{prefix}{i}.range"]
+def _device_variant(dev: dict[str, torch.Tensor], name: str, plans: list[_GroupPlan], block_size: int
+                    ) -> tuple[torch.Tensor, list[AttentionGroup]]:
+    ranges = dev[f"{name}.range"]
+    groups, start, row, block_offset = [], 0, 0, 0
+    for plan in plans:
         rows, queries = len(plan.chunks), plan.num_queries
-        width = max(e - s for s, e in zip(plan.kv_start, plan.kv_end))  # L
-        offsets = torch.arange(width, device=table.device)
-        key_pos = kv_start[:, None] + offsets[None, :]  # [G, L]
-        in_range = key_pos < kv_end[:, None]
-        rel = (key_pos - base[:, None]).clamp_(max=table.shape[1] * block_size - 1)
-        slots = table.gather(1, rel // block_size) * block_size + rel % block_size  # [G, L]
-        mask = None
-        is_causal = False
-        if queries == 1:
-            if any(e - s != width for s, e in zip(plan.kv_start, plan.kv_end)):
-                mask = in_range[:, None, None, :]  # [G, 1, 1, L] key padding
-        elif plan.q_start == 0 and plan.window is None:
-            is_causal = True  # a fresh prompt chunk: keys = queries, SDPA's causal mask
-        else:
-            q_pos = plan.q_start + torch.arange(queries, device=table.device)  # [T]
-            allowed = key_pos[:, None, :] <= q_pos[None, :, None]  # [1, T, L]
-            if plan.window is not None:
-                allowed &= key_pos[:, None, :] > q_pos[None, :, None] - plan.window
-            mask = allowed[:, None]  # [1, 1, T, L]
-        groups.append(AttentionGroup(start=start, num_rows=rows, num_queries=queries, slots=slots, mask=mask,
-                                     is_causal=is_causal))
+        base, kv_start, kv_end = ranges[:, row : row + rows]  # [G] each
+        width = max(e - b for e, b in zip(plan.kv_end, _bases(plan, block_size)))  # L keys read per row
+        key_pos = base[:, None] + torch.arange(width, device=ranges.device)[None, :]  # [G, L]
+        mask, is_causal = _mask(plan, key_pos, kv_start, kv_end, width, block_size)
+        groups.append(AttentionGroup(start=start, num_rows=rows, num_queries=queries, block_offset=block_offset,
+                                     num_blocks=plan.num_blocks, num_keys=width, mask=mask, is_causal=is_causal))
         start += rows * queries
-    return groups
+        row += rows
+        block_offset += rows * plan.num_blocks
+    return dev[f"{name}.blocks"], groups
 
+
+def _bases(plan: _GroupPlan, block_size: int) -> list[int]:
+    return [s // block_size * block_size for s in plan.kv_start]
+
+
+def _mask(plan: _GroupPlan, key_pos: torch.Tensor, kv_start: torch.Tensor, kv_end: torch.Tensor, width: int,
+          block_size: int) -> tuple[torch.Tensor | None, bool]:
+    """The group's [G, 1, T, L] bool mask (None when every key read is visible), and whether SDPA's own
+    causal mask does the job instead."""
+    queries = plan.num_queries
+    bases = _bases(plan, block_size)
+    if queries == 1:
+        exact = all(s == b and e - b == width for s, e, b in zip(plan.kv_start, plan.kv_end, bases))
+        if exact:
+            return None, False
+        visible = (key_pos >= kv_start[:, None]) & (key_pos < kv_end[:, None])  # [G, L]
+        return visible[:, None, None, :], False  # [G, 1, 1, L]
+    if plan.q_start == 0 and plan.window is None:
+        return None, True  # a fresh prompt chunk: keys = queries, SDPA's causal mask
+    q_pos = plan.q_start + torch.arange(queries, device=key_pos.device)  # [T]
+    allowed = key_pos[:, None, :] <= q_pos[None, :, None]  # [1, T, L]
+    if plan.window is not None:
+        allowed &= key_pos[:, None, :] > q_pos[None, :, None] - plan.window
+    return allowed[:, None], False  # [1, 1, T, L]

@@ -234,8 +234,9 @@ class LLMEngine:
             state = self._state[seq]
             logprob = None
             if seq.params.logprobs is not None:
-                logprob = logprob_row(self.tokenizer, host.tokens[i], host.logprob[i], host.top_ids[i],
-                                      host.top_logprobs[i], seq.params.logprobs)
+                logprob = logprob_row(self.tokenizer, host.tokens[i], host.logprob[i],
+                                      host.top_ids[i] if host.top_ids else [],
+                                      host.top_logprobs[i] if host.top_logprobs else [], seq.params.logprobs)
             if seq.first_token_s is None:
                 seq.first_token_s = time.monotonic()
             outputs.append(state.advance(seq, host.tokens[i], logprob))
