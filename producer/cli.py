@@ -34,8 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--max-num-batched-tokens", type=int, default=2048)
     w.add_argument("--max-model-len", type=int, default=None)
     w.add_argument("--kv-cache-tokens", type=int, default=None,
-                   help="KV cache budget in tokens (default: max-num-seqs x max-model-len); the newest request is "
-                        "preempted and recomputed under pressure")
+                   help="KV cache budget in tokens (default: max-num-seqs x max-model-len, on CUDA what "
+                        "--gpu-memory-utilization leaves); the newest request is preempted and recomputed under pressure")
+    w.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="CUDA: share of device memory for weights, activations and the KV cache")
+    w.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    w.add_argument("--no-prefix-cache", action="store_true", help="never reuse KV blocks across requests")
     w.add_argument("--max-queue-len", type=int, default=10_000)
     w.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     w.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -113,7 +117,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len, kv_cache_tokens=args.kv_cache_tokens, max_queue_len=args.max_queue_len, device=args.device, dtype=args.dtype,
         num_threads=args.threads, grace_s=args.grace_s, trust_remote_code=args.trust_remote_code,
         lease_s=args.lease_s, max_deliveries=args.max_deliveries, max_body_bytes=args.max_body_bytes,
-        max_tokens_limit=args.max_tokens_limit,
+        max_tokens_limit=args.max_tokens_limit, block_size=args.block_size,
+        enable_prefix_caching=not args.no_prefix_cache, gpu_memory_utilization=args.gpu_memory_utilization,
     )
     if args.worker_id:
         options["worker_id"] = args.worker_id

@@ -282,7 +282,7 @@ def test_model_error_fails_that_steps_requests_and_the_worker_goes_on(worker_fac
     assert sum(e.is_terminal for e in events_of(client, victim)) == 1
     after = model.generate("after", generate_config={"max_tokens": 3, "stream": False}, timeout_s=30)
     assert after["usage"]["completion_tokens"] == 3
-    assert handle.is_alive and engine.kv.num_free_slots == engine.max_num_seqs
+    assert handle.is_alive and engine.blocks.num_free_blocks == engine.blocks.num_blocks
 
 
 def test_non_streamed_logprobs_reach_the_caller(worker_factory, client):

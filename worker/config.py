@@ -34,7 +34,10 @@ class WorkerConfig(BaseModel):
     max_num_batched_tokens: int = Field(2048, ge=1)
     max_model_len: int | None = Field(None, ge=2)
     max_tokens_limit: int = Field(32768, ge=1)
-    kv_cache_tokens: int | None = Field(None, ge=16)  # KV budget; None: max_num_seqs x max_model_len
+    kv_cache_tokens: int | None = Field(None, ge=16)  # KV budget; None: max_num_seqs x max_model_len (CUDA: memory)
+    block_size: int = Field(16, ge=1, le=1024)  # tokens per KV cache block
+    enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)  # CUDA, without kv_cache_tokens: share of device memory
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024)
     max_queue_len: int = Field(10_000, ge=0)  # producers refuse to enqueue past this; 0 = unbounded
 

@@ -47,15 +47,16 @@ class PagedKVCache:
 
 
 def num_blocks_for_budget(shape: KVShape, block_size: int, max_model_len: int, kv_cache_tokens: int | None,
-                          gpu_memory_utilization: float, device: torch.device, default_tokens: int) -> int:
+                          gpu_memory_utilization: float, device: torch.device, default_tokens: int,
+                          activation_bytes: int = 0) -> int:
     """How many blocks the cache gets: an explicit token budget, else (CUDA) what gpu_memory_utilization
-    leaves after the weights and a step's activations, else default_tokens. Too little for one
-    max-length sequence is a configuration error, reported at start."""
+    leaves after the weights, the CUDA context and a step's activations (measured by the caller), else
+    default_tokens. Too little for one max-length sequence is a configuration error, reported at start."""
     if kv_cache_tokens is not None:
         tokens = kv_cache_tokens
     elif device.type == "cuda":
         free_b, total_b = torch.cuda.mem_get_info(device)
-        used_b = total_b - free_b  # weights, the CUDA context, a warm-up step's activations
+        used_b = total_b - free_b + activation_bytes  # weights and context are in use already
         tokens = int((total_b * gpu_memory_utilization - used_b) // shape.bytes_per_token)
     else:
         tokens = default_tokens

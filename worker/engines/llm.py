@@ -62,9 +62,11 @@ class LLMEngine:
                         num_kv_heads=getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads,
                         head_dim=getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads,
                         dtype=self.dtype)
+        needs_profile = self.device.type == "cuda" and config.max_cached_tokens is None
         num_blocks = num_blocks_for_budget(shape, config.block_size, self.max_model_len, config.max_cached_tokens,
                                            config.gpu_memory_utilization, self.device,
-                                           default_tokens=config.max_num_seqs * self.max_model_len)
+                                           default_tokens=config.max_num_seqs * self.max_model_len,
+                                           activation_bytes=self._profile_activations() if needs_profile else 0)
         self.kv = PagedKVCache(shape, num_blocks, config.block_size, self.device)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config.max_num_seqs, max(config.max_num_batched_tokens, config.max_num_seqs),
@@ -76,6 +78,21 @@ class LLMEngine:
         self.num_steps = 0
         self.num_generated_tokens = 0
         self.profile = {"build_s": 0.0, "device_s": 0.0, "post_s": 0.0}  # cumulative time per phase of a step
+
+    @torch.inference_mode()
+    def _profile_activations(self) -> int:
+        """CUDA: peak bytes a full step's forward adds over the weights (what the KV budget must leave free)."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        num_tokens = max(self.config.max_num_batched_tokens, self.max_num_seqs)
+        ids = torch.zeros((1, num_tokens), dtype=torch.long, device=self.device)
+        logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=self.max_num_seqs).logits
+        peak = torch.cuda.max_memory_allocated(self.device)
+        del logits
+        torch.cuda.empty_cache()
+        sampling_b = 6 * self.max_num_seqs * self.vocab_size * 4  # fp32 [S, V] temporaries of a sort + softmax
+        return int(peak - before) + sampling_b
 
     # ------------------------------------------------------------ requests in and out
 
