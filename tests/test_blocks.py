@@ -145,6 +145,18 @@ def test_same_block_tokens_after_a_different_prefix_is_a_miss():
     assert second.num_computed == 0 and manager.num_hit_tokens == 0
 
 
+def test_the_same_block_tokens_at_different_depths_are_cached_separately():
+    manager = BlockManager(8, BLOCK_SIZE)
+    prefill(manager, make_seq("deep", [1, 2, 3, 4, 5, 6, 7, 8, 9]))  # [5, 6, 7, 8] after [1, 2, 3, 4]
+    prefill(manager, make_seq("shallow", [5, 6, 7, 8, 0]))  # [5, 6, 7, 8] at the start
+    assert manager.num_cached_blocks == 3
+
+    for prompt, num_hit in [([5, 6, 7, 8, 1], 4), ([1, 2, 3, 4, 5, 6, 7, 8, 2], 8)]:
+        seq = make_seq("later", prompt)
+        manager.admit(seq, 100)
+        assert seq.num_computed == num_hit
+
+
 def test_a_hit_needs_the_same_parent_even_when_the_hash_ignores_it(monkeypatch):
     # a hash that forgets the parent: block [5, 6, 7, 8] after [1, 2, 3, 4] collides with
     # block [5, 6, 7, 8] at the start of a prompt
