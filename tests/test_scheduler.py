@@ -1,24 +1,38 @@
-"""Scheduler: plain Python, so these run without torch."""
+"""Scheduler over the BlockManager: plain Python, so these run without torch."""
 
 from __future__ import annotations
+
+import itertools
+import random
 
 import pytest
 
 from producer.protocol import GenerateConfig
+from worker.engines.blocks import BlockManager
 from worker.request import Sequence, SeqStatus
 from worker.scheduler import Schedule, ScheduledChunk, Scheduler
 
-
-def make_seq(request_id: str, num_prompt_tokens: int) -> Sequence:
-    return Sequence(request_id=request_id, prompt_ids=list(range(1, num_prompt_tokens + 1)),
-                    params=GenerateConfig(), max_tokens=16)
+BLOCK_SIZE = 4
+_first_ids = itertools.count(1000, 1000)  # every prompt its own tokens: no accidental prefix hits
 
 
-def run_step(schedule: Schedule) -> None:
+def make_seq(request_id: str, num_prompt_tokens: int, prompt_ids: list[int] | None = None) -> Sequence:
+    first = next(_first_ids)
+    ids = prompt_ids if prompt_ids is not None else list(range(first, first + num_prompt_tokens))
+    return Sequence(request_id=request_id, prompt_ids=ids, params=GenerateConfig(), max_tokens=16)
+
+
+def make_scheduler(max_num_seqs: int, max_num_batched_tokens: int, num_blocks: int = 256,
+                   enable_prefix_caching: bool = True) -> Scheduler:
+    return Scheduler(max_num_seqs, max_num_batched_tokens,
+                     BlockManager(num_blocks, BLOCK_SIZE, enable_prefix_caching))
+
+
+def run_step(scheduler: Scheduler, schedule: Schedule) -> None:
     """What the engine does after a forward: advance the cache and sample for completed chunks."""
     for chunk in schedule.chunks:
         completes = chunk.completes
-        chunk.seq.num_computed += chunk.num_tokens
+        scheduler.computed(chunk.seq, chunk.num_tokens)
         if completes:
             chunk.seq.output_ids.append(7)
 
@@ -27,25 +41,50 @@ def planned(schedule: Schedule) -> list[tuple[str, int]]:
     return [(c.seq.request_id, c.num_tokens) for c in schedule.chunks]
 
 
+def assert_all_blocks_free(scheduler: Scheduler) -> None:
+    manager = scheduler.blocks
+    assert manager.num_free_blocks == manager.num_blocks
+    assert [b.ref_count for b in manager.blocks] == [0] * manager.num_blocks
+
+
+def assert_block_accounting(scheduler: Scheduler) -> None:
+    """Every held block is counted once per holder; only running sequences hold blocks; a block
+    held by two sequences is a cached (full, never written again) one."""
+    manager = scheduler.blocks
+    holders: dict[int, int] = {}
+    for seq in scheduler.running:
+        assert seq.num_computed <= len(seq.block_table) * BLOCK_SIZE
+        for block_id in seq.block_table:
+            holders[block_id] = holders.get(block_id, 0) + 1
+    for seq in scheduler.waiting:
+        assert seq.block_table == []
+    for block in manager.blocks:
+        assert block.ref_count == holders.get(block.block_id, 0)
+        if block.ref_count > 1:
+            assert block.hash is not None
+    assert manager.num_free_blocks == manager.num_blocks - len(holders)
+
+
 @pytest.mark.parametrize("max_num_seqs, max_num_batched_tokens", [(0, 8), (-1, 8), (4, 3)])
 def test_constructor_rejects_bad_limits(max_num_seqs, max_num_batched_tokens):
     with pytest.raises(ValueError):
-        Scheduler(max_num_seqs, max_num_batched_tokens)
+        make_scheduler(max_num_seqs, max_num_batched_tokens)
 
 
 def test_constructor_accepts_budget_equal_to_seqs():
-    scheduler = Scheduler(4, 4)
+    scheduler = make_scheduler(4, 4)
     assert (scheduler.max_num_seqs, scheduler.max_num_batched_tokens) == (4, 4)
 
 
 def test_empty_scheduler_gives_empty_schedule():
-    schedule = Scheduler(2, 16).schedule()
+    schedule = make_scheduler(2, 16).schedule()
     assert schedule.is_empty
     assert schedule.num_tokens == 0
+    assert schedule.preempted == []
 
 
 def test_admission_is_fifo_and_capped_by_max_num_seqs():
-    scheduler = Scheduler(max_num_seqs=2, max_num_batched_tokens=100)
+    scheduler = make_scheduler(max_num_seqs=2, max_num_batched_tokens=100)
     seqs = [make_seq(f"r{i}", 3) for i in range(4)]
     for seq in seqs:
         scheduler.add(seq)
@@ -59,14 +98,15 @@ def test_admission_is_fifo_and_capped_by_max_num_seqs():
     assert [s.status for s in seqs] == [SeqStatus.RUNNING, SeqStatus.RUNNING, SeqStatus.WAITING, SeqStatus.WAITING]
     assert schedule.num_tokens == 6
     assert not schedule.is_empty
+    assert [len(s.block_table) for s in seqs] == [1, 1, 0, 0]
 
 
 def test_waiting_request_admitted_when_a_running_one_finishes():
-    scheduler = Scheduler(max_num_seqs=2, max_num_batched_tokens=100)
+    scheduler = make_scheduler(max_num_seqs=2, max_num_batched_tokens=100)
     seqs = [make_seq(f"r{i}", 3) for i in range(4)]
     for seq in seqs:
         scheduler.add(seq)
-    run_step(scheduler.schedule())
+    run_step(scheduler, scheduler.schedule())
 
     scheduler.finish(seqs[0])
     schedule = scheduler.schedule()
@@ -77,11 +117,11 @@ def test_waiting_request_admitted_when_a_running_one_finishes():
 
 
 def test_running_decodes_are_scheduled_before_prefills():
-    scheduler = Scheduler(max_num_seqs=4, max_num_batched_tokens=100)
+    scheduler = make_scheduler(max_num_seqs=4, max_num_batched_tokens=100)
     first, second = make_seq("first", 4), make_seq("second", 2)
     scheduler.add(first)
     scheduler.add(second)
-    run_step(scheduler.schedule())
+    run_step(scheduler, scheduler.schedule())
     late = make_seq("late", 5)
     scheduler.add(late)
 
@@ -89,13 +129,15 @@ def test_running_decodes_are_scheduled_before_prefills():
 
     assert planned(schedule) == [("first", 1), ("second", 1), ("late", 5)]
     assert [c.completes for c in schedule.chunks] == [True, True, True]
+    assert [c.is_decode for c in schedule.chunks] == [True, True, False]
+    assert len(first.block_table) == 2  # its decode at position 4 got a second block
 
 
 def test_long_prompt_is_chunked_while_decodes_keep_running():
-    scheduler = Scheduler(max_num_seqs=4, max_num_batched_tokens=8)
+    scheduler = make_scheduler(max_num_seqs=4, max_num_batched_tokens=8)
     short = make_seq("short", 3)
     scheduler.add(short)
-    run_step(scheduler.schedule())
+    run_step(scheduler, scheduler.schedule())
     long = make_seq("long", 20)
     scheduler.add(long)
 
@@ -104,7 +146,8 @@ def test_long_prompt_is_chunked_while_decodes_keep_running():
         schedule = scheduler.schedule()
         steps.append((planned(schedule), [c.completes for c in schedule.chunks]))
         assert schedule.num_tokens <= 8
-        run_step(schedule)
+        run_step(scheduler, schedule)
+        assert len(long.block_table) == scheduler.blocks.blocks_for(long.num_computed)
 
     assert steps == [
         ([("short", 1), ("long", 7)], [True, False]),
@@ -116,12 +159,12 @@ def test_long_prompt_is_chunked_while_decodes_keep_running():
 
 
 def test_chunked_prefill_under_way_goes_before_new_admissions():
-    scheduler = Scheduler(max_num_seqs=4, max_num_batched_tokens=6)
+    scheduler = make_scheduler(max_num_seqs=4, max_num_batched_tokens=6)
     long, other = make_seq("long", 10), make_seq("other", 4)
     scheduler.add(long)
     schedule = scheduler.schedule()
     assert planned(schedule) == [("long", 6)]
-    run_step(schedule)
+    run_step(scheduler, schedule)
     scheduler.add(other)
 
     schedule = scheduler.schedule()
@@ -131,18 +174,19 @@ def test_chunked_prefill_under_way_goes_before_new_admissions():
 
 
 def test_no_admission_once_the_budget_is_spent():
-    scheduler = Scheduler(max_num_seqs=3, max_num_batched_tokens=4)
+    scheduler = make_scheduler(max_num_seqs=3, max_num_batched_tokens=4)
     short, long, late = make_seq("short", 1), make_seq("long", 10), make_seq("late", 1)
     scheduler.add(short)
-    run_step(scheduler.schedule())
+    run_step(scheduler, scheduler.schedule())
     scheduler.add(long)
-    run_step(scheduler.schedule())  # short decodes, long takes 3
+    run_step(scheduler, scheduler.schedule())  # short decodes, long takes 3
     scheduler.add(late)
 
     schedule = scheduler.schedule()
 
     assert planned(schedule) == [("short", 1), ("long", 3)]
     assert list(scheduler.waiting) == [late] and late.status == SeqStatus.WAITING
+    assert late.block_table == []
     assert scheduler.num_free_slots == 0
 
 
@@ -155,8 +199,193 @@ def test_completes_only_when_chunk_reaches_end_of_sequence():
     assert ScheduledChunk(seq, 4).completes
 
 
+def test_is_decode_needs_a_computed_prefix():
+    seq = make_seq("a", 1)
+    assert not ScheduledChunk(seq, 1).is_decode  # a one-token prompt is a prefill
+    seq.output_ids.append(5)
+    seq.num_computed = 1
+    assert ScheduledChunk(seq, 1).is_decode
+
+
+# ---------------------------------------------------------------- blocks
+
+
+def test_admission_waits_for_blocks_and_the_head_is_not_overtaken():
+    scheduler = make_scheduler(max_num_seqs=4, max_num_batched_tokens=100, num_blocks=3)
+    first, big, small = make_seq("first", 8), make_seq("big", 12), make_seq("small", 2)
+    for seq in (first, big, small):
+        scheduler.add(seq)
+
+    schedule = scheduler.schedule()
+
+    assert planned(schedule) == [("first", 8)]  # small would fit in the free block, but big is first
+    assert list(scheduler.waiting) == [big, small]
+    assert big.block_table == [] and small.block_table == []
+    assert scheduler.blocks.num_free_blocks == 1
+    assert schedule.preempted == []
+
+    run_step(scheduler, schedule)
+    scheduler.finish(first)
+    assert planned(scheduler.schedule()) == [("big", 12)]
+
+
+def test_a_prefill_under_way_is_not_overtaken_by_a_later_arrival():
+    scheduler = make_scheduler(max_num_seqs=4, max_num_batched_tokens=8, num_blocks=4)
+    a, b = make_seq("a", 6), make_seq("b", 20)
+    scheduler.add(a)
+    scheduler.add(b)
+    schedule = scheduler.schedule()
+    assert planned(schedule) == [("a", 6), ("b", 2)]
+    run_step(scheduler, schedule)
+    late = make_seq("late", 3)
+    scheduler.add(late)
+
+    schedule = scheduler.schedule()  # a decodes; b's next chunk of 7 would need two more blocks, one is free
+
+    scheduled = [c.seq.request_id for c in schedule.chunks]
+    assert scheduled[0] == "a"
+    # b has room for 6 more tokens (2 in its own block, 4 in the free one); the free block must not go to
+    # the later arrival while b, admitted first, makes no progress
+    assert "b" in scheduled or "late" not in scheduled, planned(schedule)
+
+
+def test_decode_that_needs_a_block_preempts_the_newest():
+    scheduler = make_scheduler(max_num_seqs=4, max_num_batched_tokens=100, num_blocks=4)
+    a, b, c = make_seq("a", 4), make_seq("b", 4), make_seq("c", 8)
+    for seq in (a, b, c):
+        scheduler.add(seq)
+    run_step(scheduler, scheduler.schedule())  # every block in use; a and b each need one more to decode
+    assert scheduler.blocks.num_free_blocks == 0
+    c_blocks = list(c.block_table)
+    late = make_seq("late", 2)
+    scheduler.add(late)
+
+    schedule = scheduler.schedule()
+
+    assert planned(schedule) == [("a", 1), ("b", 1)]
+    assert schedule.preempted == [c]
+    assert scheduler.num_preemptions == 1 and c.num_preemptions == 1
+    assert scheduler.running == [a, b]
+    assert list(scheduler.waiting) == [c, late]  # back at the front, ahead of the later arrival
+    assert c.status == SeqStatus.WAITING
+    assert (c.num_computed, c.block_table, c.num_registered_blocks) == (0, [], 0)  # recomputed when readmitted
+    assert c.output_ids == [7]  # its output is kept
+    assert sorted(a.block_table[1:] + b.block_table[1:]) == sorted(c_blocks)  # its blocks went to the decodes
+    assert_block_accounting(scheduler)
+
+
+def test_a_decode_that_cannot_get_a_block_preempts_itself_last():
+    scheduler = make_scheduler(max_num_seqs=4, max_num_batched_tokens=100, num_blocks=3)
+    a, b, c = make_seq("a", 4), make_seq("b", 4), make_seq("c", 4)
+    for seq in (a, b, c):
+        scheduler.add(seq)
+    run_step(scheduler, scheduler.schedule())
+
+    schedule = scheduler.schedule()
+
+    # a gets c's block; b then finds nothing free and, being the newest left, is preempted itself
+    assert planned(schedule) == [("a", 1)]
+    assert schedule.preempted == [c, b]
+    assert list(scheduler.waiting) == [b, c]  # admission order kept
+    assert scheduler.num_preemptions == 2
+    assert b.block_table == [] and c.block_table == []
+    assert_block_accounting(scheduler)
+
+
+def test_preempted_sequence_gets_its_blocks_back_from_the_prefix_cache():
+    scheduler = make_scheduler(max_num_seqs=4, max_num_batched_tokens=100, num_blocks=4)
+    a, c = make_seq("a", 4), make_seq("c", 11)  # c: two full blocks and a partial one
+    scheduler.add(a)
+    scheduler.add(c)
+    run_step(scheduler, scheduler.schedule())
+    full_blocks = c.block_table[:2]
+
+    schedule = scheduler.schedule()  # a's decode needs a block: c goes
+    assert schedule.preempted == [c]
+    assert planned(schedule) == [("a", 1)]
+    run_step(scheduler, schedule)
+    scheduler.finish(a)
+
+    schedule = scheduler.schedule()
+
+    assert planned(schedule) == [("c", 4)]  # prompt positions 8..10 and its sampled token, recomputed
+    assert c.block_table[:2] == full_blocks
+    assert (c.num_computed, c.num_cached_tokens) == (8, 8)
+    assert schedule.chunks[0].completes
+    assert scheduler.blocks.num_hit_tokens == 8
+
+
+def test_finish_releases_the_blocks():
+    scheduler = make_scheduler(max_num_seqs=4, max_num_batched_tokens=100, num_blocks=8)
+    a, b = make_seq("a", 9), make_seq("b", 3)
+    scheduler.add(a)
+    scheduler.add(b)
+    run_step(scheduler, scheduler.schedule())
+    assert scheduler.blocks.num_free_blocks == 4
+
+    scheduler.finish(a)
+    assert a.block_table == [] and scheduler.blocks.num_free_blocks == 7
+    scheduler.finish(b)
+    assert_all_blocks_free(scheduler)
+
+
+def test_preempted_then_finished_sequence_leaves_no_block_behind():
+    scheduler = make_scheduler(max_num_seqs=4, max_num_batched_tokens=100, num_blocks=3)
+    seqs = [make_seq(f"r{i}", 4) for i in range(3)]
+    for seq in seqs:
+        scheduler.add(seq)
+    run_step(scheduler, scheduler.schedule())
+    schedule = scheduler.schedule()
+    assert len(schedule.preempted) == 2
+    run_step(scheduler, schedule)
+
+    for seq in seqs:  # aborted while waiting (preempted) or running
+        scheduler.finish(seq)
+
+    assert_all_blocks_free(scheduler)
+    assert scheduler.num_active == 0
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("enable_prefix_caching", [True, False])
+def test_every_block_is_free_again_after_preemptions_and_finishes(seed, enable_prefix_caching):
+    rng = random.Random(seed)
+    scheduler = make_scheduler(max_num_seqs=6, max_num_batched_tokens=24, num_blocks=12,
+                               enable_prefix_caching=enable_prefix_caching)
+    shared = list(range(1, 9))  # a two-block system prompt some requests share
+    pending = []
+    for i in range(20):
+        length = rng.randint(1, 20)
+        prompt = shared + list(range(100 * i, 100 * i + length)) if rng.random() < 0.5 else None
+        seq = make_seq(f"r{i}", length, prompt)
+        seq.max_tokens = rng.randint(1, 12)
+        pending.append(seq)
+    finished = []
+    for _ in range(500):
+        if pending and rng.random() < 0.5:
+            scheduler.add(pending.pop(0))
+        schedule = scheduler.schedule()
+        run_step(scheduler, schedule)
+        for chunk in schedule.chunks:
+            seq = chunk.seq
+            if seq.num_output_tokens >= seq.max_tokens or rng.random() < 0.02:  # done or aborted
+                scheduler.finish(seq)
+                finished.append(seq)
+        assert_block_accounting(scheduler)
+        if not pending and scheduler.num_active == 0:
+            break
+
+    assert len(finished) == 20
+    assert scheduler.num_preemptions > 0  # the pool is small enough to force preemptions
+    assert_all_blocks_free(scheduler)
+    assert scheduler.schedule().is_empty
+
+
+# ---------------------------------------------------------------- finish and find
+
+
 def test_finish_removes_from_running_and_waiting():
-    scheduler = Scheduler(max_num_seqs=1, max_num_batched_tokens=8)
+    scheduler = make_scheduler(max_num_seqs=1, max_num_batched_tokens=8)
     running, waiting = make_seq("running", 2), make_seq("waiting", 2)
     scheduler.add(running)
     scheduler.add(waiting)
@@ -171,10 +400,11 @@ def test_finish_removes_from_running_and_waiting():
     assert scheduler.running == []
     assert running.status == SeqStatus.FINISHED
     assert scheduler.schedule().is_empty
+    assert_all_blocks_free(scheduler)
 
 
 def test_finish_of_unknown_sequence_is_harmless():
-    scheduler = Scheduler(max_num_seqs=2, max_num_batched_tokens=8)
+    scheduler = make_scheduler(max_num_seqs=2, max_num_batched_tokens=8)
     kept = make_seq("kept", 2)
     scheduler.add(kept)
     stranger = make_seq("stranger", 2)
@@ -186,9 +416,10 @@ def test_finish_of_unknown_sequence_is_harmless():
 
 
 def test_finish_matches_identity_not_equal_fields():
-    scheduler = Scheduler(max_num_seqs=2, max_num_batched_tokens=8)
-    kept, twin = make_seq("same", 2), make_seq("same", 2)
-    kept.arrival_s = twin.arrival_s
+    scheduler = make_scheduler(max_num_seqs=2, max_num_batched_tokens=8)
+    kept = make_seq("same", 2)
+    twin = make_seq("same", 2, prompt_ids=list(kept.prompt_ids))
+    twin.arrival_s = kept.arrival_s
     scheduler.add(kept)
 
     scheduler.finish(twin)
@@ -197,7 +428,7 @@ def test_finish_matches_identity_not_equal_fields():
 
 
 def test_find_looks_in_running_and_waiting():
-    scheduler = Scheduler(max_num_seqs=1, max_num_batched_tokens=8)
+    scheduler = make_scheduler(max_num_seqs=1, max_num_batched_tokens=8)
     running, waiting = make_seq("running", 2), make_seq("waiting", 2)
     scheduler.add(running)
     scheduler.add(waiting)
@@ -211,7 +442,7 @@ def test_find_looks_in_running_and_waiting():
 
 
 def test_num_free_slots_counts_running_and_waiting():
-    scheduler = Scheduler(max_num_seqs=3, max_num_batched_tokens=8)
+    scheduler = make_scheduler(max_num_seqs=3, max_num_batched_tokens=8)
     assert scheduler.num_free_slots == 3
     seqs = [make_seq(f"r{i}", 2) for i in range(4)]
     scheduler.add(seqs[0])
@@ -225,3 +456,20 @@ def test_num_free_slots_counts_running_and_waiting():
     scheduler.finish(seqs[0])
     scheduler.finish(seqs[1])
     assert scheduler.num_free_slots == 1
+
+
+def test_preempt_newest_after_an_out_of_memory_step():
+    scheduler = make_scheduler(max_num_seqs=4, max_num_batched_tokens=100)
+    seqs = [make_seq(f"r{i}", 5) for i in range(3)]
+    for seq in seqs:
+        scheduler.add(seq)
+    scheduler.schedule()
+
+    victims = scheduler.preempt_newest(2)
+
+    assert victims == [seqs[2], seqs[1]]
+    assert scheduler.running == [seqs[0]]
+    assert list(scheduler.waiting) == [seqs[1], seqs[2]]
+    assert scheduler.preempt_newest(5) == [seqs[0]]
+    assert_all_blocks_free(scheduler)
+    assert scheduler.num_preemptions == 3
