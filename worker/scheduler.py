@@ -98,13 +98,15 @@ class Scheduler:
         return budget
 
     def _schedule_prefills(self, schedule: Schedule, budget: int) -> int:
+        """Running prefills, oldest first; a chunk shrinks to the blocks that are free."""
         scheduled = {id(c.seq) for c in schedule.chunks}
         for seq in self.running:
             if budget <= 0:
                 break
             if seq.num_pending > 1 and id(seq) not in scheduled:
-                take = min(seq.num_pending, budget)
-                if self.blocks.grow(seq, seq.num_computed + take):
+                room = self.blocks.room(seq)
+                take = min(seq.num_pending, budget, room)
+                if take > 0 and self.blocks.grow(seq, seq.num_computed + take):
                     schedule.chunks.append(ScheduledChunk(seq, take))
                     budget -= take
         return budget

@@ -91,6 +91,10 @@ class BlockManager:
             seq.block_table.append(self._take_free())
         return True
 
+    def room(self, seq: Sequence) -> int:
+        """How many more tokens the sequence could compute with its own blocks plus every free one."""
+        return (len(seq.block_table) + len(self._free)) * self.block_size - seq.num_computed
+
     def free(self, seq: Sequence) -> None:
         """Release a sequence's blocks (finished, aborted or preempted).
 
