@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import pytest
@@ -69,8 +70,12 @@ def mixed_cases() -> list[Case]:
     ]
 
 
-def run_paged(cases: list[Case], sliding_window: int | None = None, contiguous_query: bool = False):
-    """The packed step through paged_attention; returns (output [N, H, D] per case, cache, step)."""
+def run_paged(cases: list[Case], sliding_window: int | None = None, contiguous_query: bool = False,
+              layer_window: int | None | str = "model"):
+    """The packed step (built for a model with `sliding_window`) through paged_attention in a layer whose own
+    window is `layer_window` (the model's unless given); returns (output [N, H, D] per case, cache, step)."""
+    if layer_window == "model":
+        layer_window = sliding_window
     cache = PagedKVCache(KVShape(1, NUM_KV_HEADS, HEAD_DIM, torch.float32), num_blocks=16, block_size=BLOCK_SIZE,
                          device=CPU)
     for case in cases:  # the cached prefix is already in the cache
@@ -88,7 +93,7 @@ def run_paged(cases: list[Case], sliding_window: int | None = None, contiguous_q
     value = torch.cat([c.values[s] for c, s in zip(packed, new)]).transpose(0, 1)[None]
 
     out, weights = attention.paged_attention(FakeAttention(), query, key, value, None, scaling=SCALING,
-                                             sliding_window=sliding_window,
+                                             sliding_window=layer_window,
                                              **{attention.STEP_KWARG: step.attention})
 
     assert weights is None
@@ -167,8 +172,30 @@ def test_full_attention_layers_of_a_sliding_model_read_every_key():
     cases = mixed_cases()
     cache = PagedKVCache(KVShape(1, NUM_KV_HEADS, HEAD_DIM, torch.float32), 16, BLOCK_SIZE, CPU)
     step = build_step([c.chunk for c in cases], cache, sliding_window=2)
-    assert step.attention.groups_for(None) is step.attention.groups  # a layer without a window
-    assert step.attention.groups_for(2) is step.attention.sliding_groups
+    block_ids, groups = step.attention.layout_for(None)  # a layer without a window
+    assert block_ids is step.attention.block_ids and groups is step.attention.groups
+    assert step.attention.layout_for(2) is step.attention.sliding
+
+    outputs, _, _ = run_paged(cases, sliding_window=2, layer_window=None)
+    for case in cases:
+        torch.testing.assert_close(outputs[case.chunk.seq.request_id], reference(case), rtol=1e-5, atol=1e-5)
+
+
+def unmasked_decode_cases() -> list[Case]:
+    """Decodes whose groups need no mask: equal lengths (12 keys), and, with a window of 4, reads of exactly
+    one whole block (keys 8..11)."""
+    gen = torch.Generator().manual_seed(2)
+    return [make_case(gen, "a", 11, 1, [7, 2, 14]), make_case(gen, "b", 11, 1, [3, 10, 5])]
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_decode_groups_without_a_mask_equal_sdpa(window):
+    cases = unmasked_decode_cases()
+    outputs, _, step = run_paged(cases, sliding_window=window)
+    _, groups = step.attention.layout_for(window)
+    assert [g.mask for g in groups] == [None]  # the path under test
+    for case in cases:
+        torch.testing.assert_close(outputs[case.chunk.seq.request_id], reference(case, window), rtol=1e-5, atol=1e-5)
 
 
 def test_without_step_metadata_it_is_transformers_sdpa():
@@ -204,3 +231,23 @@ def test_register_is_idempotent_and_names_the_function():
     assert attention.register() == attention.ATTENTION_NAME
     assert attention.register() == attention.ATTENTION_NAME
     assert AttentionInterface()[attention.ATTENTION_NAME] is attention.paged_attention
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_random_packed_steps_equal_sdpa_per_sequence(window):
+    gen = torch.Generator().manual_seed(3)
+    rng = random.Random(3)
+    for _ in range(10):
+        blocks = list(range(16))
+        rng.shuffle(blocks)
+        cases = []
+        for i in range(rng.randint(1, 4)):
+            computed = rng.randint(0, 10)
+            num_tokens = 1 if computed and rng.random() < 0.5 else rng.randint(1, 5)
+            needed = -(-(computed + num_tokens) // BLOCK_SIZE)
+            table, blocks = blocks[:needed], blocks[needed:]
+            cases.append(make_case(gen, f"s{i}", computed, num_tokens, table))
+        outputs, _, _ = run_paged(cases, sliding_window=window)
+        for case in cases:
+            torch.testing.assert_close(outputs[case.chunk.seq.request_id], reference(case, window), rtol=1e-5,
+                                       atol=1e-5)

@@ -1,8 +1,10 @@
-"""The packed step: staging in one copy, chunk order, and each attention group's key slots and mask."""
+"""The packed step: staging in one copy, chunk order, and the blocks each attention group reads and its mask."""
 
 from __future__ import annotations
 
 import math
+import random
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -162,7 +164,7 @@ def test_build_step_packs_decodes_then_prefill_chunks():
     assert step.attention.write_slots.tolist()[:4] == [29, 11, 20, 21]
     assert step.logits_rows.tolist() == [0, 1, 7]  # p2's chunk does not finish its prompt: nothing sampled
     assert step.sampled == [d1, d2, p1]
-    assert step.attention.sliding_groups is None
+    assert step.attention.sliding is None
     assert step.extra == {}
 
 
@@ -194,6 +196,71 @@ def test_output_tokens_of_a_recomputed_sequence_are_packed_after_its_prompt():
     assert step.logits_rows.tolist() == [3]
 
 
+# ---------------------------------------------------------------- what an attention group reads
+
+
+@dataclass
+class RowRead:
+    """One row of an attention group as paged_attention sees it: key j is the key at position base + j (whole
+    blocks from the block that holds the row's first visible key), read from `slots[j]`."""
+
+    positions: list[int]
+    slots: list[int]
+    visible: list[list[bool]]  # [T][L]: may query t attend key j (the group's mask, or SDPA's causal one)
+
+    def visible_positions(self, query: int = 0) -> list[int]:
+        return [p for p, v in zip(self.positions, self.visible[query]) if v]
+
+    def visible_slots(self, query: int = 0) -> list[int]:
+        return [s for s, v in zip(self.slots, self.visible[query]) if v]
+
+    def hidden_slots(self) -> list[int]:
+        """Slots no query of the row may attend (padding, or keys outside the row's range)."""
+        return [s for j, s in enumerate(self.slots) if not any(row[j] for row in self.visible)]
+
+
+def reads(block_ids: torch.Tensor, group, first_keys: list[int], num_cache_blocks: int = 16) -> list[RowRead]:
+    """Derive, from the flat block ids and one group, the slot of every key each row reads and what its mask
+    leaves visible. `first_keys[r]` is the position of row r's first visible key (the test's expectation):
+    the row's reads start at the block that holds it."""
+    rows, queries, nb, width = group.num_rows, group.num_queries, group.num_blocks, group.num_keys
+    assert len(first_keys) == rows
+    assert block_ids.dtype == torch.int64 and block_ids.dim() == 1
+    assert 0 <= group.block_offset and group.block_offset + rows * nb <= block_ids.numel()
+    ids = block_ids[group.block_offset : group.block_offset + rows * nb].view(rows, nb)
+    assert bool(((ids >= 0) & (ids < num_cache_blocks)).all()), "every block read (padding too) is a real block"
+    assert 0 < width <= nb * BLOCK_SIZE
+    slots = (ids[:, :, None] * BLOCK_SIZE + torch.arange(BLOCK_SIZE)).view(rows, nb * BLOCK_SIZE)[:, :width]
+    if group.mask is None:
+        if group.is_causal:
+            assert queries == width, "SDPA's causal mask is top-left aligned: only right for T == L"
+            visible = torch.ones(queries, width, dtype=torch.bool).tril().expand(rows, queries, width)
+        else:
+            visible = torch.ones(rows, queries, width, dtype=torch.bool)
+    else:
+        assert not group.is_causal
+        assert group.mask.dtype == torch.bool and group.mask.dim() == 4
+        assert group.mask.shape[0] in (1, rows) and group.mask.shape[1] == 1
+        assert group.mask.shape[2] == queries and group.mask.shape[3] == width
+        visible = group.mask.expand(rows, 1, queries, width)[:, 0]
+    out = []
+    for r in range(rows):
+        base = first_keys[r] // BLOCK_SIZE * BLOCK_SIZE
+        out.append(RowRead(list(range(base, base + width)), slots[r].tolist(), visible[r].tolist()))
+    return out
+
+
+def assert_row_sees(read: RowRead, table: list[int], query_positions: list[int], window: int | None = None) -> None:
+    """Query p of the row sees exactly the keys 0 .. p (max(0, p - window + 1) .. p with a window), each read
+    from its slot through the block table; nothing else the row reads is visible to it."""
+    assert len(read.visible) == len(query_positions)
+    for t, p in enumerate(query_positions):
+        low = 0 if window is None else max(0, p - window + 1)
+        expected = list(range(low, p + 1))
+        assert read.visible_positions(t) == expected, (t, p)
+        assert read.visible_slots(t) == [slot(table, k) for k in expected], (t, p)
+
+
 # ---------------------------------------------------------------- build_step: attention groups
 
 
@@ -201,18 +268,24 @@ def test_groups_cover_the_packed_tokens_in_order():
     step = build_step(mixed_chunks(), make_cache(), sliding_window=None)
     groups = step.attention.groups
     assert [(g.start, g.num_rows, g.num_queries, g.end) for g in groups] == [(0, 2, 1, 2), (2, 1, 6, 8), (8, 1, 3, 11)]
+    # the groups' block rows lie back to back in the one flat tensor gathered per layer
+    assert [(g.block_offset, g.num_blocks) for g in groups] == [(0, 2), (4, 2), (6, 2)]
+    assert step.attention.block_ids.numel() == 8
 
 
 def test_decode_group_reads_each_row_through_its_block_table():
     step = build_step(mixed_chunks(), make_cache(), sliding_window=None)
     group = step.attention.groups[0]  # d1 (keys 0..5) and d2 (keys 0..3)
+    d1, d2 = reads(step.attention.block_ids, group, [0, 0])
 
-    assert group.slots.shape == (2, 6)
-    assert group.slots[0].tolist() == [slot(D1_TABLE, p) for p in range(6)]
-    assert group.slots[1, :4].tolist() == [slot(D2_TABLE, p) for p in range(4)]
-    assert bool(((group.slots >= 0) & (group.slots < make_cache().num_slots)).all())  # padding reads a real slot
-    assert group.mask is not None and group.mask.dtype == torch.bool
-    assert group.mask.shape == (2, 1, 1, 6)
+    assert group.num_keys == 6 and group.num_blocks == 2
+    assert d1.slots == [slot(D1_TABLE, p) for p in range(6)]
+    assert d2.slots[:4] == [slot(D2_TABLE, p) for p in range(4)]
+    assert d1.visible_slots() == [slot(D1_TABLE, p) for p in range(6)]
+    assert d2.visible_slots() == [slot(D2_TABLE, p) for p in range(4)]
+    # d2's table has one block: its second block is padding, a real slot (checked by reads) and masked out
+    assert set(d2.hidden_slots()) == set(d2.slots[4:]) and len(d2.hidden_slots()) == 2
+    assert group.mask is not None and group.mask.shape == (2, 1, 1, 6)
     assert group.mask[:, 0, 0].tolist() == [[True] * 6, [True] * 4 + [False] * 2]
     assert not group.is_causal
 
@@ -223,14 +296,20 @@ def test_decode_group_of_equal_lengths_has_no_mask():
 
     (group,) = step.attention.groups
     assert group.mask is None and not group.is_causal
-    assert group.slots.tolist() == [[16, 17, 18, 19, 0, 1, 2], [4, 5, 6, 7, 8, 9, 10]]
+    ra, rb = reads(step.attention.block_ids, group, [0, 0])
+    assert ra.slots == [16, 17, 18, 19, 0, 1, 2] and rb.slots == [4, 5, 6, 7, 8, 9, 10]
+    assert_row_sees(ra, [4, 0], [6])  # no mask: every key read is one the row may see
+    assert_row_sees(rb, [1, 2], [6])
 
 
 def test_fresh_prefill_is_causal_without_a_mask():
     step = build_step(mixed_chunks(), make_cache(), sliding_window=None)
     group = step.attention.groups[1]
     assert group.is_causal and group.mask is None
-    assert group.slots.tolist() == [[slot(P1_TABLE, p) for p in range(6)]]
+    assert group.num_keys == group.num_queries == 6
+    (row,) = reads(step.attention.block_ids, group, [0])
+    assert row.slots == [slot(P1_TABLE, p) for p in range(6)]
+    assert_row_sees(row, P1_TABLE, list(range(6)))
 
 
 def test_prefill_after_a_cached_prefix_masks_key_j_for_query_p_unless_j_le_p():
@@ -238,49 +317,93 @@ def test_prefill_after_a_cached_prefix_masks_key_j_for_query_p_unless_j_le_p():
     group = step.attention.groups[2]  # queries at 4, 5, 6 over keys 0..6
 
     assert not group.is_causal
-    assert group.slots.tolist() == [[slot(P2_TABLE, p) for p in range(7)]]
+    (row,) = reads(step.attention.block_ids, group, [0])
+    assert row.slots == [slot(P2_TABLE, p) for p in range(7)]
     assert group.mask.shape == (1, 1, 3, 7)
     assert group.mask[0, 0].tolist() == band([4, 5, 6], list(range(7)))
+    assert_row_sees(row, P2_TABLE, [4, 5, 6])
 
 
-def test_no_sliding_window_means_no_sliding_groups():
+def test_no_sliding_window_means_no_sliding_layout():
     step = build_step(mixed_chunks(), make_cache(), sliding_window=None)
-    assert step.attention.groups_for(None) is step.attention.groups
-    assert step.attention.groups_for(3) is step.attention.groups
+    assert step.attention.sliding is None
+    for window in (None, 3):
+        block_ids, groups = step.attention.layout_for(window)
+        assert block_ids is step.attention.block_ids and groups is step.attention.groups
 
 
 def test_sliding_decode_reads_only_the_last_window_keys():
     window = 3
     step = build_step(mixed_chunks(), make_cache(), sliding_window=window)
-    assert step.attention.groups_for(window) is step.attention.sliding_groups
-    assert step.attention.groups_for(None) is step.attention.groups
-    full, sliding = step.attention.groups[0], step.attention.sliding_groups[0]
+    sliding_ids, sliding_groups = step.attention.sliding
+    assert step.attention.layout_for(window) is step.attention.sliding
+    full_ids, full_groups = step.attention.layout_for(None)
+    assert full_ids is step.attention.block_ids and full_groups is step.attention.groups
+    full, sliding = full_groups[0], sliding_groups[0]
 
-    assert full.slots.shape == (2, 6)  # the full-attention layers still read everything
-    assert sliding.slots.tolist() == [[slot(D1_TABLE, p) for p in (3, 4, 5)], [slot(D2_TABLE, p) for p in (1, 2, 3)]]
-    assert sliding.mask is None  # both rows read exactly window keys
+    # the full-attention layers still read everything
+    full_d1, full_d2 = reads(full_ids, full, [0, 0])
+    assert full.num_keys == 6
+    assert_row_sees(full_d1, D1_TABLE, [5])
+    assert_row_sees(full_d2, D2_TABLE, [3])
+    # d1 sees keys 3..5 (reading from block 0, which holds key 3), d2 keys 1..3
+    d1, d2 = reads(sliding_ids, sliding, [3, 1])
+    assert d1.visible_slots() == [slot(D1_TABLE, p) for p in (3, 4, 5)]
+    assert d2.visible_slots() == [slot(D2_TABLE, p) for p in (1, 2, 3)]
+    assert_row_sees(d1, D1_TABLE, [5], window)
+    assert_row_sees(d2, D2_TABLE, [3], window)
+    assert sliding.mask is not None  # neither row's first key starts a block: the keys before it are hidden
+
+
+def test_sliding_decode_reading_whole_blocks_exactly_needs_no_mask():
+    window = 4
+    a, b = decode("a", 7, [5, 2]), decode("b", 11, [6, 3, 9])  # keys 4..7 and 8..11: one whole block each
+    step = build_step([a, b], make_cache(), sliding_window=window)
+
+    sliding_ids, (group,) = step.attention.sliding
+    assert group.mask is None and not group.is_causal
+    assert group.num_keys == window and group.num_blocks == 1
+    rb, ra = reads(sliding_ids, group, [8, 4])  # the longer row first
+    assert rb.slots == [slot([6, 3, 9], p) for p in range(8, 12)] and ra.slots == [slot([5, 2], p) for p in range(4, 8)]
+    assert_row_sees(rb, [6, 3, 9], [11], window)
+    assert_row_sees(ra, [5, 2], [7], window)
+    (full,) = step.attention.groups  # 12 and 8 keys: padded and masked
+    assert full.mask is not None
+    fb, fa = reads(step.attention.block_ids, full, [0, 0])
+    assert_row_sees(fb, [6, 3, 9], [11])
+    assert_row_sees(fa, [5, 2], [7])
 
 
 def test_sliding_decode_rows_shorter_than_the_window_are_padded():
     long, short = decode("long", 7, [0, 1]), decode("short", 6, [3, 2])  # 8 and 7 keys, all inside the window
     step = build_step([long, short], make_cache(), sliding_window=8)
 
-    (group,) = step.attention.sliding_groups
-    assert group.slots[0].tolist() == [slot([0, 1], p) for p in range(8)]
-    assert group.slots[1, :7].tolist() == [slot([3, 2], p) for p in range(7)]
+    sliding_ids, (group,) = step.attention.sliding
+    rl, rs = reads(sliding_ids, group, [0, 0])
+    assert rl.slots == [slot([0, 1], p) for p in range(8)]
+    assert rs.slots[:7] == [slot([3, 2], p) for p in range(7)]
     assert group.mask[:, 0, 0].tolist() == [[True] * 8, [True] * 7 + [False]]
+    assert_row_sees(rl, [0, 1], [7], 8)
+    assert_row_sees(rs, [3, 2], [6], 8)
 
 
 def test_sliding_prefill_masks_a_band():
     window = 3
     step = build_step(mixed_chunks(), make_cache(), sliding_window=window)
-    fresh, cached = step.attention.sliding_groups[1], step.attention.sliding_groups[2]
+    sliding_ids, sliding_groups = step.attention.sliding
+    fresh, cached = sliding_groups[1], sliding_groups[2]
 
     assert not fresh.is_causal  # a causal mask alone would read beyond the window
+    (row,) = reads(sliding_ids, fresh, [0])
     assert fresh.mask[0, 0].tolist() == band(list(range(6)), list(range(6)), window)
-    # queries 4..6: the first reads back to 4 - window + 1 = 2, so keys 2..6
-    assert cached.slots.tolist() == [[slot(P2_TABLE, p) for p in range(2, 7)]]
-    assert cached.mask[0, 0].tolist() == band([4, 5, 6], list(range(2, 7)), window)
+    assert_row_sees(row, P1_TABLE, list(range(6)), window)
+    # queries 4..6: the first reads back to 4 - window + 1 = 2, so keys 2..6, read from block 0 (keys 0..3)
+    (row,) = reads(sliding_ids, cached, [2])
+    assert row.positions == list(range(7))
+    assert row.slots == [slot(P2_TABLE, p) for p in range(7)]
+    assert cached.mask[0, 0].tolist() == band([4, 5, 6], list(range(7)), window)
+    assert row.visible_positions(0) == [2, 3, 4]
+    assert_row_sees(row, P2_TABLE, [4, 5, 6], window)
 
 
 def test_sliding_prefill_starting_mid_table_reads_through_the_right_blocks():
@@ -289,12 +412,17 @@ def test_sliding_prefill_starting_mid_table_reads_through_the_right_blocks():
     long = chunk("long", prompt, [], num_computed=29, num_tokens=5, block_table=table)  # queries 29..33
     step = build_step([long], make_cache(), sliding_window=6)
 
-    (group,) = step.attention.sliding_groups
-    assert group.slots.tolist() == [[slot(table, p) for p in range(24, 34)]]
+    sliding_ids, (group,) = step.attention.sliding
+    (row,) = reads(sliding_ids, group, [24])  # keys from 29 - 6 + 1 = 24: blocks 6, 7, 8
+    assert sliding_ids[group.block_offset : group.block_offset + group.num_blocks].tolist() == table[6:9]
+    assert row.slots == [slot(table, p) for p in range(24, 34)]
     assert group.mask[0, 0].tolist() == band(list(range(29, 34)), list(range(24, 34)), 6)
+    assert_row_sees(row, table, list(range(29, 34)), 6)
     (full,) = step.attention.groups
-    assert full.slots.tolist() == [[slot(table, p) for p in range(34)]]
+    (row,) = reads(step.attention.block_ids, full, [0])
+    assert row.slots == [slot(table, p) for p in range(34)]
     assert full.mask[0, 0].tolist() == band(list(range(29, 34)), list(range(34)))
+    assert_row_sees(row, table, list(range(29, 34)))
 
 
 @pytest.mark.parametrize("window", [None, 5])
@@ -303,16 +431,69 @@ def test_every_decode_key_slot_follows_the_block_table(window):
     chunks = [decode("a", 17, tables["a"]), decode("b", 15, tables["b"]), decode("c", 13, tables["c"])]
     step = build_step(chunks, make_cache(), sliding_window=window)
 
-    groups = step.attention.sliding_groups if window else step.attention.groups
+    block_ids, groups = step.attention.layout_for(window)
     assert sum(g.num_rows for g in groups) == 3
     for group in groups:  # decode groups: one packed token per row
-        for row, c in enumerate(step.chunks[group.start : group.end]):
-            pos = c.seq.num_computed
-            first = 0 if window is None else max(0, pos - window + 1)
-            expected = [slot(tables[c.seq.request_id], p) for p in range(first, pos + 1)]
-            assert group.slots[row, : len(expected)].tolist() == expected
-            num_padding = group.slots.shape[1] - len(expected)
+        rows = step.chunks[group.start : group.end]
+        firsts = [max(0, c.seq.num_computed - window + 1) if window else 0 for c in rows]
+        for r, (c, read) in enumerate(zip(rows, reads(block_ids, group, firsts))):
+            pos, table = c.seq.num_computed, tables[c.seq.request_id]
+            assert_row_sees(read, table, [pos], window)
+            for key, s in zip(read.positions, read.slots):  # the blocks read are the table's, from the first one
+                if key < len(table) * BLOCK_SIZE:
+                    assert s == slot(table, key)
+            num_hidden = len(read.slots) - len(read.visible_slots())
             if group.mask is None:
-                assert num_padding == 0
+                assert num_hidden == 0
             else:
-                assert group.mask[row, 0, 0].tolist() == [True] * len(expected) + [False] * num_padding
+                assert group.mask[r, 0, 0].tolist() == [firsts[r] <= p <= pos for p in read.positions]
+
+
+def test_a_decode_row_with_fewer_blocks_than_the_group_reads_masked_padding_blocks():
+    long, short = decode("long", 11, [7, 8, 9]), decode("short", 7, [4, 5])  # 12 and 8 keys: 3 and 2 blocks
+    step = build_step([long, short], make_cache(), sliding_window=None)
+    (group,) = step.attention.groups
+    assert group.num_blocks == 3 and group.num_keys == 12
+    rl, rs = reads(step.attention.block_ids, group, [0, 0])
+    assert_row_sees(rl, [7, 8, 9], [11])
+    assert_row_sees(rs, [4, 5], [7])
+    assert len(rs.hidden_slots()) == 4 and not rl.hidden_slots()  # padding: real slots (see reads), masked
+
+
+@pytest.mark.parametrize("window", [None, 1, 3, 4, 9])
+def test_random_steps_every_row_sees_exactly_its_keys(window):
+    rng = random.Random(window or 0)
+    for _ in range(40):
+        blocks = list(range(64))
+        rng.shuffle(blocks)
+        chunks = []
+        for i in range(rng.randint(1, 6)):
+            computed = rng.randint(0, 30)
+            num_tokens = 1 if computed and rng.random() < 0.6 else rng.randint(1, 9)
+            needed = -(-(computed + num_tokens) // BLOCK_SIZE) + rng.randint(0, 1)  # sometimes a block ahead
+            table, blocks = blocks[:needed], blocks[needed:]
+            prompt = list(range(computed + num_tokens))
+            chunks.append(chunk(f"s{i}", prompt, [], computed, num_tokens, table))
+        step = build_step(chunks, make_cache(64), sliding_window=window)
+
+        block_ids, groups = step.attention.layout_for(window)
+        assert [(g.start, g.end) for g in groups] == list(zip([0] + [g.end for g in groups[:-1]],
+                                                              [g.end for g in groups]))
+        assert groups[-1].end == step.input_ids.shape[1]
+        for group in groups:
+            rows = [c for c in step.chunks if _packed_start(step, c) in
+                    range(group.start, group.end, group.num_queries)]
+            assert len(rows) == group.num_rows
+            firsts = [max(0, c.seq.num_computed - window + 1) if window else 0 for c in rows]
+            for c, read in zip(rows, reads(block_ids, group, firsts, num_cache_blocks=64)):
+                queries = list(range(c.seq.num_computed, c.seq.num_computed + c.num_tokens))
+                assert_row_sees(read, c.seq.block_table, queries, window)
+
+
+def _packed_start(step, target: ScheduledChunk) -> int:
+    start = 0
+    for c in step.chunks:
+        if c is target:
+            return start
+        start += c.num_tokens
+    raise AssertionError("chunk not packed")
