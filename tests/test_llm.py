@@ -203,3 +203,29 @@ def test_kv_budget_below_one_max_length_sequence_is_a_clear_error_at_start(tiny_
     model, tokenizer = tiny_llama
     with pytest.raises(ValueError, match="kv-cache-tokens"):
         LLMEngine(model, tokenizer, LLMEngineConfig(max_model_len=1024, max_cached_tokens=1000))
+
+
+def test_a_step_makes_one_host_to_device_copy_and_one_transfer_back(engine, monkeypatch):
+    from worker.engines import batch, sampler
+
+    for i in range(3):
+        engine.add(make_request(f"t{i}", PROMPT + [i], max_tokens=3, temperature=0.8, top_k=20, seed=i, logprobs=2))
+    engine.add(make_request("g", PROMPT, max_tokens=3))
+    counts = {"send": 0, "to_host": 0, "item": 0, "tolist": 0}
+    real_send, real_to_host = batch.Staging.send, sampler.SampleResult.to_host
+    real_item, real_tolist = torch.Tensor.item, torch.Tensor.tolist
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(batch.Staging, "send", counted("send", real_send))
+    monkeypatch.setattr(sampler.SampleResult, "to_host", counted("to_host", real_to_host))
+    monkeypatch.setattr(torch.Tensor, "item", counted("item", real_item))
+    monkeypatch.setattr(torch.Tensor, "tolist", counted("tolist", real_tolist))
+    outputs = engine.step()  # prefill of all four, one token each
+    monkeypatch.undo()
+    assert len(outputs) == 4
+    assert counts == {"send": 1, "to_host": 1, "item": 0, "tolist": 1}  # to_host's one tolist, nothing per request
