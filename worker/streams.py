@@ -24,10 +24,10 @@ from producer.protocol import (
     EventType,
     decode_event,
     encode_event,
-    event_stream_id,
     now_ms,
 )
 from worker.config import WorkerConfig
+from worker.event_writes import EVENTS_LUA, events_script_args, is_refused
 
 log = logging.getLogger("redbatch.worker")
 MAX_BACKOFF_S = 2.0  # longest wait between retries while Redis is away
@@ -41,10 +41,17 @@ class Outbox:
     events: list[tuple[str, int, EventType, dict[str, Any]]] = field(default_factory=list)
     acks: list[tuple[str, str | None]] = field(default_factory=list)  # (entry id, request whose terminal event gates it)
     dead: list[tuple[str, dict[Any, Any], str, bool]] = field(default_factory=list)  # (entry, fields, reason, ack)
-    is_resend: bool = False  # a retry after a failed flush: events already written are not a conflict
+    is_resend: bool = False  # a retry after a failed flush: its own events already written are not a conflict
 
     def event(self, request_id: str, seq: int, type: EventType, **fields: Any) -> None:
         self.events.append((request_id, seq, type, fields))
+
+    def events_by_request(self) -> dict[str, list[tuple[int, EventType, dict[str, Any]]]]:
+        """Each request's events in seq order (the order they were added)."""
+        grouped: dict[str, list[tuple[int, EventType, dict[str, Any]]]] = {}
+        for request_id, seq, type, fields in self.events:
+            grouped.setdefault(request_id, []).append((seq, type, fields))
+        return grouped
 
     def ack(self, entry_id: str, request_id: str | None) -> None:
         """Ack once request_id's events of this flush are written (None: ack unconditionally)."""
@@ -68,7 +75,6 @@ class TransientRedisError(redis.RedisError):
 
 
 _TRANSIENT_PREFIXES = ("OOM", "LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "READONLY")
-_ID_CONFLICT = "equal or smaller than the target stream top item"
 
 
 _TRANSIENT_TYPES = (redis.ConnectionError, redis.TimeoutError, TransientRedisError, redis_errors.OutOfMemoryError,
@@ -93,6 +99,7 @@ class WorkerStreams:
         self.reclaim_scan_done = False
         self._can_read_uptime = True
         self._is_past_restart_window = False  # Redis has been up long enough; asked again after an error
+        self._write_events = client.register_script(EVENTS_LUA)
 
     # ------------------------------------------------------------ setup
 
@@ -251,8 +258,8 @@ class WorkerStreams:
 
         An entry is acked only after its terminal event (or dead letter) is written. Returns the
         requests whose event was refused because that seq already exists: another worker owns them
-        now (fencing), so this worker must drop them. Raises on transient failures; the caller
-        retries the same outbox, marked as a resend.
+        now (fencing), so this worker must drop them; none of their later events in this outbox
+        landed. Raises on transient failures; the caller retries the same outbox, marked as a resend.
         """
         fenced: set[str] = set()
         failed: set[str] = set()
@@ -261,18 +268,15 @@ class WorkerStreams:
             owners, results = self._write(outbox)
             for owner, result in zip(owners, results):
                 kind, name = owner
-                if not isinstance(result, Exception):
-                    if kind == "dead":
-                        written_dead.add(name)
-                    continue
-                if is_transient(result):
-                    raise TransientRedisError(str(result))
-                if _ID_CONFLICT in str(result) and kind == "event":
-                    if not outbox.is_resend:
-                        fenced.add(name)
-                    continue
-                log.warning("write for %s %s failed: %s", kind, name, result)
-                failed.add(name)
+                if isinstance(result, Exception):
+                    if is_transient(result):
+                        raise TransientRedisError(str(result))
+                    log.warning("write for %s %s failed: %s", kind, name, result)
+                    failed.add(name)
+                elif kind == "dead":
+                    written_dead.add(name)
+                elif kind == "events" and is_refused(result):
+                    fenced.add(name)
         ackable = [entry for entry, rid in outbox.acks if rid is None or (rid not in fenced and rid not in failed)]
         ackable += [entry for entry, _, _, ack in outbox.dead if ack and entry in written_dead]
         if ackable:
@@ -286,14 +290,14 @@ class WorkerStreams:
         pipe = self.redis.pipeline(transaction=False)
         owners: list[tuple[str, str]] = []
         ttl = self.config.result_ttl_s
-        for request_id, seq, type, fields in outbox.events:
-            key = self.keys.events(request_id)
-            pipe.xadd(key, encode_event(seq, type, **fields), id=event_stream_id(seq))
-            owners.append(("event", request_id))
-            if seq % EVENT_TTL_REFRESH_EVERY == 0 or type in TERMINAL_EVENTS:
-                pipe.expire(key, ttl)
-                owners.append(("expire", request_id))
-            if type in TERMINAL_EVENTS:  # duplicates of this id stay refused for the result TTL
+        for request_id, events in outbox.events_by_request().items():
+            is_ending = any(type in TERMINAL_EVENTS for _, type, _ in events)
+            needs_ttl = is_ending or any(seq % EVENT_TTL_REFRESH_EVERY == 0 for seq, _, _ in events)
+            encoded = [(seq, encode_event(seq, type, **fields)) for seq, type, fields in events]
+            self._write_events(keys=[self.keys.events(request_id)], client=pipe,
+                               args=events_script_args(encoded, outbox.is_resend, ttl if needs_ttl else 0))
+            owners.append(("events", request_id))
+            if is_ending:  # duplicates of this id stay refused for the result TTL
                 pipe.expire(self.keys.request_owner(self.model, request_id), ttl)
                 owners.append(("expire", request_id))
         for entry_id, fields, reason, _ in outbox.dead:
