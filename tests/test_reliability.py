@@ -17,7 +17,7 @@ import torch
 from producer import Client, DuplicateRequest
 from producer import admin
 from producer.keys import GROUP, Keys
-from producer.protocol import EventType, GenerateBody, GenerateConfig, TaskKind, decode_event, encode_request
+from producer.protocol import EventType, GenerateBody, GenerateConfig, TaskKind, decode_event, encode_event, encode_request
 from tests.conftest import _free_port
 from tests.test_loop import events_of, wait_for
 
@@ -175,6 +175,35 @@ def test_kill_9_mid_generation_loses_and_duplicates_nothing(redis_server_url, pr
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_a_reclaimed_request_whose_events_cannot_be_read_fails_alone(worker_factory, client, rds, prefix, tiny_llama):
+    """A malformed events stream fails its own request (dead letter + error), not the reclaiming worker."""
+    keys = Keys(prefix)
+    stream = keys.requests("tiny")
+    rds.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    config = GenerateConfig(max_tokens=6, ignore_eos=True, temperature=0)
+    entries = {rid: rds.xadd(stream, encode_request(rid, TaskKind.GENERATE, GenerateBody(
+        prompt=f"reclaim {rid}", generate_config=config))).decode() for rid in ("bad-json", "not-a-stream", "fine")}
+    rds.xreadgroup(GROUP, "crashed-worker", {stream: ">"})
+    rds.xclaim(stream, GROUP, "crashed-worker", 0, list(entries.values()), idle=60_000)  # orphans now
+    expected = reference(tiny_llama, "reclaim fine", 6)
+    rds.xadd(keys.events("fine"), encode_event(0, EventType.TOKEN, text="", token_ids=expected[:1]), id="0-1")
+    rds.xadd(keys.events("bad-json"), encode_event(0, EventType.TOKEN, text="a", token_ids=[5]), id="0-1")
+    rds.xadd(keys.events("bad-json"), {**encode_event(1, EventType.TOKEN, text="b"), "token_ids": "[not json"}, id="0-2")
+    rds.set(keys.events("not-a-stream"), "not a stream")
+    handle = worker_factory(lease_s=1, max_deliveries=5).start()
+
+    events = list(client.events("fine", timeout_s=60))
+    assert_clean_stream(events) and streamed_ids(events) == expected  # resumed after its published token
+    wait_for(lambda: rds.xlen(stream) == 0 and rds.xpending(stream, GROUP)["pending"] == 0)
+    (last_id, last), = rds.xrevrange(keys.events("bad-json"), count=1)  # the client cannot read the bad event
+    failed = decode_event(last)
+    assert last_id == b"0-3" and failed.type == EventType.ERROR and failed.code == "dead_letter" and failed.seq == 2
+    letters = {d.request_id: d.reason for d in admin.list_dead(rds, keys, "tiny")}
+    assert set(letters) == {"bad-json", "not-a-stream"} and all("cannot be read" in r for r in letters.values())
+    assert rds.get(keys.events("not-a-stream")) == b"not a stream"  # nothing could be written there
+    assert handle.is_alive and handle.worker.stats.num_reclaimed == 3
 
 
 # ---------------------------------------------------------------- dead letters and duplicates

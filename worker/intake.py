@@ -7,6 +7,7 @@ request id (duplicates), and, for a redelivery, what was already published. Then
     bad entry              → error invalid_request
     already ended          → ack (a redelivery whose terminal event was written)
     another entry's id     → ack, never executed (duplicate)
+    unreadable events      → dead letter + error dead_letter (when a seq can follow them)
     aborted                → aborted
     delivered too often    → dead letter + error dead_letter
     deadline passed        → error expired (unless it had already started)
@@ -71,6 +72,9 @@ class Intake:
                         state.owner_entry)
             outbox.ack(entry.entry_id, None)
             return
+        if state.unreadable is not None:
+            self._fail_unreadable_events(entry, state, outbox)
+            return
         try:
             request = decode_request(entry.fields, self.config.max_body_bytes)
         except BadEntry as exc:
@@ -105,6 +109,17 @@ class Intake:
             done = self.engine.finish_if_complete(seq)
             if done is not None:
                 self.finished_on_resume.append(done)
+
+    def _fail_unreadable_events(self, entry: Entry, state: EntryState, outbox: Outbox) -> None:
+        """A reclaimed request whose published events cannot be read cannot resume: it is dead-lettered,
+        with an `error` event after those events when a seq can be written there."""
+        reason = f"its published events cannot be read ({state.unreadable})"
+        log.warning("entry %s (request %s): %s", entry.entry_id, entry.request_id, reason)
+        if state.next_seq is None:
+            outbox.dead_letter(entry.entry_id, entry.fields, reason)
+        else:
+            outbox.dead_letter(entry.entry_id, entry.fields, reason, ack=False)
+            self._reject(entry, ErrorCode.DEAD_LETTER, reason, outbox, state.next_seq)
 
     def _reject(self, entry: Entry, code: ErrorCode, message: str, outbox: Outbox, seq: int) -> None:
         request_id = entry.request_id

@@ -160,12 +160,14 @@ class WorkerStreams:
             pipe.get(owner)
             if is_redelivery:
                 pipe.xrange(self.keys.events(request_id))
-        results = iter(pipe.execute())
+        results = iter(pipe.execute(raise_on_error=False))
         states = []
         for _, _, is_redelivery in items:
-            aborted, _, owner = next(results), next(results), next(results)
-            events = [decode_event(f) for _, f in next(results)] if is_redelivery else []
-            states.append(EntryState(bool(aborted), owner.decode() if owner else None, events))
+            aborted, _, owner = _raise_errors(next(results), next(results), next(results))
+            state = EntryState(bool(aborted), owner.decode() if owner else None)
+            if is_redelivery:
+                state.read_published(next(results))
+            states.append(state)
         return states
 
     def renew(self, entry_ids: list[str]) -> None:
@@ -336,15 +338,46 @@ class EntryState:
 
     is_aborted: bool
     owner_entry: str | None  # the entry that owns the request id (another one: this entry is a duplicate)
-    events: list[Event]  # already published (redeliveries only)
+    events: list[Event] = field(default_factory=list)  # already published (redeliveries only)
+    unreadable: str | None = None  # why the published events cannot be read (`events` is then empty)
+    seq_after_unreadable: int | None = None  # with `unreadable`: the next free seq; None: none can be written
 
     @property
     def has_ended(self) -> bool:
         return bool(self.events) and self.events[-1].is_terminal
 
     @property
-    def next_seq(self) -> int:
-        return len(self.events)
+    def next_seq(self) -> int | None:
+        return len(self.events) if self.unreadable is None else self.seq_after_unreadable
+
+    def read_published(self, reply: Any) -> None:
+        """Decode the XRANGE of the events stream; a stream this worker cannot read fails its request alone."""
+        if isinstance(reply, Exception):  # e.g. WRONGTYPE: the key is not a stream, no event can go there
+            if is_transient(reply):
+                raise reply
+            self.unreadable = str(reply)
+            return
+        try:
+            self.events = [decode_event(fields) for _, fields in reply]
+        except Exception as exc:  # noqa: BLE001 - anything a stream holds must fail that request, never the worker
+            self.unreadable = f"{type(exc).__name__}: {exc}"[:500]
+            self.seq_after_unreadable = _seq_after(reply)
+
+
+def _seq_after(entries: list[tuple[Any, dict[Any, Any]]]) -> int | None:
+    """The seq an event written after these raw entries takes: none after a terminal or a foreign id."""
+    last_id, last_fields = entries[-1]
+    ms, _, number = _text(last_id).partition("-")
+    if ms != "0" or _text(last_fields.get(b"type", b"")) in {t.value for t in TERMINAL_EVENTS}:
+        return None
+    return int(number)  # event seq N sits at id 0-<N+1>
+
+
+def _raise_errors(*replies: Any) -> tuple[Any, ...]:
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies
 
 
 def _text(value: Any) -> str:
