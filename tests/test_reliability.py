@@ -134,8 +134,8 @@ def test_orphans_resume_ahead_of_new_requests(worker_factory, client, rds, prefi
     step = worker.worker.engine.step
     worker.worker.engine.step = lambda: (time.sleep(0.005), step())[1]  # 200 steps outlast the lease anywhere
     admitted, admit = [], worker.worker.intake.admit
-    worker.worker.intake.admit = lambda entries, outbox: (admitted.extend(e.request_id for e in entries),
-                                                          admit(entries, outbox))
+    worker.worker.intake.admit = lambda taken, outbox: (admitted.extend(e.request_id for e, _ in taken),
+                                                        admit(taken, outbox))
     worker.start()
     for request_id in orphans + running + newer:
         assert client.wait(request_id, timeout_s=60).type == EventType.DONE

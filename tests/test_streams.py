@@ -10,7 +10,8 @@ import pytest
 from producer.keys import GROUP
 from producer.protocol import EventType, decode_event, encode_event, event_stream_id
 from worker.config import WorkerConfig
-from worker.streams import Outbox, WorkerStreams
+from worker.outbox import Outbox
+from worker.streams import WorkerStreams
 
 
 def make_streams(server, worker_id: str, lease_s: float = 0.05) -> WorkerStreams:

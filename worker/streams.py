@@ -17,57 +17,14 @@ import redis
 import redis.exceptions as redis_errors
 
 from producer.keys import GROUP, Keys
-from producer.protocol import (
-    TERMINAL_EVENTS,
-    ErrorCode,
-    Event,
-    EventType,
-    decode_event,
-    encode_event,
-    now_ms,
-)
+from producer.protocol import TERMINAL_EVENTS, Event, decode_event, encode_event, now_ms
 from worker.config import WorkerConfig
 from worker.event_writes import EVENTS_LUA, events_script_args, is_refused
+from worker.outbox import Outbox
 
 log = logging.getLogger("redbatch.worker")
 MAX_BACKOFF_S = 2.0  # longest wait between retries while Redis is away
 EVENT_TTL_REFRESH_EVERY = 64  # events between EXPIREs of a long-running request's stream
-
-
-@dataclass
-class Outbox:
-    """Events, acks and dead letters gathered during one loop iteration, flushed together."""
-
-    events: list[tuple[str, int, EventType, dict[str, Any]]] = field(default_factory=list)
-    acks: list[tuple[str, str | None]] = field(default_factory=list)  # (entry id, request whose terminal event gates it)
-    dead: list[tuple[str, dict[Any, Any], str, bool]] = field(default_factory=list)  # (entry, fields, reason, ack)
-    is_resend: bool = False  # a retry after a failed flush: its own events already written are not a conflict
-
-    def event(self, request_id: str, seq: int, type: EventType, **fields: Any) -> None:
-        self.events.append((request_id, seq, type, fields))
-
-    def events_by_request(self) -> dict[str, list[tuple[int, EventType, dict[str, Any]]]]:
-        """Each request's events in seq order (the order they were added)."""
-        grouped: dict[str, list[tuple[int, EventType, dict[str, Any]]]] = {}
-        for request_id, seq, type, fields in self.events:
-            grouped.setdefault(request_id, []).append((seq, type, fields))
-        return grouped
-
-    def ack(self, entry_id: str, request_id: str | None) -> None:
-        """Ack once request_id's events of this flush are written (None: ack unconditionally)."""
-        self.acks.append((entry_id, request_id))
-
-    def fail(self, request_id: str, entry_id: str, seq: int, code: ErrorCode, message: str) -> None:
-        self.event(request_id, seq, EventType.ERROR, code=code, message=message[:2000])
-        self.ack(entry_id, request_id)
-
-    def dead_letter(self, entry_id: str, fields: dict[Any, Any], reason: str, ack: bool = True) -> None:
-        """Copy the entry to the dead stream; ack it once the copy is written (unless an event gates the ack)."""
-        self.dead.append((entry_id, fields, reason, ack))
-
-    @property
-    def is_empty(self) -> bool:
-        return not (self.events or self.acks or self.dead)
 
 
 class TransientRedisError(redis.RedisError):
