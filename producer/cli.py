@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--grace-s", type=float, default=30.0)
     w.add_argument("--lease-s", type=float, default=30.0, help="entries idle this long are reclaimed by another worker")
     w.add_argument("--max-deliveries", type=int, default=3)
+    w.add_argument("--max-consecutive-step-failures", type=int, default=3,
+                   help="after this many failed steps in a row, hand the requests back and exit with status 75")
     w.add_argument("--max-body-bytes", type=int, default=1 << 20)
     w.add_argument("--max-tokens-limit", type=int, default=32768)
     w.add_argument("--worker-id", default=None)
@@ -113,7 +115,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len, kv_cache_tokens=args.kv_cache_tokens, max_queue_len=args.max_queue_len, device=args.device, dtype=args.dtype,
         num_threads=args.threads, grace_s=args.grace_s, trust_remote_code=args.trust_remote_code,
         lease_s=args.lease_s, max_deliveries=args.max_deliveries, max_body_bytes=args.max_body_bytes,
-        max_tokens_limit=args.max_tokens_limit,
+        max_tokens_limit=args.max_tokens_limit, max_consecutive_step_failures=args.max_consecutive_step_failures,
     )
     if args.worker_id:
         options["worker_id"] = args.worker_id

@@ -285,6 +285,57 @@ def test_model_error_fails_that_steps_requests_and_the_worker_goes_on(worker_fac
     assert handle.is_alive and engine.kv.num_free_slots == engine.max_num_seqs
 
 
+def _fail_steps(engine, monkeypatch, failing: set[int] | None = None) -> dict:
+    """engine.step raises at the calls numbered in `failing` (1-based; None: at every call), after the
+    scheduler has made its requests running, as a failed forward would."""
+    real_step, calls = engine.step, {"n": 0}
+
+    def step():
+        calls["n"] += 1
+        outputs = real_step()
+        if failing is None or calls["n"] in failing:
+            raise RuntimeError(f"simulated device error at step {calls['n']}")
+        return outputs
+
+    monkeypatch.setattr(engine, "step", step)
+    return calls
+
+
+def test_a_successful_step_resets_the_count_of_failed_steps(worker_factory, client, monkeypatch):
+    handle = worker_factory(max_num_seqs=1, max_consecutive_step_failures=3)
+    calls = _fail_steps(handle.worker.engine, monkeypatch, failing={2, 3, 5, 6})  # never three in a row
+    handle.start()
+    model = client.get_model("tiny")
+    ids = [model.submit(TaskKind.GENERATE, {"prompt": f"r{i}"}, {"max_tokens": 3, "ignore_eos": True}) for i in range(6)]
+    finals = [client.wait(request_id, timeout_s=30) for request_id in ids]
+    assert [f.code for f in finals[:4]] == ["model_error"] * 4  # r1 fails at its step 2, r2 at 3, r3 at 5, r4 at 6
+    assert [f.type for f in finals[4:]] == [EventType.DONE] * 2
+    assert handle.is_alive and calls["n"] == 12
+
+
+def test_steps_that_keep_failing_stop_the_worker_and_hand_its_requests_back(worker_factory, client, rds, monkeypatch):
+    """A broken device must not turn the worker into a black hole that answers everything with model_error."""
+    from worker.loop import EngineFailed
+
+    register(client)
+    model = client.get_model("tiny")
+    ids = [model.submit(TaskKind.GENERATE, {"prompt": f"r{i}"}, {"max_tokens": 3}) for i in range(8)]
+    broken = worker_factory(max_num_seqs=2, max_consecutive_step_failures=3, lease_s=1, worker_id="broken")
+    _fail_steps(broken.worker.engine, monkeypatch)
+    broken.start().thread.join(30)
+    assert not broken.is_alive and isinstance(broken.error, EngineFailed)
+    assert [client.wait(i, timeout_s=5).code for i in ids[:4]] == ["model_error"] * 4  # failed steps 1 and 2
+    assert all(not events_of(client, i) for i in ids[4:])
+    rows = client.redis.xpending_range(client.keys.requests("tiny"), "workers", "-", "+", 10)
+    assert [(r["consumer"], r["times_delivered"]) for r in rows] == [(b"broken", 1)] * 2  # step 3's, handed back
+    assert all(r["time_since_delivered"] >= 1000 for r in rows)  # marked idle past the lease: reclaimable now
+    assert rds.xlen(client.keys.requests("tiny")) == 4  # those two, and two it never read: it stopped reading
+
+    worker_factory(lease_s=1, max_deliveries=1).start()  # the hand-back counted: 2 deliveries > 1
+    assert [client.wait(i, timeout_s=30).code for i in ids[4:6]] == ["dead_letter"] * 2
+    assert [client.wait(i, timeout_s=30).type for i in ids[6:]] == [EventType.DONE] * 2
+
+
 def test_non_streamed_logprobs_reach_the_caller(worker_factory, client):
     worker_factory().start()
     result = client.get_model("tiny").generate("x", generate_config={"max_tokens": 3, "stream": False, "logprobs": 2})

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import redis
@@ -204,6 +205,41 @@ def test_a_reclaimed_request_whose_events_cannot_be_read_fails_alone(worker_fact
     assert set(letters) == {"bad-json", "not-a-stream"} and all("cannot be read" in r for r in letters.values())
     assert rds.get(keys.events("not-a-stream")) == b"not a stream"  # nothing could be written there
     assert handle.is_alive and handle.worker.stats.num_reclaimed == 3
+
+
+BROKEN_DEVICE_WORKER = """
+import sys
+import torch
+from worker.engines.llm import LLMEngine
+
+def broken_step(self):
+    raise torch.OutOfMemoryError("simulated: out of memory, and preempting did not clear it")
+
+LLMEngine.step = broken_step
+from producer.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_worker_whose_steps_keep_failing_exits_non_zero(redis_server_url, prefix, rds, tiny_llama_path):
+    """The real `redbatch worker` command: a supervisor must see the failure and restart the process."""
+    from worker.main import EXIT_ENGINE_FAILED
+
+    keys = Keys(prefix)
+    stream = keys.requests("tiny")
+    body = GenerateBody(prompt="on a broken device", generate_config=GenerateConfig(max_tokens=3))
+    rds.xadd(stream, encode_request("victim", TaskKind.GENERATE, body))  # before the worker creates the group
+    cmd = [sys.executable, "-c", BROKEN_DEVICE_WORKER, "worker", "--model-name", "tiny", "--model-path",
+           str(tiny_llama_path), "--redis-url", redis_server_url, "--prefix", prefix, "--threads", "1",
+           "--max-consecutive-step-failures", "2", "--worker-id", "broken"]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}, cwd=Path(__file__).parents[1],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == EXIT_ENGINE_FAILED, proc.stderr[-3000:]
+    assert "2 steps in a row failed" in proc.stderr
+    assert not rds.exists(keys.events("victim"))  # the step failed before it ran: still queued, not answered
+    (row,) = rds.xpending_range(stream, GROUP, "-", "+", 10)
+    assert row["consumer"] == b"broken" and row["time_since_delivered"] >= 30_000  # handed back: reclaimable now
+    assert row["times_delivered"] == 1  # its reclaim will count the delivery
 
 
 # ---------------------------------------------------------------- dead letters and duplicates
