@@ -13,6 +13,7 @@ import pytest
 from producer import Client
 from producer.keys import GROUP
 from producer.protocol import EventType, TaskKind, encode_event, event_stream_id
+from tests.conftest import StepGate
 from tests.test_loop import events_of, wait_for
 
 pytestmark = pytest.mark.redis
@@ -24,36 +25,6 @@ def client(redis_server_url, prefix):
     c = Client(redis_server_url, prefix=prefix)
     yield c
     c.close()
-
-
-class StepGate:
-    """Wraps engine.step: the steps numbered in `hold` (1-based) wait until the test releases them."""
-
-    def __init__(self, engine, hold: set[int]):
-        self._step = engine.step
-        self.num_calls = 0
-        self.entered = {n: threading.Event() for n in hold}
-        self.released = {n: threading.Event() for n in hold}
-        engine.step = self
-
-    def __call__(self):
-        self.num_calls += 1
-        n = self.num_calls
-        if n in self.entered:
-            self.entered[n].set()
-            if not self.released[n].wait(WAIT_S):
-                raise RuntimeError(f"step {n} was never released")
-        return self._step()
-
-    def wait_entered(self, n: int) -> None:
-        assert self.entered[n].wait(WAIT_S), f"step {n} never started"
-
-    def release(self, n: int) -> None:
-        self.released[n].set()
-
-    def release_all(self) -> None:
-        for event in self.released.values():
-            event.set()
 
 
 def submit(client: Client, request_id: str, max_tokens: int = 500) -> str:

@@ -12,6 +12,7 @@ from producer import Client, InvalidRequest, QueueFull, RequestAborted, RequestE
 from producer.keys import Keys
 from producer.results import check_terminal
 from producer.protocol import EventType, decode_event, encode_request, GenerateBody, GenerateConfig, TaskKind, now_ms
+from tests.conftest import StepGate
 
 pytestmark = pytest.mark.redis
 
@@ -136,7 +137,11 @@ def test_abort_while_streaming_raises_after_the_tokens(worker_factory, client):
     with pytest.raises(RequestAborted):
         for chunk in stream:
             received.append(chunk)
-    assert received
+    events = events_of(client, "ab-2")
+    tokens = [e for e in events if e.type == EventType.TOKEN]
+    assert events[-1].type == EventType.ABORTED and len(tokens) == len(events) - 1 < 900
+    assert len(received) == len(tokens)  # every token published before the abort reached the caller, then it raised
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in received) == "".join(t.text for t in tokens)
 
 
 def test_bad_entries_never_kill_the_worker(worker_factory, client, rds):
@@ -227,39 +232,57 @@ def test_worker_registers_and_heartbeats(worker_factory, client):
 
 
 def test_graceful_stop_finishes_running_requests(worker_factory, client):
-    handle = worker_factory(grace_s=30).start()
+    handle = worker_factory(grace_s=30)
+    gate = StepGate(handle.worker.engine, hold={3})
+    handle.start()
     model = client.get_model("tiny")
-    request_id = model.submit(TaskKind.GENERATE, {"prompt": "finish me"}, {"max_tokens": 40})
-    wait_for(lambda: len(events_of(client, request_id)) >= 1)
+    request_id = model.submit(TaskKind.GENERATE, {"prompt": "finish me"}, {"max_tokens": 40, "ignore_eos": True})
+    try:
+        gate.wait_entered(3)  # two tokens in, 38 to go
+        handle.worker.request_stop()
+    finally:
+        gate.release_all()
     handle.stop()
-    assert events_of(client, request_id)[-1].type == EventType.DONE
+    events = events_of(client, request_id)
+    assert events[-1].type == EventType.DONE and events[-1].usage.completion_tokens == 40
+    assert [e.seq for e in events] == list(range(41))
 
 
-def test_async_client_chat(worker_factory, redis_server_url, prefix):
+def test_async_client_chat(worker_factory, client, redis_server_url, prefix):
     import asyncio
 
     from producer import AsyncClient
 
     worker_factory().start()
+    messages = [{"role": "user", "content": "hi"}]
+    config = {"max_tokens": 6, "ignore_eos": True, "temperature": 0}
 
     async def main():
-        client = AsyncClient(redis_server_url, prefix=prefix)
-        model = await client.get_model("tiny")
-        whole = await model.chat([{"role": "user", "content": "hi"}], generate_config={"max_tokens": 6, "stream": False})
-        chunks = [c async for c in await model.generate("hi", generate_config={"max_tokens": 6})]
-        await client.aclose()
+        aclient = AsyncClient(redis_server_url, prefix=prefix)
+        model = await aclient.get_model("tiny")
+        whole = await model.chat(messages, generate_config={**config, "stream": False})
+        chunks = [c async for c in await model.chat(messages, generate_config=config)]
+        await aclient.aclose()
         return whole, chunks
 
     whole, chunks = asyncio.run(main())
-    assert whole["object"] == "chat.completion" and whole["usage"]["completion_tokens"] >= 1
-    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    text = whole["choices"][0]["message"]["content"]
+    assert whole["object"] == "chat.completion" and whole["usage"]["completion_tokens"] == 6
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant" and len(chunks) == 6 + 1  # a chunk per token, then the end
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length" and chunks[-1]["usage"]["completion_tokens"] == 6
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == text
+    sync = client.get_model("tiny").chat(messages, generate_config={**config, "stream": False})
+    assert sync["choices"][0]["message"]["content"] == text  # the same answer the sync client gets
 
 
 def test_keys_use_the_configured_prefix_only(worker_factory, client, rds, prefix):
+    before = set(rds.scan_iter("*"))  # whatever other tests left, under their own prefixes
     worker_factory().start()
-    client.get_model("tiny").generate("x", generate_config={"max_tokens": 2, "stream": False})
-    assert all(k.decode().startswith(f"{prefix}:") for k in rds.scan_iter(f"{prefix}:*"))
-    assert Keys(prefix).requests("tiny").encode() in list(rds.scan_iter(f"{prefix}:*"))
+    client.get_model("tiny").generate("x", generate_config={"max_tokens": 2, "stream": False, "request_id": "k-1"})
+    written = {k.decode() for k in set(rds.scan_iter("*")) - before}
+    keys = Keys(prefix)
+    assert {keys.requests("tiny"), keys.models(), keys.events("k-1"), keys.model_workers("tiny")} <= written
+    assert all(k.startswith(f"{prefix}:") for k in written), sorted(written)
 
 
 def test_model_error_fails_that_steps_requests_and_the_worker_goes_on(worker_factory, client, monkeypatch):

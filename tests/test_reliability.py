@@ -19,7 +19,7 @@ from producer import Client, DuplicateRequest
 from producer import admin
 from producer.keys import GROUP, Keys
 from producer.protocol import EventType, GenerateBody, GenerateConfig, TaskKind, decode_event, encode_event, encode_request
-from tests.conftest import _free_port
+from tests.conftest import StepGate, _free_port
 from tests.test_loop import events_of, wait_for
 
 pytestmark = pytest.mark.redis
@@ -70,24 +70,34 @@ def test_unfinished_requests_are_handed_back_and_resumed_exactly(worker_factory,
 
 
 def test_rolling_restarts_never_dead_letter_a_request(worker_factory, client, tiny_llama, rds, prefix):
-    """Each graceful hand-back is not a failed delivery: four restarts with max_deliveries 1 still finish."""
-    model, prompt = None, "rolling restart lake"
+    """Each graceful hand-back is not a failed delivery: four restarts with max_deliveries 1 still finish.
+
+    Each worker is stopped while its sixth step is held, and with no grace that step is its last:
+    it publishes at most six tokens, so the request cannot finish before the fourth restart however
+    fast the machine is."""
+    prompt, max_tokens = "rolling restart lake", 100
     request_id, seen = None, 0
     for generation in range(4):
-        handle = worker_factory(grace_s=0.2, lease_s=30, max_deliveries=1).start()
-        if model is None:
-            model = client.get_model("tiny")
-            request_id = model.submit(TaskKind.GENERATE, {"prompt": prompt},
-                                      {"max_tokens": 600, "ignore_eos": True, "temperature": 0})
-        wait_for(lambda: len(events_of(client, request_id)) >= seen + 5)
-        seen = len(events_of(client, request_id))
+        handle = worker_factory(grace_s=0, lease_s=1, max_deliveries=1)
+        gate = StepGate(handle.worker.engine, hold={6})
+        handle.start()
+        if request_id is None:
+            request_id = client.get_model("tiny").submit(TaskKind.GENERATE, {"prompt": prompt},
+                                                         {"max_tokens": max_tokens, "ignore_eos": True, "temperature": 0})
+        try:
+            gate.wait_entered(6)
+            handle.worker.request_stop()
+        finally:
+            gate.release_all()
         handle.stop()
-        assert not events_of(client, request_id)[-1].is_terminal, f"finished or failed at restart {generation}"
-    last = worker_factory(lease_s=30, max_deliveries=1).start()
+        events = events_of(client, request_id)
+        assert seen < len(events) <= seen + 6 and not events[-1].is_terminal, f"restart {generation}"
+        seen = len(events)
+    last = worker_factory(lease_s=1, max_deliveries=1).start()
     events = list(client.events(request_id, timeout_s=60))
     assert_clean_stream(events)
     assert events[-1].type == EventType.DONE
-    assert streamed_ids(events) == reference(tiny_llama, prompt, 600)
+    assert streamed_ids(events) == reference(tiny_llama, prompt, max_tokens)
     assert last.worker.stats.num_reclaimed == 1 and rds.xlen(Keys(prefix).dead("tiny")) == 0
 
 
