@@ -359,6 +359,30 @@ def test_steps_that_keep_failing_stop_the_worker_and_hand_its_requests_back(work
     assert [client.wait(i, timeout_s=30).type for i in ids[6:]] == [EventType.DONE] * 2
 
 
+def test_entries_read_but_never_run_are_handed_back_without_a_delivery(worker_factory, client, rds, monkeypatch):
+    """The round in flight when the engine breaks may have read entries: they go back, uncounted."""
+    register(client)
+    model = client.get_model("tiny")
+    first = model.submit(TaskKind.GENERATE, {"prompt": "ran"}, {"max_tokens": 3})
+    handle = worker_factory(max_num_seqs=2, max_consecutive_step_failures=1, worker_id="broken")
+    _fail_steps(handle.worker.engine, monkeypatch)
+    streams, real_read, reads = handle.worker.streams, handle.worker.streams.read, []
+
+    def read(count, block_ms):  # the second request arrives once the first is read: the next round takes it
+        entries = real_read(count, block_ms)
+        reads.append(len(entries))
+        if len(reads) == 1:
+            model.submit(TaskKind.GENERATE, {"prompt": "never ran"}, {"max_tokens": 3, "request_id": "second"})
+        return entries
+
+    monkeypatch.setattr(streams, "read", read)
+    handle.start().thread.join(30)
+    assert not handle.is_alive and reads == [1, 1]  # the round beside the failing step read "second"
+    rows = rds.xpending_range(client.keys.requests("tiny"), "workers", "-", "+", 10)
+    assert [r["times_delivered"] for r in rows] == [1, 0]  # first: a delivery; second: never ran here
+    assert not events_of(client, first) and not events_of(client, "second")
+
+
 def test_non_streamed_logprobs_reach_the_caller(worker_factory, client):
     worker_factory().start()
     result = client.get_model("tiny").generate("x", generate_config={"max_tokens": 3, "stream": False, "logprobs": 2})

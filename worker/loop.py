@@ -193,12 +193,14 @@ class Worker:
         """On exit, unfinished entries are marked idle so another worker resumes them at once.
 
         After a clean stop the hand-back does not count as a delivery; after a crash (or a broken
-        engine) it does, so a request that kills workers still reaches the dead letters."""
+        engine) it does, so a request that kills workers still reaches the dead letters. Entries
+        read but never admitted did not run here: they never count."""
         unfinished = [(s.meta["entry_id"], s.meta.get("deliveries", 1)) for s in self.engine.sequences()]
-        unfinished += [(e.entry_id, e.deliveries) for e in unadmitted]
-        if unfinished:
-            log.info("handing back %d unfinished requests for another worker to resume", len(unfinished))
+        never_run = [(e.entry_id, e.deliveries) for e in unadmitted]
+        if unfinished or never_run:
+            log.info("handing back %d unfinished requests for another worker to resume", len(unfinished + never_run))
             self._safe(lambda: self.streams.hand_back(unfinished, is_delivery=not is_clean_exit))
+            self._safe(lambda: self.streams.hand_back(never_run))
 
     # ------------------------------------------------------------ helpers
 
