@@ -105,3 +105,31 @@ def test_a_refused_token_write_stops_the_done_of_the_same_flush(worker_factory, 
         gate.release_all()
     assert [e.text for e in events_of(client, request_id)][2:] == ["theirs"]  # no `done` of ours after it
     assert rds.xpending(client.keys.requests("tiny"), GROUP)["pending"] == 1  # not acked: it is the other's
+
+
+@pytest.mark.parametrize("ended_by", ["abort", "another worker"])
+def test_a_step_that_fails_beside_the_round_that_ends_its_request_adds_nothing(worker_factory, client, rds,
+                                                                               monkeypatch, ended_by):
+    """Step 4 fails while step 3's round writes `aborted` (or is refused): no model_error follows it."""
+    from tests.test_loop import _fail_steps
+
+    handle = worker_factory(max_num_seqs=1)
+    _fail_steps(handle.worker.engine, monkeypatch, failing={4})
+    gate = StepGate(handle.worker.engine, hold={3})
+    handle.start()
+    try:
+        request_id = submit(client, "ended")
+        gate.wait_entered(3)
+        wait_for(lambda: len(events_of(client, request_id)) == 2, timeout_s=WAIT_S)
+        if ended_by == "abort":
+            client.abort_request("tiny", request_id)
+        else:
+            theirs = encode_event(2, EventType.TOKEN, text="theirs", token_ids=[1])
+            rds.xadd(client.keys.events(request_id), theirs, id=event_stream_id(2))
+        gate.release(3)
+        wait_for(lambda: handle.worker.engine.num_active == 0, timeout_s=WAIT_S)
+        handle.stop()
+    finally:
+        gate.release_all()
+    third = EventType.ABORTED if ended_by == "abort" else EventType.TOKEN
+    assert [e.type for e in events_of(client, request_id)] == [EventType.TOKEN, EventType.TOKEN, third]

@@ -114,7 +114,7 @@ class Worker:
         outbox = Outbox()
         outputs = self._step(outbox)  # meanwhile the I/O thread runs the previous step's Redis round
         seen = self.io.wait()
-        outputs = self._drop(seen.dropped, outputs)  # aborted or fenced meanwhile: this step's tokens go too
+        outputs = self._drop(seen.dropped, outputs, outbox)  # aborted or fenced meanwhile: drop this step's output
         self.intake.admit(seen.entries, outbox)  # between steps: only this thread touches the engine
         outputs += self.intake.take_finished_on_resume()
         for out in outputs:
@@ -146,11 +146,12 @@ class Worker:
         self._record_step(started, outputs)
         return outputs
 
-    def _drop(self, request_ids: set[str], outputs: list[StepOutput]) -> list[StepOutput]:
+    def _drop(self, request_ids: set[str], outputs: list[StepOutput], outbox: Outbox) -> list[StepOutput]:
         """Requests whose `aborted` event is written, or that another worker owns: gone from the engine,
-        and nothing more of them is published."""
+        and nothing more of them is published (not this step's tokens, nor its model_error)."""
         for request_id in request_ids:
             self.engine.abort(request_id)
+        outbox.discard(request_ids)
         return [o for o in outputs if o.seq.request_id not in request_ids]
 
     def _emit(self, out: StepOutput, outbox: Outbox) -> None:
@@ -186,7 +187,7 @@ class Worker:
         except Exception:  # noqa: BLE001 - exiting anyway: hand back what is held, as after a crash
             log.exception("the last Redis round failed")
             return [], False
-        self._drop(seen.dropped, [])
+        self._drop(seen.dropped, [], Outbox())
         return [entry for entry, _ in seen.entries], True
 
     def _hand_back_unfinished(self, is_clean_exit: bool, unadmitted: list[Entry]) -> None:

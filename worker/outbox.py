@@ -35,6 +35,11 @@ class Outbox:
         if entry_id is not None and all(rid != request_id for _, rid in self.acks):
             self.ack(entry_id, request_id)
 
+    def discard(self, request_ids: set[str]) -> None:
+        """Drop everything of these requests (another round already ended them, or another worker owns them)."""
+        self.events = [e for e in self.events if e[0] not in request_ids]
+        self.acks = [(entry, rid) for entry, rid in self.acks if rid not in request_ids]
+
     def events_by_request(self) -> dict[str, list[tuple[int, EventType, dict[str, Any]]]]:
         """Each request's events in seq order (the order they were added)."""
         grouped: dict[str, list[tuple[int, EventType, dict[str, Any]]]] = {}
