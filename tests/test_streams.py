@@ -150,3 +150,14 @@ def test_a_resend_skips_its_own_events_and_still_refuses_anothers(real_streams, 
     resend.is_resend = True
     assert real_streams.flush(resend) == {"r2"}  # not our event under that id: fenced even on a resend
     assert rds.xlen(keys.events("r2")) == 1
+
+
+@pytest.mark.redis
+def test_events_are_written_when_redis_does_not_know_the_script(real_streams, rds):
+    """EVALSHA without the SCRIPT EXISTS round trip: a restarted Redis (empty script cache) gets it loaded."""
+    rds.script_flush()
+    entry = _running_entry(real_streams, "r1")
+    assert real_streams.flush(_token_outbox("r1", entry, first_seq=0, num_tokens=1)) == set()
+    assert [decode_event(f).type for _, f in rds.xrange(real_streams.keys.events("r1"))] == [EventType.TOKEN,
+                                                                                            EventType.DONE]
+    assert rds.xlen(real_streams.requests_key) == 0

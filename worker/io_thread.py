@@ -81,10 +81,10 @@ class RedisIO:
 
     # ------------------------------------------------------------ the loop thread's side
 
-    def submit(self, round: Round) -> None:
+    def submit(self, job: Round) -> None:
         if self._in_flight is not None:
             raise RuntimeError("a Redis round is already in flight")
-        self._in_flight = self._pool.submit(self.run_round, round)
+        self._in_flight = self._pool.submit(self.run_round, job)
 
     def wait(self) -> Seen:
         """What the round in flight saw (nothing in flight: nothing seen); raises what it raised."""
@@ -96,36 +96,36 @@ class RedisIO:
 
     # ------------------------------------------------------------ the I/O thread's side
 
-    def run_round(self, round: Round) -> Seen:
-        seen = Seen(has_read=round.is_reading and round.num_free > 0)
-        self._maybe_renew_leases(round.held)  # before any reclaim, so this worker never takes back its own entries
-        seen.aborted = self._check_aborts(round)
-        seen.fenced = self.retry(self.streams.flush, round.outbox,
-                                 on_retry=lambda: setattr(round.outbox, "is_resend", True))
+    def run_round(self, job: Round) -> Seen:
+        seen = Seen(has_read=job.is_reading and job.num_free > 0)
+        self._maybe_renew_leases(job.held)  # before any reclaim, so this worker never takes back its own entries
+        seen.aborted = self._check_aborts(job)
+        seen.fenced = self.retry(self.streams.flush, job.outbox,
+                                 on_retry=lambda: setattr(job.outbox, "is_resend", True))
         for request_id in seen.fenced:
             log.warning("request %s is owned by another worker; dropping it here", request_id)
-        if round.is_reading:
-            seen.entries = self._take_entries(round)
-        self._maybe_heartbeat(round.heartbeat)
+        if job.is_reading:
+            seen.entries = self._take_entries(job)
+        self._maybe_heartbeat(job.heartbeat)
         return seen
 
-    def _check_aborts(self, round: Round) -> set[str]:
+    def _check_aborts(self, job: Round) -> set[str]:
         """Abort keys of every request held or streamed in this round; their tokens become `aborted`."""
-        held = {h.request_id: h for h in round.held}
-        streamed = round.outbox.streamed_requests()
+        held = {h.request_id: h for h in job.held}
+        streamed = job.outbox.streamed_requests()
         aborted = self.retry(self.streams.aborted, sorted(held.keys() | streamed))
         for request_id in aborted:
             h = held.get(request_id)
-            round.outbox.abort(request_id, h.next_seq if h else None, h.entry_id if h else None)
+            job.outbox.abort(request_id, h.next_seq if h else None, h.entry_id if h else None)
         return aborted
 
-    def _take_entries(self, round: Round) -> list[tuple[Entry, EntryState | None]]:
+    def _take_entries(self, job: Round) -> list[tuple[Entry, EntryState | None]]:
         """Orphans first, then new entries for the slots left; with what Redis knows about each."""
-        held = {h.entry_id for h in round.held}
-        entries = [Entry(i, f, n, reclaimed=True) for i, f, n in self._maybe_reclaim(round.num_free, held)]
-        if len(entries) < round.num_free:
-            block_ms = None if entries else round.block_ms
-            entries += [Entry(i, f) for i, f in self.retry(self.streams.read, round.num_free - len(entries), block_ms)]
+        held = {h.entry_id for h in job.held}
+        entries = [Entry(i, f, n, reclaimed=True) for i, f, n in self._maybe_reclaim(job.num_free, held)]
+        if len(entries) < job.num_free:
+            block_ms = None if entries else job.block_ms
+            entries += [Entry(i, f) for i, f in self.retry(self.streams.read, job.num_free - len(entries), block_ms)]
         return list(zip(entries, self.retry(entry_states, self.streams, entries)))
 
     # ------------------------------------------------------------ leases

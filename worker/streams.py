@@ -5,6 +5,7 @@ Every per-step operation is one pipelined round trip whatever the number of requ
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -56,7 +57,7 @@ class WorkerStreams:
         self.reclaim_scan_done = False
         self._can_read_uptime = True
         self._is_past_restart_window = False  # Redis has been up long enough; asked again after an error
-        self._write_events = client.register_script(EVENTS_LUA)
+        self._events_sha = hashlib.sha1(EVENTS_LUA.encode()).hexdigest()
 
     # ------------------------------------------------------------ setup
 
@@ -248,13 +249,15 @@ class WorkerStreams:
     def _write(self, outbox: Outbox) -> tuple[list[tuple[str, str]], list[Any]]:
         pipe = self.redis.pipeline(transaction=False)
         owners: list[tuple[str, str]] = []
+        scripts: dict[int, tuple[Any, ...]] = {}  # position in the pipeline -> EVALSHA arguments
         ttl = self.config.result_ttl_s
         for request_id, events in outbox.events_by_request().items():
             is_ending = any(type in TERMINAL_EVENTS for _, type, _ in events)
             needs_ttl = is_ending or any(seq % EVENT_TTL_REFRESH_EVERY == 0 for seq, _, _ in events)
             encoded = [(seq, encode_event(seq, type, **fields)) for seq, type, fields in events]
-            self._write_events(keys=[self.keys.events(request_id)], client=pipe,
-                               args=events_script_args(encoded, outbox.is_resend, ttl if needs_ttl else 0))
+            scripts[len(owners)] = (self._events_sha, 1, self.keys.events(request_id),
+                                    *events_script_args(encoded, outbox.is_resend, ttl if needs_ttl else 0))
+            pipe.evalsha(*scripts[len(owners)])
             owners.append(("events", request_id))
             if is_ending:  # duplicates of this id stay refused for the result TTL
                 pipe.expire(self.keys.request_owner(self.model, request_id), ttl)
@@ -263,11 +266,25 @@ class WorkerStreams:
             pipe.xadd(self.keys.dead(self.model), {**_as_text_fields(fields), "reason": reason, "entry_id": entry_id,
                                                    "worker": self.config.worker_id, "ts": str(now_ms())})
             owners.append(("dead", entry_id))
-        results = pipe.execute(raise_on_error=False)
+        results = self._load_script_if_missing(pipe.execute(raise_on_error=False), scripts)
         for result in results:
             if isinstance(result, (redis.ConnectionError, redis.TimeoutError)):
                 raise result
         return owners, results
+
+    def _load_script_if_missing(self, results: list[Any], scripts: dict[int, tuple[Any, ...]]) -> list[Any]:
+        """EVALSHA saves a SCRIPT EXISTS round trip per flush; where Redis does not know the script yet
+        (first flush, a restarted Redis) it ran nothing, so load it and run those calls again."""
+        missing = [i for i in scripts if isinstance(results[i], redis_errors.NoScriptError)]
+        if not missing:
+            return results
+        self.redis.script_load(EVENTS_LUA)
+        pipe = self.redis.pipeline(transaction=False)
+        for i in missing:
+            pipe.evalsha(*scripts[i])
+        for i, result in zip(missing, pipe.execute(raise_on_error=False)):
+            results[i] = result
+        return results
 
     def heartbeat(self, stats: dict[str, Any]) -> None:
         ms = now_ms()
