@@ -38,7 +38,7 @@ def acl_rules(keys: Keys, role: str) -> str:
         selectors = [
             f"+xgroup|create +xreadgroup +xack +xdel +xclaim +xautoclaim +xpending ~{k['requests']}",
             f"+xadd ~{k['dead']}",
-            f"+xadd +xrange +expire ~{k['events']}",
+            f"+xadd +xrange +expire +evalsha ~{k['events']}",  # evalsha: the fenced event writes (one key each)
             f"+exists %R~{k['abort']}",
             f"+set +get +expire ~{k['owner']}",
             f"+hset +hget %RW~{k['models']}",

@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--grace-s", type=float, default=30.0)
     w.add_argument("--lease-s", type=float, default=30.0, help="entries idle this long are reclaimed by another worker")
     w.add_argument("--max-deliveries", type=int, default=3)
+    w.add_argument("--max-consecutive-step-failures", type=int, default=3,
+                   help="after this many failed steps in a row, hand the requests back and exit with status 75")
     w.add_argument("--max-body-bytes", type=int, default=1 << 20)
     w.add_argument("--max-tokens-limit", type=int, default=32768)
     w.add_argument("--worker-id", default=None)
@@ -119,6 +121,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         lease_s=args.lease_s, max_deliveries=args.max_deliveries, max_body_bytes=args.max_body_bytes,
         max_tokens_limit=args.max_tokens_limit, block_size=args.block_size,
         enable_prefix_caching=not args.no_prefix_cache, gpu_memory_utilization=args.gpu_memory_utilization,
+        max_consecutive_step_failures=args.max_consecutive_step_failures,
     )
     if args.worker_id:
         options["worker_id"] = args.worker_id

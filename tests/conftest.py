@@ -23,6 +23,7 @@ import redis
 from producer.protocol import GenerateBody, GenerateConfig, Request, TaskKind
 
 TEST_THREADS = int(os.environ.get("REDBATCH_TEST_THREADS", "1"))
+GATE_WAIT_S = 30  # a held step that nobody releases fails its test instead of hanging it
 
 
 def _quiet_transformers() -> None:
@@ -158,6 +159,39 @@ class WorkerThread:
         assert not self.thread.is_alive(), "worker did not stop"
         if self.error is not None:
             raise self.error
+
+
+# ---------------------------------------------------------------- steps the test holds
+
+
+class StepGate:
+    """Wraps engine.step: the steps numbered in `hold` (1-based) wait until the test releases them."""
+
+    def __init__(self, engine, hold: set[int]):
+        self._step = engine.step
+        self.num_calls = 0
+        self.entered = {n: threading.Event() for n in hold}
+        self.released = {n: threading.Event() for n in hold}
+        engine.step = self
+
+    def __call__(self):
+        self.num_calls += 1
+        n = self.num_calls
+        if n in self.entered:
+            self.entered[n].set()
+            if not self.released[n].wait(GATE_WAIT_S):
+                raise RuntimeError(f"step {n} was never released")
+        return self._step()
+
+    def wait_entered(self, n: int) -> None:
+        assert self.entered[n].wait(GATE_WAIT_S), f"step {n} never started"
+
+    def release(self, n: int) -> None:
+        self.released[n].set()
+
+    def release_all(self) -> None:
+        for event in self.released.values():
+            event.set()
 
 
 def build_worker_thread(server_url: str, prefix: str, tiny_llama, tiny_llama_path, model_name: str = "tiny",

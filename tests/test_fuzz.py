@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from producer.keys import GROUP, Keys, check_request_id
-from producer.protocol import EventType, GenerateBody, GenerateConfig, TaskKind, decode_event, encode_request
+from producer.protocol import EventType, GenerateBody, TaskKind, decode_event, encode_request
 from tests.test_loop import wait_for
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
@@ -128,7 +128,9 @@ def test_hostile_stream_never_kills_the_worker(worker_factory, rds, prefix, tiny
     for (request_id, prompt), events in zip(good.items(), all_events[len(bad_ids):]):
         assert events[-1].type == EventType.DONE, request_id
         tokens = [t for e in events if e.type == EventType.TOKEN for t in e.token_ids]
-        assert tokens == expected[prompt][: len(tokens)] and len(tokens) == events[-1].usage.completion_tokens
+        assert tokens == expected[prompt], request_id  # the whole output, EOS included when it came first
+        assert events[-1].usage.completion_tokens == len(tokens)
+        assert events[-1].text == tokenizer.decode(expected[prompt], skip_special_tokens=True)
 
     assert rds.xlen(keys.dead("tiny")) == unreadable
     print(f"fuzz: {len(bad_ids)} bad entries with readable ids -> {len(bad_ids)} error events; "

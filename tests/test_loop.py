@@ -12,6 +12,7 @@ from producer import Client, InvalidRequest, QueueFull, RequestAborted, RequestE
 from producer.keys import Keys
 from producer.results import check_terminal
 from producer.protocol import EventType, decode_event, encode_request, GenerateBody, GenerateConfig, TaskKind, now_ms
+from tests.conftest import StepGate
 
 pytestmark = pytest.mark.redis
 
@@ -136,7 +137,11 @@ def test_abort_while_streaming_raises_after_the_tokens(worker_factory, client):
     with pytest.raises(RequestAborted):
         for chunk in stream:
             received.append(chunk)
-    assert received
+    events = events_of(client, "ab-2")
+    tokens = [e for e in events if e.type == EventType.TOKEN]
+    assert events[-1].type == EventType.ABORTED and len(tokens) == len(events) - 1 < 900
+    assert len(received) == len(tokens)  # every token published before the abort reached the caller, then it raised
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in received) == "".join(t.text for t in tokens)
 
 
 def test_bad_entries_never_kill_the_worker(worker_factory, client, rds):
@@ -227,39 +232,57 @@ def test_worker_registers_and_heartbeats(worker_factory, client):
 
 
 def test_graceful_stop_finishes_running_requests(worker_factory, client):
-    handle = worker_factory(grace_s=30).start()
+    handle = worker_factory(grace_s=30)
+    gate = StepGate(handle.worker.engine, hold={3})
+    handle.start()
     model = client.get_model("tiny")
-    request_id = model.submit(TaskKind.GENERATE, {"prompt": "finish me"}, {"max_tokens": 40})
-    wait_for(lambda: len(events_of(client, request_id)) >= 1)
+    request_id = model.submit(TaskKind.GENERATE, {"prompt": "finish me"}, {"max_tokens": 40, "ignore_eos": True})
+    try:
+        gate.wait_entered(3)  # two tokens in, 38 to go
+        handle.worker.request_stop()
+    finally:
+        gate.release_all()
     handle.stop()
-    assert events_of(client, request_id)[-1].type == EventType.DONE
+    events = events_of(client, request_id)
+    assert events[-1].type == EventType.DONE and events[-1].usage.completion_tokens == 40
+    assert [e.seq for e in events] == list(range(41))
 
 
-def test_async_client_chat(worker_factory, redis_server_url, prefix):
+def test_async_client_chat(worker_factory, client, redis_server_url, prefix):
     import asyncio
 
     from producer import AsyncClient
 
     worker_factory().start()
+    messages = [{"role": "user", "content": "hi"}]
+    config = {"max_tokens": 6, "ignore_eos": True, "temperature": 0}
 
     async def main():
-        client = AsyncClient(redis_server_url, prefix=prefix)
-        model = await client.get_model("tiny")
-        whole = await model.chat([{"role": "user", "content": "hi"}], generate_config={"max_tokens": 6, "stream": False})
-        chunks = [c async for c in await model.generate("hi", generate_config={"max_tokens": 6})]
-        await client.aclose()
+        aclient = AsyncClient(redis_server_url, prefix=prefix)
+        model = await aclient.get_model("tiny")
+        whole = await model.chat(messages, generate_config={**config, "stream": False})
+        chunks = [c async for c in await model.chat(messages, generate_config=config)]
+        await aclient.aclose()
         return whole, chunks
 
     whole, chunks = asyncio.run(main())
-    assert whole["object"] == "chat.completion" and whole["usage"]["completion_tokens"] >= 1
-    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    text = whole["choices"][0]["message"]["content"]
+    assert whole["object"] == "chat.completion" and whole["usage"]["completion_tokens"] == 6
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant" and len(chunks) == 6 + 1  # a chunk per token, then the end
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length" and chunks[-1]["usage"]["completion_tokens"] == 6
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == text
+    sync = client.get_model("tiny").chat(messages, generate_config={**config, "stream": False})
+    assert sync["choices"][0]["message"]["content"] == text  # the same answer the sync client gets
 
 
 def test_keys_use_the_configured_prefix_only(worker_factory, client, rds, prefix):
+    before = set(rds.scan_iter("*"))  # whatever other tests left, under their own prefixes
     worker_factory().start()
-    client.get_model("tiny").generate("x", generate_config={"max_tokens": 2, "stream": False})
-    assert all(k.decode().startswith(f"{prefix}:") for k in rds.scan_iter(f"{prefix}:*"))
-    assert Keys(prefix).requests("tiny").encode() in list(rds.scan_iter(f"{prefix}:*"))
+    client.get_model("tiny").generate("x", generate_config={"max_tokens": 2, "stream": False, "request_id": "k-1"})
+    written = {k.decode() for k in set(rds.scan_iter("*")) - before}
+    keys = Keys(prefix)
+    assert {keys.requests("tiny"), keys.models(), keys.events("k-1"), keys.model_workers("tiny")} <= written
+    assert all(k.startswith(f"{prefix}:") for k in written), sorted(written)
 
 
 def test_model_error_fails_that_steps_requests_and_the_worker_goes_on(worker_factory, client, monkeypatch):
@@ -283,6 +306,81 @@ def test_model_error_fails_that_steps_requests_and_the_worker_goes_on(worker_fac
     after = model.generate("after", generate_config={"max_tokens": 3, "stream": False}, timeout_s=30)
     assert after["usage"]["completion_tokens"] == 3
     assert handle.is_alive and engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def _fail_steps(engine, monkeypatch, failing: set[int] | None = None) -> dict:
+    """engine.step raises at the calls numbered in `failing` (1-based; None: at every call), after the
+    scheduler has made its requests running, as a failed forward would."""
+    real_step, calls = engine.step, {"n": 0}
+
+    def step():
+        calls["n"] += 1
+        outputs = real_step()
+        if failing is None or calls["n"] in failing:
+            raise RuntimeError(f"simulated device error at step {calls['n']}")
+        return outputs
+
+    monkeypatch.setattr(engine, "step", step)
+    return calls
+
+
+def test_a_successful_step_resets_the_count_of_failed_steps(worker_factory, client, monkeypatch):
+    handle = worker_factory(max_num_seqs=1, max_consecutive_step_failures=3)
+    calls = _fail_steps(handle.worker.engine, monkeypatch, failing={2, 3, 5, 6})  # never three in a row
+    handle.start()
+    model = client.get_model("tiny")
+    ids = [model.submit(TaskKind.GENERATE, {"prompt": f"r{i}"}, {"max_tokens": 3, "ignore_eos": True}) for i in range(6)]
+    finals = [client.wait(request_id, timeout_s=30) for request_id in ids]
+    assert [f.code for f in finals[:4]] == ["model_error"] * 4  # r1 fails at its step 2, r2 at 3, r3 at 5, r4 at 6
+    assert [f.type for f in finals[4:]] == [EventType.DONE] * 2
+    assert handle.is_alive and calls["n"] == 12
+
+
+def test_steps_that_keep_failing_stop_the_worker_and_hand_its_requests_back(worker_factory, client, rds, monkeypatch):
+    """A broken device must not turn the worker into a black hole that answers everything with model_error."""
+    from worker.loop import EngineFailed
+
+    register(client)
+    model = client.get_model("tiny")
+    ids = [model.submit(TaskKind.GENERATE, {"prompt": f"r{i}"}, {"max_tokens": 3}) for i in range(8)]
+    broken = worker_factory(max_num_seqs=2, max_consecutive_step_failures=3, lease_s=1, worker_id="broken")
+    _fail_steps(broken.worker.engine, monkeypatch)
+    broken.start().thread.join(30)
+    assert not broken.is_alive and isinstance(broken.error, EngineFailed)
+    assert [client.wait(i, timeout_s=5).code for i in ids[:4]] == ["model_error"] * 4  # failed steps 1 and 2
+    assert all(not events_of(client, i) for i in ids[4:])
+    rows = client.redis.xpending_range(client.keys.requests("tiny"), "workers", "-", "+", 10)
+    assert [(r["consumer"], r["times_delivered"]) for r in rows] == [(b"broken", 1)] * 2  # step 3's, handed back
+    assert all(r["time_since_delivered"] >= 1000 for r in rows)  # marked idle past the lease: reclaimable now
+    assert rds.xlen(client.keys.requests("tiny")) == 4  # those two, and two it never read: it stopped reading
+
+    worker_factory(lease_s=1, max_deliveries=1).start()  # the hand-back counted: 2 deliveries > 1
+    assert [client.wait(i, timeout_s=30).code for i in ids[4:6]] == ["dead_letter"] * 2
+    assert [client.wait(i, timeout_s=30).type for i in ids[6:]] == [EventType.DONE] * 2
+
+
+def test_entries_read_but_never_run_are_handed_back_without_a_delivery(worker_factory, client, rds, monkeypatch):
+    """The round in flight when the engine breaks may have read entries: they go back, uncounted."""
+    register(client)
+    model = client.get_model("tiny")
+    first = model.submit(TaskKind.GENERATE, {"prompt": "ran"}, {"max_tokens": 3})
+    handle = worker_factory(max_num_seqs=2, max_consecutive_step_failures=1, worker_id="broken")
+    _fail_steps(handle.worker.engine, monkeypatch)
+    streams, real_read, reads = handle.worker.streams, handle.worker.streams.read, []
+
+    def read(count, block_ms):  # the second request arrives once the first is read: the next round takes it
+        entries = real_read(count, block_ms)
+        reads.append(len(entries))
+        if len(reads) == 1:
+            model.submit(TaskKind.GENERATE, {"prompt": "never ran"}, {"max_tokens": 3, "request_id": "second"})
+        return entries
+
+    monkeypatch.setattr(streams, "read", read)
+    handle.start().thread.join(30)
+    assert not handle.is_alive and reads == [1, 1]  # the round beside the failing step read "second"
+    rows = rds.xpending_range(client.keys.requests("tiny"), "workers", "-", "+", 10)
+    assert [r["times_delivered"] for r in rows] == [1, 0]  # first: a delivery; second: never ran here
+    assert not events_of(client, first) and not events_of(client, "second")
 
 
 def test_non_streamed_logprobs_reach_the_caller(worker_factory, client):

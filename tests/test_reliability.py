@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import redis
@@ -17,8 +18,8 @@ import torch
 from producer import Client, DuplicateRequest
 from producer import admin
 from producer.keys import GROUP, Keys
-from producer.protocol import EventType, GenerateBody, GenerateConfig, TaskKind, decode_event, encode_request
-from tests.conftest import _free_port
+from producer.protocol import EventType, GenerateBody, GenerateConfig, TaskKind, decode_event, encode_event, encode_request
+from tests.conftest import StepGate, _free_port
 from tests.test_loop import events_of, wait_for
 
 pytestmark = pytest.mark.redis
@@ -69,24 +70,34 @@ def test_unfinished_requests_are_handed_back_and_resumed_exactly(worker_factory,
 
 
 def test_rolling_restarts_never_dead_letter_a_request(worker_factory, client, tiny_llama, rds, prefix):
-    """Each graceful hand-back is not a failed delivery: four restarts with max_deliveries 1 still finish."""
-    model, prompt = None, "rolling restart lake"
+    """Each graceful hand-back is not a failed delivery: four restarts with max_deliveries 1 still finish.
+
+    Each worker is stopped while its sixth step is held, and with no grace that step is its last:
+    it publishes at most six tokens, so the request cannot finish before the fourth restart however
+    fast the machine is."""
+    prompt, max_tokens = "rolling restart lake", 100
     request_id, seen = None, 0
     for generation in range(4):
-        handle = worker_factory(grace_s=0.2, lease_s=30, max_deliveries=1).start()
-        if model is None:
-            model = client.get_model("tiny")
-            request_id = model.submit(TaskKind.GENERATE, {"prompt": prompt},
-                                      {"max_tokens": 600, "ignore_eos": True, "temperature": 0})
-        wait_for(lambda: len(events_of(client, request_id)) >= seen + 5)
-        seen = len(events_of(client, request_id))
+        handle = worker_factory(grace_s=0, lease_s=1, max_deliveries=1)
+        gate = StepGate(handle.worker.engine, hold={6})
+        handle.start()
+        if request_id is None:
+            request_id = client.get_model("tiny").submit(TaskKind.GENERATE, {"prompt": prompt},
+                                                         {"max_tokens": max_tokens, "ignore_eos": True, "temperature": 0})
+        try:
+            gate.wait_entered(6)
+            handle.worker.request_stop()
+        finally:
+            gate.release_all()
         handle.stop()
-        assert not events_of(client, request_id)[-1].is_terminal, f"finished or failed at restart {generation}"
-    last = worker_factory(lease_s=30, max_deliveries=1).start()
+        events = events_of(client, request_id)
+        assert seen < len(events) <= seen + 6 and not events[-1].is_terminal, f"restart {generation}"
+        seen = len(events)
+    last = worker_factory(lease_s=1, max_deliveries=1).start()
     events = list(client.events(request_id, timeout_s=60))
     assert_clean_stream(events)
     assert events[-1].type == EventType.DONE
-    assert streamed_ids(events) == reference(tiny_llama, prompt, 600)
+    assert streamed_ids(events) == reference(tiny_llama, prompt, max_tokens)
     assert last.worker.stats.num_reclaimed == 1 and rds.xlen(Keys(prefix).dead("tiny")) == 0
 
 
@@ -134,8 +145,8 @@ def test_orphans_resume_ahead_of_new_requests(worker_factory, client, rds, prefi
     step = worker.worker.engine.step
     worker.worker.engine.step = lambda: (time.sleep(0.005), step())[1]  # 200 steps outlast the lease anywhere
     admitted, admit = [], worker.worker.intake.admit
-    worker.worker.intake.admit = lambda entries, outbox: (admitted.extend(e.request_id for e in entries),
-                                                          admit(entries, outbox))
+    worker.worker.intake.admit = lambda taken, outbox: (admitted.extend(e.request_id for e, _ in taken),
+                                                        admit(taken, outbox))
     worker.start()
     for request_id in orphans + running + newer:
         assert client.wait(request_id, timeout_s=60).type == EventType.DONE
@@ -175,6 +186,70 @@ def test_kill_9_mid_generation_loses_and_duplicates_nothing(redis_server_url, pr
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_a_reclaimed_request_whose_events_cannot_be_read_fails_alone(worker_factory, client, rds, prefix, tiny_llama):
+    """A malformed events stream fails its own request (dead letter + error), not the reclaiming worker."""
+    keys = Keys(prefix)
+    stream = keys.requests("tiny")
+    rds.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    config = GenerateConfig(max_tokens=6, ignore_eos=True, temperature=0)
+    entries = {rid: rds.xadd(stream, encode_request(rid, TaskKind.GENERATE, GenerateBody(
+        prompt=f"reclaim {rid}", generate_config=config))).decode() for rid in ("bad-json", "not-a-stream", "fine")}
+    rds.xreadgroup(GROUP, "crashed-worker", {stream: ">"})
+    rds.xclaim(stream, GROUP, "crashed-worker", 0, list(entries.values()), idle=60_000)  # orphans now
+    expected = reference(tiny_llama, "reclaim fine", 6)
+    rds.xadd(keys.events("fine"), encode_event(0, EventType.TOKEN, text="", token_ids=expected[:1]), id="0-1")
+    rds.xadd(keys.events("bad-json"), encode_event(0, EventType.TOKEN, text="a", token_ids=[5]), id="0-1")
+    rds.xadd(keys.events("bad-json"), {**encode_event(1, EventType.TOKEN, text="b"), "token_ids": "[not json"}, id="0-2")
+    rds.set(keys.events("not-a-stream"), "not a stream")
+    handle = worker_factory(lease_s=1, max_deliveries=5).start()
+
+    events = list(client.events("fine", timeout_s=60))
+    assert_clean_stream(events) and streamed_ids(events) == expected  # resumed after its published token
+    wait_for(lambda: rds.xlen(stream) == 0 and rds.xpending(stream, GROUP)["pending"] == 0)
+    (last_id, last), = rds.xrevrange(keys.events("bad-json"), count=1)  # the client cannot read the bad event
+    failed = decode_event(last)
+    assert last_id == b"0-3" and failed.type == EventType.ERROR and failed.code == "dead_letter" and failed.seq == 2
+    letters = {d.request_id: d.reason for d in admin.list_dead(rds, keys, "tiny")}
+    assert set(letters) == {"bad-json", "not-a-stream"} and all("cannot be read" in r for r in letters.values())
+    assert rds.get(keys.events("not-a-stream")) == b"not a stream"  # nothing could be written there
+    assert handle.is_alive and handle.worker.stats.num_reclaimed == 3
+
+
+BROKEN_DEVICE_WORKER = """
+import sys
+import torch
+from worker.engines.llm import LLMEngine
+
+def broken_step(self):
+    raise torch.OutOfMemoryError("simulated: out of memory, and preempting did not clear it")
+
+LLMEngine.step = broken_step
+from producer.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_worker_whose_steps_keep_failing_exits_non_zero(redis_server_url, prefix, rds, tiny_llama_path):
+    """The real `redbatch worker` command: a supervisor must see the failure and restart the process."""
+    from worker.main import EXIT_ENGINE_FAILED
+
+    keys = Keys(prefix)
+    stream = keys.requests("tiny")
+    body = GenerateBody(prompt="on a broken device", generate_config=GenerateConfig(max_tokens=3))
+    rds.xadd(stream, encode_request("victim", TaskKind.GENERATE, body))  # before the worker creates the group
+    cmd = [sys.executable, "-c", BROKEN_DEVICE_WORKER, "worker", "--model-name", "tiny", "--model-path",
+           str(tiny_llama_path), "--redis-url", redis_server_url, "--prefix", prefix, "--threads", "1",
+           "--max-consecutive-step-failures", "2", "--worker-id", "broken"]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}, cwd=Path(__file__).parents[1],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == EXIT_ENGINE_FAILED, proc.stderr[-3000:]
+    assert "2 steps in a row failed" in proc.stderr
+    assert not rds.exists(keys.events("victim"))  # the step failed before it ran: still queued, not answered
+    (row,) = rds.xpending_range(stream, GROUP, "-", "+", 10)
+    assert row["consumer"] == b"broken" and row["time_since_delivered"] >= 30_000  # handed back: reclaimable now
+    assert row["times_delivered"] == 1  # its reclaim will count the delivery
 
 
 # ---------------------------------------------------------------- dead letters and duplicates

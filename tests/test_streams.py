@@ -1,4 +1,4 @@
-"""WorkerStreams against fakeredis: reclaim, the restart guard, hand-back delivery counts."""
+"""WorkerStreams: reclaim, the restart guard, hand-back delivery counts (fakeredis); fenced writes (real Redis)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import fakeredis
 import pytest
 
 from producer.keys import GROUP
+from producer.protocol import EventType, decode_event, encode_event, event_stream_id
 from worker.config import WorkerConfig
+from worker.outbox import Outbox
 from worker.streams import WorkerStreams
 
 
@@ -84,3 +86,78 @@ def test_a_pass_over_live_entries_takes_nothing_and_ends(server):
     streams.redis.xadd(streams.requests_key, {"id": "r1"})
     streams.redis.xreadgroup(GROUP, "busy", {streams.requests_key: ">"}, count=1)  # fresh: not idle
     assert streams.reclaim(4) == [] and streams.reclaim_scan_done
+
+
+# ---------------------------------------------------------------- fenced writes (real Redis: scripts, id refusals)
+
+
+def _running_entry(streams: WorkerStreams, request_id: str) -> str:
+    entry_id = streams.redis.xadd(streams.requests_key, {"id": request_id}).decode()
+    streams.redis.xreadgroup(GROUP, streams.config.worker_id, {streams.requests_key: ">"}, count=1)
+    return entry_id
+
+
+def _token_outbox(request_id: str, entry_id: str, first_seq: int, num_tokens: int) -> Outbox:
+    outbox = Outbox()
+    for seq in range(first_seq, first_seq + num_tokens):
+        outbox.event(request_id, seq, EventType.TOKEN, text=f"t{seq}", token_ids=[seq])
+    outbox.event(request_id, first_seq + num_tokens, EventType.DONE, finish_reason="length", text="whole")
+    outbox.ack(entry_id, request_id)
+    return outbox
+
+
+@pytest.fixture
+def real_streams(rds, prefix) -> WorkerStreams:
+    streams = WorkerStreams(rds, WorkerConfig(model_name="m", model_path="p", prefix=prefix, worker_id="w1"))
+    streams.ensure_group()
+    return streams
+
+
+@pytest.mark.redis
+def test_a_refused_event_stops_that_requests_later_events(real_streams, rds):
+    keys = real_streams.keys
+    stalled, other = _running_entry(real_streams, "stalled"), _running_entry(real_streams, "other")
+    for seq in range(4):  # the worker that reclaimed "stalled" is one event ahead of this one
+        rds.xadd(keys.events("stalled"), encode_event(seq, EventType.TOKEN, text="x", token_ids=[9]),
+                 id=event_stream_id(seq))
+    outbox = _token_outbox("stalled", stalled, first_seq=2, num_tokens=2)  # seq 2, 3 refused; done at 4 free
+    for _, seq, type, fields in _token_outbox("other", other, first_seq=0, num_tokens=1).events:
+        outbox.event("other", seq, type, **fields)
+    outbox.ack(other, "other")
+    assert real_streams.flush(outbox) == {"stalled"}
+    assert [decode_event(f).text for _, f in rds.xrange(keys.events("stalled"))] == ["x"] * 4  # no `done` of ours
+    assert [decode_event(f).type for _, f in rds.xrange(keys.events("other"))] == [EventType.TOKEN, EventType.DONE]
+    pending = [row["message_id"].decode() for row in rds.xpending_range(real_streams.requests_key, GROUP, "-", "+", 9)]
+    assert pending == [stalled]  # only the request that landed is acked
+
+
+@pytest.mark.redis
+def test_a_resend_skips_its_own_events_and_still_refuses_anothers(real_streams, rds):
+    keys = real_streams.keys
+    entry = _running_entry(real_streams, "r1")
+    outbox = _token_outbox("r1", entry, first_seq=0, num_tokens=2)
+    half = Outbox(events=outbox.events[:2])
+    assert real_streams.flush(half) == set()  # the first try landed, its reply was lost
+    outbox.is_resend = True
+    assert real_streams.flush(outbox) == set()
+    assert [decode_event(f).seq for _, f in rds.xrange(keys.events("r1"))] == [0, 1, 2]
+    assert real_streams.redis.xlen(real_streams.requests_key) == 0  # acked and deleted
+    assert 0 < rds.ttl(keys.events("r1")) <= real_streams.config.result_ttl_s
+
+    entry = _running_entry(real_streams, "r2")
+    rds.xadd(keys.events("r2"), encode_event(0, EventType.TOKEN, text="theirs", token_ids=[1]), id=event_stream_id(0))
+    resend = _token_outbox("r2", entry, first_seq=0, num_tokens=1)
+    resend.is_resend = True
+    assert real_streams.flush(resend) == {"r2"}  # not our event under that id: fenced even on a resend
+    assert rds.xlen(keys.events("r2")) == 1
+
+
+@pytest.mark.redis
+def test_events_are_written_when_redis_does_not_know_the_script(real_streams, rds):
+    """EVALSHA without the SCRIPT EXISTS round trip: a restarted Redis (empty script cache) gets it loaded."""
+    rds.script_flush()
+    entry = _running_entry(real_streams, "r1")
+    assert real_streams.flush(_token_outbox("r1", entry, first_seq=0, num_tokens=1)) == set()
+    assert [decode_event(f).type for _, f in rds.xrange(real_streams.keys.events("r1"))] == [EventType.TOKEN,
+                                                                                            EventType.DONE]
+    assert rds.xlen(real_streams.requests_key) == 0

@@ -48,6 +48,7 @@ class WorkerConfig(BaseModel):
     grace_s: float = Field(30.0, ge=0)
     lease_s: float = Field(30.0, gt=0)  # an entry idle this long is reclaimed by another worker
     max_deliveries: int = Field(3, ge=1)
+    max_consecutive_step_failures: int = Field(3, ge=1)  # then the device counts as broken: hand back, exit
 
     @field_validator("model_name")
     @classmethod

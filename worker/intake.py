@@ -7,6 +7,7 @@ request id (duplicates), and, for a redelivery, what was already published. Then
     bad entry              → error invalid_request
     already ended          → ack (a redelivery whose terminal event was written)
     another entry's id     → ack, never executed (duplicate)
+    unreadable events      → dead letter + error dead_letter (when a seq can follow them)
     aborted                → aborted
     delivered too often    → dead letter + error dead_letter
     deadline passed        → error expired (unless it had already started)
@@ -23,7 +24,8 @@ from producer.protocol import BadEntry, ErrorCode, Event, EventType, Request, de
 from worker.config import WorkerConfig
 from worker.engines.base import Engine, RequestRejected
 from worker.request import Resume, StepOutput
-from worker.streams import EntryState, Outbox, WorkerStreams
+from worker.outbox import Outbox
+from worker.streams import EntryState, WorkerStreams
 
 log = logging.getLogger("redbatch.worker")
 
@@ -40,24 +42,33 @@ class Entry:
         return read_request_id(self.fields)
 
 
+def entry_states(streams: WorkerStreams, entries: list[Entry]) -> list[EntryState | None]:
+    """What Redis knows about each entry (one round trip); None for an entry whose id cannot be read."""
+    readable = [e for e in entries if e.request_id is not None]
+    states = streams.entry_states([(e.request_id, e.entry_id, e.reclaimed) for e in readable])
+    by_entry = {e.entry_id: s for e, s in zip(readable, states)}
+    return [by_entry.get(e.entry_id) for e in entries]
+
+
 class Intake:
-    def __init__(self, config: WorkerConfig, engine: Engine, streams: WorkerStreams, retry):
+    """Admits entries into the engine (loop thread only: the engine is not thread-safe)."""
+
+    def __init__(self, config: WorkerConfig, engine: Engine):
         self.config = config
         self.engine = engine
-        self.streams = streams
-        self._retry = retry
-        self.finished_on_resume: list[StepOutput] = []  # resumed requests that were already complete
+        self._finished_on_resume: list[StepOutput] = []  # resumed requests that were already complete
 
-    def admit(self, entries: list[Entry], outbox: Outbox) -> None:
-        readable = [e for e in entries if e.request_id is not None]
-        states = self._retry(self.streams.entry_states, [(e.request_id, e.entry_id, e.reclaimed) for e in readable])
-        by_entry = {e.entry_id: s for e, s in zip(readable, states)}
-        for entry in entries:
+    def admit(self, taken: list[tuple[Entry, EntryState | None]], outbox: Outbox) -> None:
+        for entry, state in taken:
             try:
-                self._admit(entry, by_entry.get(entry.entry_id), outbox)
+                self._admit(entry, state, outbox)
             except Exception as exc:  # noqa: BLE001 - an unforeseen bad entry fails alone, never the worker
                 log.exception("unexpected error admitting entry %s", entry.entry_id)
                 self._reject(entry, ErrorCode.INVALID_REQUEST, f"{type(exc).__name__}: {exc}", outbox, 0)
+
+    def take_finished_on_resume(self) -> list[StepOutput]:
+        done, self._finished_on_resume = self._finished_on_resume, []
+        return done
 
     def _admit(self, entry: Entry, state: EntryState | None, outbox: Outbox) -> None:
         if state is None:
@@ -70,6 +81,9 @@ class Intake:
             log.warning("entry %s reuses request id %s of entry %s: not executed", entry.entry_id, entry.request_id,
                         state.owner_entry)
             outbox.ack(entry.entry_id, None)
+            return
+        if state.unreadable is not None:
+            self._fail_unreadable_events(entry, state, outbox)
             return
         try:
             request = decode_request(entry.fields, self.config.max_body_bytes)
@@ -104,7 +118,18 @@ class Intake:
             log.info("resuming request %s after %d published tokens", request.id, len(resume.output_ids))
             done = self.engine.finish_if_complete(seq)
             if done is not None:
-                self.finished_on_resume.append(done)
+                self._finished_on_resume.append(done)
+
+    def _fail_unreadable_events(self, entry: Entry, state: EntryState, outbox: Outbox) -> None:
+        """A reclaimed request whose published events cannot be read cannot resume: it is dead-lettered,
+        with an `error` event after those events when a seq can be written there."""
+        reason = f"its published events cannot be read ({state.unreadable})"
+        log.warning("entry %s (request %s): %s", entry.entry_id, entry.request_id, reason)
+        if state.next_seq is None:
+            outbox.dead_letter(entry.entry_id, entry.fields, reason)
+        else:
+            outbox.dead_letter(entry.entry_id, entry.fields, reason, ack=False)
+            self._reject(entry, ErrorCode.DEAD_LETTER, reason, outbox, state.next_seq)
 
     def _reject(self, entry: Entry, code: ErrorCode, message: str, outbox: Outbox, seq: int) -> None:
         request_id = entry.request_id

@@ -1,4 +1,8 @@
-"""The worker loop: read → admit → step → abort check → publish → ack → leases → heartbeat."""
+"""The worker loop: step → (Redis round of the previous step) → drop aborted → admit → emit → hand over.
+
+The Redis side of each iteration (abort check, publish, ack, leases, reclaim, read, heartbeat)
+runs on the I/O thread (worker/io_thread.py) while the engine computes the next step.
+"""
 
 from __future__ import annotations
 
@@ -15,11 +19,18 @@ from producer.protocol import ErrorCode, EventType, Usage
 from worker.config import WorkerConfig
 from worker.engines.base import Engine
 from worker.intake import Entry, Intake
+from worker.io_thread import Held, RedisIO, Round
 from worker.request import Sequence, StepOutput
-from worker.streams import MAX_BACKOFF_S, Outbox, WorkerStreams, is_transient
+from worker.outbox import Outbox
+from worker.streams import WorkerStreams, is_transient
 
 log = logging.getLogger("redbatch.worker")
 BURST_BLOCK_MS = 50
+
+
+class EngineFailed(Exception):
+    """Steps failed max_consecutive_step_failures times in a row (a broken device, an OOM that preempting
+    does not clear): the worker hands its requests back and exits for a supervisor to restart it."""
 
 
 @dataclass
@@ -36,13 +47,13 @@ class Worker:
         self.config = config
         self.engine = engine
         self.streams = streams
-        self.intake = Intake(config, engine, streams, self._retry)
+        self.intake = Intake(config, engine)
         self.stats = Stats()
+        self.io = RedisIO(config, streams, self.stats, is_giving_up=self._is_past_drain_deadline)
         self._stop = threading.Event()
         self.ready = threading.Event()  # set once the group exists and the model is registered
         self._drain_deadline: float | None = None
-        self._last = {"heartbeat": 0.0, "renew": time.monotonic(), "reclaim": 0.0, "redis_error": float("-inf")}
-        self._orphans_waiting = False
+        self._num_failed_steps = 0  # consecutive
 
     # ------------------------------------------------------------ lifecycle
 
@@ -58,9 +69,11 @@ class Worker:
             self._stop.set()
 
     def run(self, burst: bool = False) -> None:
-        """Serve until stopped. burst=True: return once the stream is empty and nothing runs (tests)."""
-        self._retry(self.streams.ensure_group)
-        self._retry(self.streams.register, [t.value for t in self.engine.tasks])
+        """Serve until stopped. burst=True: return once the stream is empty and nothing runs (tests).
+
+        Raises EngineFailed after max_consecutive_step_failures failed steps in a row."""
+        self.io.retry(self.streams.ensure_group)
+        self.io.retry(self.streams.register, [t.value for t in self.engine.tasks])
         self.ready.set()
         is_clean_exit = False
         try:
@@ -69,8 +82,10 @@ class Worker:
                     break
             is_clean_exit = True
         finally:
-            self._hand_back_unfinished(is_clean_exit)
+            unadmitted, is_io_clean = self._finish_io()
+            self._hand_back_unfinished(is_clean_exit and is_io_clean, unadmitted)
             self._safe(self.streams.unregister)
+            self.io.close()
 
     def _iterate_once(self, burst: bool) -> bool:
         try:
@@ -79,69 +94,65 @@ class Worker:
             if not is_transient(exc):
                 raise
             log.warning("redis unavailable (%s); retrying", exc)
-            self._note_redis_error()
+            self.io.note_redis_error()
             time.sleep(0.2)
             return False
 
     def _should_exit(self) -> bool:
         if not self._stop.is_set():
             return False
-        return self.engine.num_active == 0 or time.monotonic() >= (self._drain_deadline or 0)
+        return self.engine.num_active == 0 or self._is_past_drain_deadline()
+
+    def _is_past_drain_deadline(self) -> bool:
+        return self._stop.is_set() and time.monotonic() >= (self._drain_deadline or 0)
 
     # ------------------------------------------------------------ one iteration
 
     def iterate(self, burst: bool = False) -> bool:
-        """One pass of the loop. Returns True when there was nothing to do."""
+        """One pass of the loop. Returns True when there was nothing to do (then, in burst mode, nothing
+        is left in flight)."""
         outbox = Outbox()
-        self._maybe_renew_leases()  # before any reclaim, so this worker never takes back its own entries
-        num_read = 0 if self._stop.is_set() else self._read_and_admit(outbox, burst)
-        started = time.monotonic()
-        outputs = self.intake.finished_on_resume + self._step(outbox)
-        self.intake.finished_on_resume = []
-        self._record_step(started, outputs)
-        self._publish(outputs, outbox)
-        self._flush(outbox)
-        self._maybe_heartbeat()
-        return num_read == 0 and self.engine.num_active == 0 and not outputs
-
-    def _read_and_admit(self, outbox: Outbox, burst: bool) -> int:
-        free = self.engine.max_num_seqs - self.engine.num_active
-        entries = [Entry(i, f, n, reclaimed=True) for i, f, n in self._maybe_reclaim(free)]
-        if free <= 0:
-            return 0
-        if len(entries) < free:
-            idle = not self.engine.num_active and not entries
-            block_ms = (BURST_BLOCK_MS if burst else self.config.read_block_ms) if idle else None
-            entries += [Entry(i, f) for i, f in self.streams.read(free - len(entries), block_ms)]
-        self.intake.admit(entries, outbox)
-        return len(entries)
+        outputs = self._step(outbox)  # meanwhile the I/O thread runs the previous step's Redis round
+        seen = self.io.wait()
+        outputs = self._drop(seen.dropped, outputs, outbox)  # aborted or fenced meanwhile: drop this step's output
+        self.intake.admit(seen.entries, outbox)  # between steps: only this thread touches the engine
+        outputs += self.intake.take_finished_on_resume()
+        for out in outputs:
+            self._emit(out, outbox)
+        is_idle = seen.has_read and not seen.entries and not outputs and self.engine.num_active == 0
+        if burst and is_idle and outbox.is_empty:
+            return True
+        self.io.submit(self._round(outbox, burst))
+        return is_idle
 
     def _step(self, outbox: Outbox) -> list[StepOutput]:
+        """One engine step. A failed step fails its running requests; too many in a row stop the worker."""
         if self.engine.num_active == 0:
             return []
+        started = time.monotonic()
         try:
-            return self.engine.step()
-        except Exception as exc:  # noqa: BLE001 - a model error fails this step's requests, never the worker
+            outputs = self.engine.step()
+        except Exception as exc:  # noqa: BLE001 - a model error fails this step's requests, not the worker
+            self._num_failed_steps += 1
+            if self._num_failed_steps >= self.config.max_consecutive_step_failures:
+                raise EngineFailed(f"{self._num_failed_steps} steps in a row failed; the last with "
+                                   f"{type(exc).__name__}: {exc}") from exc
             log.exception("model error; failing the running requests")
             for seq in self.engine.fail_running():
                 outbox.fail(seq.request_id, seq.meta["entry_id"], self._next_seq(seq), ErrorCode.MODEL_ERROR,
                             f"{type(exc).__name__}: {exc}")
             return []
+        self._num_failed_steps = 0
+        self._record_step(started, outputs)
+        return outputs
 
-    def _publish(self, outputs: list[StepOutput], outbox: Outbox) -> None:
-        """Abort check for every active request, then this step's tokens and terminal events."""
-        active = {o.seq.request_id: o.seq for o in outputs}
-        for seq in self.engine.sequences():
-            active.setdefault(seq.request_id, seq)
-        aborted = self._retry(self.streams.aborted, list(active))
-        for request_id in aborted:
-            seq = active[request_id]
+    def _drop(self, request_ids: set[str], outputs: list[StepOutput], outbox: Outbox) -> list[StepOutput]:
+        """Requests whose `aborted` event is written, or that another worker owns: gone from the engine,
+        and nothing more of them is published (not this step's tokens, nor its model_error)."""
+        for request_id in request_ids:
             self.engine.abort(request_id)
-            outbox.event(request_id, self._next_seq(seq), EventType.ABORTED)
-            outbox.ack(seq.meta["entry_id"], request_id)
-        for out in outputs:
-            if out.seq.request_id not in aborted:
-                self._emit(out, outbox)
+        outbox.discard(request_ids)
+        return [o for o in outputs if o.seq.request_id not in request_ids]
 
     def _emit(self, out: StepOutput, outbox: Outbox) -> None:
         seq = out.seq
@@ -157,78 +168,42 @@ class Worker:
             outbox.ack(seq.meta["entry_id"], seq.request_id)
             self.stats.num_finished += 1
 
-    def _flush(self, outbox: Outbox) -> None:
-        """Write the step's output, retrying through Redis outages: the engine keeps its state meanwhile."""
-        fenced = self._retry(self.streams.flush, outbox, on_retry=lambda: setattr(outbox, "is_resend", True))
-        for request_id in fenced:  # another worker owns it now: stop without publishing anything more
-            log.warning("request %s is owned by another worker; dropping it here", request_id)
-            self.engine.abort(request_id)
+    def _round(self, outbox: Outbox, burst: bool) -> Round:
+        """The Redis work this iteration leaves for the I/O thread, with a snapshot of what the engine holds."""
+        held = [Held(s.request_id, s.meta["entry_id"], s.meta["next_seq"]) for s in self.engine.sequences()]
+        is_idle = self.engine.num_active == 0
+        block_ms = (BURST_BLOCK_MS if burst else self.config.read_block_ms) if is_idle else None
+        return Round(outbox, held, is_reading=not self._stop.is_set(),
+                     num_free=self.engine.max_num_seqs - self.engine.num_active, block_ms=block_ms,
+                     heartbeat=self._heartbeat_fields())
 
-    # ------------------------------------------------------------ leases
+    # ------------------------------------------------------------ exit
 
-    def _maybe_reclaim(self, free: int) -> list[tuple[str, dict, int]]:
-        """Take over entries whose worker stopped renewing them, ahead of any new entry.
+    def _finish_io(self) -> tuple[list[Entry], bool]:
+        """Let the round in flight land before anything is handed back (a resuming worker must see its
+        events). Returns the entries it read, which no step will run, and whether it succeeded."""
+        try:
+            seen = self.io.wait()
+        except Exception:  # noqa: BLE001 - exiting anyway: hand back what is held, as after a crash
+            log.exception("the last Redis round failed")
+            return [], False
+        self._drop(seen.dropped, [], Outbox())
+        return [entry for entry, _ in seen.entries], True
 
-        Every lease/4 s a worker looks for such orphans (with a cheap probe while it is full).
-        While it knows some wait, it reclaims at every iteration with a free slot, so requests
-        that had started streaming resume before requests that have not started.
-        """
-        now = time.monotonic()
-        due = now - self._last["reclaim"] >= self.config.lease_s / 4
-        if self._stop.is_set() or not (due or (self._orphans_waiting and free > 0)):
-            return []
-        if now - self._last["redis_error"] < self.config.lease_s + MAX_BACKOFF_S:
-            return []  # an outage (or a partition) aged every lease: give live workers time to renew
-        self._last["reclaim"] = now
-        if free <= 0:
-            self._orphans_waiting = self._orphans_waiting or self._retry(self.streams.has_orphans)
-            return []
-        claimed = self._retry(self.streams.reclaim, free)
-        self._orphans_waiting = bool(claimed) or not self.streams.reclaim_scan_done
-        running = {s.meta["entry_id"] for s in self.engine.sequences()}
-        claimed = [c for c in claimed if c[0] not in running]  # a late renewal of our own: keep running it once
-        self.stats.num_reclaimed += len(claimed)
-        return claimed
-
-    def _maybe_renew_leases(self) -> None:
-        if time.monotonic() - self._last["renew"] < self.config.lease_s / 3:
-            return
-        self._last["renew"] = time.monotonic()
-        self._retry(self.streams.renew, [s.meta["entry_id"] for s in self.engine.sequences()])
-
-    def _hand_back_unfinished(self, is_clean_exit: bool) -> None:
+    def _hand_back_unfinished(self, is_clean_exit: bool, unadmitted: list[Entry]) -> None:
         """On exit, unfinished entries are marked idle so another worker resumes them at once.
 
-        After a clean stop the hand-back does not count as a delivery; after a crash it does,
-        so a request that kills workers still reaches the dead letters."""
+        After a clean stop the hand-back does not count as a delivery; after a crash (or a broken
+        engine) it does, so a request that kills workers still reaches the dead letters. Entries
+        read but never admitted did not run here: they never count."""
         unfinished = [(s.meta["entry_id"], s.meta.get("deliveries", 1)) for s in self.engine.sequences()]
-        if unfinished:
-            log.info("handing back %d unfinished requests for another worker to resume", len(unfinished))
+        never_run = [(e.entry_id, e.deliveries) for e in unadmitted]
+        if unfinished or never_run:
+            log.info("handing back %d unfinished requests for another worker to resume", len(unfinished + never_run))
             self._safe(lambda: self.streams.hand_back(unfinished, is_delivery=not is_clean_exit))
+            self._safe(lambda: self.streams.hand_back(never_run))
 
     # ------------------------------------------------------------ helpers
-
-    def _retry(self, fn, *args, on_retry=None):
-        """Call fn until it gets past transient Redis failures (outage, OOM under noeviction, loading)."""
-        backoff_s = 0.05
-        while True:
-            try:
-                return fn(*args)
-            except redis.RedisError as exc:
-                if not is_transient(exc) or (self._stop.is_set() and time.monotonic() >= (self._drain_deadline or 0)):
-                    raise
-                log.warning("redis unavailable or refusing writes (%s); retrying in %.2f s", exc, backoff_s)
-                self._note_redis_error()
-            time.sleep(backoff_s)
-            backoff_s = min(MAX_BACKOFF_S, backoff_s * 2)
-            if on_retry is not None:
-                on_retry()
-
-    def _note_redis_error(self) -> None:
-        """Renew the leases as soon as Redis answers (the outage aged them) and hold off reclaiming."""
-        self._last["renew"] = 0.0
-        self._last["redis_error"] = time.monotonic()
-        self.streams.forget_uptime()
 
     @staticmethod
     def _next_seq(seq: Sequence) -> int:
@@ -241,17 +216,6 @@ class Worker:
             self.stats.num_steps += 1
             self.stats.num_tokens += sum(len(o.token_ids) for o in outputs)
             self.stats.step_ms_total += (time.monotonic() - started) * 1000
-
-    def _maybe_heartbeat(self) -> None:
-        if time.monotonic() - self._last["heartbeat"] < self.config.heartbeat_interval_s:
-            return
-        self._last["heartbeat"] = time.monotonic()
-        try:
-            self.streams.heartbeat(self._heartbeat_fields())
-        except redis.RedisError as exc:  # a missed heartbeat is not worth a request: the next one comes soon
-            if not is_transient(exc):
-                raise
-            log.warning("heartbeat failed: %s", exc)
 
     def _heartbeat_fields(self) -> dict[str, Any]:
         s = self.stats

@@ -9,6 +9,7 @@ import redis
 from worker.config import WorkerConfig
 
 log = logging.getLogger("redbatch.worker")
+EXIT_ENGINE_FAILED = 75  # EX_TEMPFAIL: steps kept failing, the requests are handed back; restart the process
 
 
 def build_worker(config: WorkerConfig):
@@ -33,11 +34,17 @@ def build_worker(config: WorkerConfig):
 
 
 def run_worker(config: WorkerConfig, burst: bool = False) -> int:
+    from worker.loop import EngineFailed
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     worker = build_worker(config)
     worker.install_signal_handlers()
     log.info("worker %s serving %r from %s (max_num_seqs=%d, device=%s)", config.worker_id, config.model_name,
              config.model_path, config.max_num_seqs, config.device)
-    worker.run(burst=burst)
+    try:
+        worker.run(burst=burst)
+    except EngineFailed as exc:
+        log.error("worker %s stopped, its requests handed back: %s", config.worker_id, exc)
+        return EXIT_ENGINE_FAILED
     log.info("worker %s stopped", config.worker_id)
     return 0

@@ -5,6 +5,7 @@ Every per-step operation is one pipelined round trip whatever the number of requ
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -17,50 +18,14 @@ import redis
 import redis.exceptions as redis_errors
 
 from producer.keys import GROUP, Keys
-from producer.protocol import (
-    TERMINAL_EVENTS,
-    ErrorCode,
-    Event,
-    EventType,
-    decode_event,
-    encode_event,
-    event_stream_id,
-    now_ms,
-)
+from producer.protocol import TERMINAL_EVENTS, Event, decode_event, encode_event, now_ms
 from worker.config import WorkerConfig
+from worker.event_writes import EVENTS_LUA, events_script_args, is_refused
+from worker.outbox import Outbox
 
 log = logging.getLogger("redbatch.worker")
 MAX_BACKOFF_S = 2.0  # longest wait between retries while Redis is away
 EVENT_TTL_REFRESH_EVERY = 64  # events between EXPIREs of a long-running request's stream
-
-
-@dataclass
-class Outbox:
-    """Events, acks and dead letters gathered during one loop iteration, flushed together."""
-
-    events: list[tuple[str, int, EventType, dict[str, Any]]] = field(default_factory=list)
-    acks: list[tuple[str, str | None]] = field(default_factory=list)  # (entry id, request whose terminal event gates it)
-    dead: list[tuple[str, dict[Any, Any], str, bool]] = field(default_factory=list)  # (entry, fields, reason, ack)
-    is_resend: bool = False  # a retry after a failed flush: events already written are not a conflict
-
-    def event(self, request_id: str, seq: int, type: EventType, **fields: Any) -> None:
-        self.events.append((request_id, seq, type, fields))
-
-    def ack(self, entry_id: str, request_id: str | None) -> None:
-        """Ack once request_id's events of this flush are written (None: ack unconditionally)."""
-        self.acks.append((entry_id, request_id))
-
-    def fail(self, request_id: str, entry_id: str, seq: int, code: ErrorCode, message: str) -> None:
-        self.event(request_id, seq, EventType.ERROR, code=code, message=message[:2000])
-        self.ack(entry_id, request_id)
-
-    def dead_letter(self, entry_id: str, fields: dict[Any, Any], reason: str, ack: bool = True) -> None:
-        """Copy the entry to the dead stream; ack it once the copy is written (unless an event gates the ack)."""
-        self.dead.append((entry_id, fields, reason, ack))
-
-    @property
-    def is_empty(self) -> bool:
-        return not (self.events or self.acks or self.dead)
 
 
 class TransientRedisError(redis.RedisError):
@@ -68,7 +33,6 @@ class TransientRedisError(redis.RedisError):
 
 
 _TRANSIENT_PREFIXES = ("OOM", "LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "READONLY")
-_ID_CONFLICT = "equal or smaller than the target stream top item"
 
 
 _TRANSIENT_TYPES = (redis.ConnectionError, redis.TimeoutError, TransientRedisError, redis_errors.OutOfMemoryError,
@@ -93,6 +57,7 @@ class WorkerStreams:
         self.reclaim_scan_done = False
         self._can_read_uptime = True
         self._is_past_restart_window = False  # Redis has been up long enough; asked again after an error
+        self._events_sha = hashlib.sha1(EVENTS_LUA.encode()).hexdigest()
 
     # ------------------------------------------------------------ setup
 
@@ -153,12 +118,14 @@ class WorkerStreams:
             pipe.get(owner)
             if is_redelivery:
                 pipe.xrange(self.keys.events(request_id))
-        results = iter(pipe.execute())
+        results = iter(pipe.execute(raise_on_error=False))
         states = []
         for _, _, is_redelivery in items:
-            aborted, _, owner = next(results), next(results), next(results)
-            events = [decode_event(f) for _, f in next(results)] if is_redelivery else []
-            states.append(EntryState(bool(aborted), owner.decode() if owner else None, events))
+            aborted, _, owner = _raise_errors(next(results), next(results), next(results))
+            state = EntryState(bool(aborted), owner.decode() if owner else None)
+            if is_redelivery:
+                state.read_published(next(results))
+            states.append(state)
         return states
 
     def renew(self, entry_ids: list[str]) -> None:
@@ -251,8 +218,8 @@ class WorkerStreams:
 
         An entry is acked only after its terminal event (or dead letter) is written. Returns the
         requests whose event was refused because that seq already exists: another worker owns them
-        now (fencing), so this worker must drop them. Raises on transient failures; the caller
-        retries the same outbox, marked as a resend.
+        now (fencing), so this worker must drop them; none of their later events in this outbox
+        landed. Raises on transient failures; the caller retries the same outbox, marked as a resend.
         """
         fenced: set[str] = set()
         failed: set[str] = set()
@@ -261,18 +228,15 @@ class WorkerStreams:
             owners, results = self._write(outbox)
             for owner, result in zip(owners, results):
                 kind, name = owner
-                if not isinstance(result, Exception):
-                    if kind == "dead":
-                        written_dead.add(name)
-                    continue
-                if is_transient(result):
-                    raise TransientRedisError(str(result))
-                if _ID_CONFLICT in str(result) and kind == "event":
-                    if not outbox.is_resend:
-                        fenced.add(name)
-                    continue
-                log.warning("write for %s %s failed: %s", kind, name, result)
-                failed.add(name)
+                if isinstance(result, Exception):
+                    if is_transient(result):
+                        raise TransientRedisError(str(result))
+                    log.warning("write for %s %s failed: %s", kind, name, result)
+                    failed.add(name)
+                elif kind == "dead":
+                    written_dead.add(name)
+                elif kind == "events" and is_refused(result):
+                    fenced.add(name)
         ackable = [entry for entry, rid in outbox.acks if rid is None or (rid not in fenced and rid not in failed)]
         ackable += [entry for entry, _, _, ack in outbox.dead if ack and entry in written_dead]
         if ackable:
@@ -285,26 +249,42 @@ class WorkerStreams:
     def _write(self, outbox: Outbox) -> tuple[list[tuple[str, str]], list[Any]]:
         pipe = self.redis.pipeline(transaction=False)
         owners: list[tuple[str, str]] = []
+        scripts: dict[int, tuple[Any, ...]] = {}  # position in the pipeline -> EVALSHA arguments
         ttl = self.config.result_ttl_s
-        for request_id, seq, type, fields in outbox.events:
-            key = self.keys.events(request_id)
-            pipe.xadd(key, encode_event(seq, type, **fields), id=event_stream_id(seq))
-            owners.append(("event", request_id))
-            if seq % EVENT_TTL_REFRESH_EVERY == 0 or type in TERMINAL_EVENTS:
-                pipe.expire(key, ttl)
-                owners.append(("expire", request_id))
-            if type in TERMINAL_EVENTS:  # duplicates of this id stay refused for the result TTL
+        for request_id, events in outbox.events_by_request().items():
+            is_ending = any(type in TERMINAL_EVENTS for _, type, _ in events)
+            needs_ttl = is_ending or any(seq % EVENT_TTL_REFRESH_EVERY == 0 for seq, _, _ in events)
+            encoded = [(seq, encode_event(seq, type, **fields)) for seq, type, fields in events]
+            scripts[len(owners)] = (self._events_sha, 1, self.keys.events(request_id),
+                                    *events_script_args(encoded, outbox.is_resend, ttl if needs_ttl else 0))
+            pipe.evalsha(*scripts[len(owners)])
+            owners.append(("events", request_id))
+            if is_ending:  # duplicates of this id stay refused for the result TTL
                 pipe.expire(self.keys.request_owner(self.model, request_id), ttl)
                 owners.append(("expire", request_id))
         for entry_id, fields, reason, _ in outbox.dead:
             pipe.xadd(self.keys.dead(self.model), {**_as_text_fields(fields), "reason": reason, "entry_id": entry_id,
                                                    "worker": self.config.worker_id, "ts": str(now_ms())})
             owners.append(("dead", entry_id))
-        results = pipe.execute(raise_on_error=False)
+        results = self._load_script_if_missing(pipe.execute(raise_on_error=False), scripts)
         for result in results:
             if isinstance(result, (redis.ConnectionError, redis.TimeoutError)):
                 raise result
         return owners, results
+
+    def _load_script_if_missing(self, results: list[Any], scripts: dict[int, tuple[Any, ...]]) -> list[Any]:
+        """EVALSHA saves a SCRIPT EXISTS round trip per flush; where Redis does not know the script yet
+        (first flush, a restarted Redis) it ran nothing, so load it and run those calls again."""
+        missing = [i for i in scripts if isinstance(results[i], redis_errors.NoScriptError)]
+        if not missing:
+            return results
+        self.redis.script_load(EVENTS_LUA)
+        pipe = self.redis.pipeline(transaction=False)
+        for i in missing:
+            pipe.evalsha(*scripts[i])
+        for i, result in zip(missing, pipe.execute(raise_on_error=False)):
+            results[i] = result
+        return results
 
     def heartbeat(self, stats: dict[str, Any]) -> None:
         ms = now_ms()
@@ -332,15 +312,46 @@ class EntryState:
 
     is_aborted: bool
     owner_entry: str | None  # the entry that owns the request id (another one: this entry is a duplicate)
-    events: list[Event]  # already published (redeliveries only)
+    events: list[Event] = field(default_factory=list)  # already published (redeliveries only)
+    unreadable: str | None = None  # why the published events cannot be read (`events` is then empty)
+    seq_after_unreadable: int | None = None  # with `unreadable`: the next free seq; None: none can be written
 
     @property
     def has_ended(self) -> bool:
         return bool(self.events) and self.events[-1].is_terminal
 
     @property
-    def next_seq(self) -> int:
-        return len(self.events)
+    def next_seq(self) -> int | None:
+        return len(self.events) if self.unreadable is None else self.seq_after_unreadable
+
+    def read_published(self, reply: Any) -> None:
+        """Decode the XRANGE of the events stream; a stream this worker cannot read fails its request alone."""
+        if isinstance(reply, Exception):  # e.g. WRONGTYPE: the key is not a stream, no event can go there
+            if is_transient(reply):
+                raise reply
+            self.unreadable = str(reply)
+            return
+        try:
+            self.events = [decode_event(fields) for _, fields in reply]
+        except Exception as exc:  # noqa: BLE001 - anything a stream holds must fail that request, never the worker
+            self.unreadable = f"{type(exc).__name__}: {exc}"[:500]
+            self.seq_after_unreadable = _seq_after(reply)
+
+
+def _seq_after(entries: list[tuple[Any, dict[Any, Any]]]) -> int | None:
+    """The seq an event written after these raw entries takes: none after a terminal or a foreign id."""
+    last_id, last_fields = entries[-1]
+    ms, _, number = _text(last_id).partition("-")
+    if ms != "0" or _text(last_fields.get(b"type", b"")) in {t.value for t in TERMINAL_EVENTS}:
+        return None
+    return int(number)  # event seq N sits at id 0-<N+1>
+
+
+def _raise_errors(*replies: Any) -> tuple[Any, ...]:
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies
 
 
 def _text(value: Any) -> str:
