@@ -218,6 +218,9 @@ def run_offline(args, run: ModelRun, workload: Workload) -> WorkloadResult:
                                                      args.max_num_batched_tokens)
         result.rows.append(to_row("e", run, workload, results, wall, config=label))
     result.ideal_s = ideal_s(args, run, workload)
+    if workload.honours_eos:
+        stopped = sum(bool(run.references[r.key]) and run.references[r.key][-1] in run.eos_ids for r in reqs)
+        result.notes.append(f"{stopped} of {len(reqs)} requests stop at EOS before max_tokens (sequential reference)")
     report.flag_misconfigured_peers(result)
     return result
 

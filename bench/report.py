@@ -92,7 +92,7 @@ def pct(values: list[float], q: float) -> float:
 def print_model_header(name: str, description: str, cost: CostModel) -> None:
     console.rule(f"[bold]model {name}: {description}")
     coefficients = ", ".join(f"{t} = {k:.3g}" for t, k in zip(TERMS, cost.coefficients))
-    console.print(f"roofline cost model, cost_s = a + b·num_tokens + c·sum_kv + d·sum_pairs, fitted on "
+    console.print(f"roofline cost model, cost_s = a + b·num_tokens + e·num_seqs + c·sum_kv + d·sum_pairs, fitted on "
                   f"{len(cost.points)} plain-HF forwards: {coefficients}")
     console.print(f"  fit error: rms {cost.rms_rel_error:.1%}, max {cost.max_rel_error:.1%} (relative)")
 
@@ -229,7 +229,7 @@ def print_targets(rows: list[Target]) -> None:
         table.add_column(col, justify="left" if col == "target" else "right")
     for t in rows:
         style = {"pass": "green", "FAIL": "bold red"}.get(t.status, "yellow")
-        table.add_row(t.name, "-" if t.measured is None else f"{t.measured:.2f}", t.target, t.status, style=style)
+        table.add_row(t.name, "-" if t.measured is None else f"{t.measured:.3f}", t.target, t.status, style=style)
     console.print(table)
 
 

@@ -3,11 +3,13 @@
 1. A cost model of one forward, fitted to measured plain-HF forwards (a uniform batch of B rows, q new tokens
    each, over a DynamicCache of L past tokens filled with random K/V):
 
-       cost_s = a + b·num_tokens + c·sum_kv + d·sum_pairs
+       cost_s = a + b·num_tokens + e·num_seqs + c·sum_kv + d·sum_pairs
 
-   num_tokens = tokens computed in the step; sum_kv = Σ over sequences of the KV length read (past + new);
-   sum_pairs = Σ q·(past + (q+1)/2), the query-key pairs of causal attention (prefill's quadratic part, which
-   `c` alone would price wrong). Least squares on relative error; a term that comes out negative is dropped.
+   num_tokens = tokens computed in the step; num_seqs = sequences in it (a decode is one sequence of one
+   token: small-batch matmuls and per-row attention cost more per token than a prefill chunk's);
+   sum_kv = Σ over sequences of the KV length read (past + new); sum_pairs = Σ q·(past + (q+1)/2), the
+   query-key pairs of causal attention (prefill's quadratic part, which `c` alone would price wrong).
+   Least squares on relative error; a term that comes out negative is dropped and the rest refitted.
 2. A replay of the workload as an FCFS continuous-batching schedule that costs nothing but its forwards:
    up to max_num_seqs running, a token budget per step, every running decode gets its token first and the
    rest of the budget goes to prefill chunks in arrival order (chunks folded into the decode step, one
@@ -27,18 +29,19 @@ from dataclasses import dataclass
 
 import torch
 
-TERMS = ("a (s)", "b (s/token)", "c (s/kv token)", "d (s/pair)")
+TERMS = ("a (s)", "b (s/token)", "e (s/seq)", "c (s/kv token)", "d (s/pair)")
 
 
 @dataclass(frozen=True)
 class StepShape:
     num_tokens: int
+    num_seqs: int
     sum_kv: int
     sum_pairs: float
 
     @property
-    def features(self) -> list[float]:
-        return [1.0, float(self.num_tokens), float(self.sum_kv), float(self.sum_pairs)]
+    def features(self) -> list[float]:  # in the order of TERMS
+        return [1.0, float(self.num_tokens), float(self.num_seqs), float(self.sum_kv), float(self.sum_pairs)]
 
 
 @dataclass
@@ -53,7 +56,7 @@ class CostModel:
 
 
 def shape_of(batch: int, q: int, past: int) -> StepShape:
-    return StepShape(batch * q, batch * (past + q), batch * (q * past + q * (q + 1) / 2))
+    return StepShape(batch * q, batch, batch * (past + q), batch * (q * past + q * (q + 1) / 2))
 
 
 def grid(max_num_seqs: int, token_budget: int, max_len: int) -> list[tuple[int, int, int]]:
@@ -105,18 +108,21 @@ def _measure(model, batch: int, q: int, past: int, repeats: int) -> float:
             k = torch.randn(batch, num_kv_heads, past, head_dim, device=device, dtype=dtype)
             cache.update(k, torch.randn_like(k), layer)
     ids = torch.randint(5, config.vocab_size, (batch, q), device=device)  # [B, q]
+    warm = False
     positions = torch.arange(past, past + q, device=device).expand(batch, q)
-    times = []
-    for k in range(repeats + 1):
+    times: list[float] = []
+    while len(times) < repeats:
         start = _now(device)
         model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1, **{_cache_kwarg(model): cache})
         elapsed = _now(device) - start
         if past:
-            cache.crop(-q)  # drop the new tokens: every repeat sees the same context (negative: 5.x API)
+            cache.crop(-q)  # drop the new tokens: every repeat sees the same context (negative: the 5.x API)
         else:
             cache = DynamicCache(config=model.config)
-        if k:  # the first run warms up
+        if warm:
             times.append(elapsed)
+        else:  # the first run warms up and sets how many repeats a short forward gets (noise on a shared CPU)
+            warm, repeats = True, max(repeats, min(15, int(0.25 / max(elapsed, 1e-4))))
     return statistics.median(times)
 
 
@@ -149,7 +155,7 @@ def ideal_s(cost: CostModel, prompt_lens: list[int], output_lens: list[int], max
         while waiting and len(running) < max_num_seqs:
             running.append(waiting.popleft())
         budget = token_budget
-        num_tokens, sum_kv, sum_pairs = 0, 0, 0.0
+        num_tokens, num_seqs, sum_kv, sum_pairs = 0, 0, 0, 0.0
         for seq in sorted(running, key=lambda s: s.computed < s.prompt_len):  # decodes first, then FCFS prefills
             if seq.computed == 0 and prefix_ready:
                 seq.computed = min(cached_prefix, seq.prompt_len - 1)
@@ -158,12 +164,13 @@ def ideal_s(cost: CostModel, prompt_lens: list[int], output_lens: list[int], max
                 continue
             budget -= q
             num_tokens += q
+            num_seqs += 1
             sum_kv += seq.computed + q
             sum_pairs += q * (seq.computed + (q + 1) / 2)
             seq.computed += q
             if seq.computed >= seq.prompt_len:  # a finished prefill or a decode samples a token
                 seq.generated += 1
-        elapsed += cost.cost_s(StepShape(num_tokens, sum_kv, sum_pairs))
+        elapsed += cost.cost_s(StepShape(num_tokens, num_seqs, sum_kv, sum_pairs))
         prefix_ready = prefix_ready or any(s.computed >= cached_prefix for s in running)
         running = [s for s in running if s.generated < s.output_len]
     return elapsed
