@@ -182,7 +182,7 @@ def run_peer_c(args, run: ModelRun, workload: Workload, result: WorkloadResult) 
     result.sweep, runs = hf_cb.sweep(run.model, calibration.requests, grid, run.eos_ids)
     best = hf_cb.best(result.sweep)
     if best is None:
-        return Row("c", "every configuration of the sweep failed", error="every configuration of the sweep failed")
+        return Row("c", error="every configuration of the sweep failed")
     if workload.name == "w1":
         run.w1_hf_config = best
     label = f"best of sweep: {best.label}"
@@ -231,7 +231,7 @@ def run_online(args, run: ModelRun, workload: Workload) -> WorkloadResult:
     ensure_references(run, reqs)
     if "b" in wanted:
         result.rows.append(to_row("b", run, workload, *_timed(peers.run_static, run.model, reqs, args.max_num_seqs,
-                                                              run.eos_ids), config="server loop, batch up to 16"))
+                                                              run.eos_ids), config=f"server loop, batch up to {args.max_num_seqs}"))
     if "c" in wanted:
         result.rows.append(_online_c(args, run, workload, result))
     config = redbatch_runs.engine_config(args.max_num_seqs, args.max_num_batched_tokens, None)
@@ -248,7 +248,7 @@ def run_online(args, run: ModelRun, workload: Workload) -> WorkloadResult:
 def _online_c(args, run: ModelRun, workload: Workload, result: WorkloadResult) -> Row:
     config = run.w1_hf_config
     if config is None:  # W1 did not sweep: NOTES' best CPU configuration, within the grid's bounds
-        config = hf_cb.HFConfig(min(1024, max(_ints(args.hf_batch_tokens))), max(_ints(args.hf_num_blocks)),
+        config = hf_cb.HFConfig(min(1024, max(_ints(args.hf_batch_tokens))), min(_ints(args.hf_num_blocks)),
                                 args.max_num_seqs)
         result.notes.append("(c) runs NOTES' best CPU configuration: W1's sweep did not run for this model")
     label = f"W1's best: {config.label}"
