@@ -53,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--static-batch-sizes", default="4,8,16", help="(b) sweep: batch sizes (capped at max_num_seqs)")
     p.add_argument("--hf-batch-tokens", default="256,512,1024", help="transformers CB sweep: max_batch_tokens")
     p.add_argument("--hf-num-blocks", default="128,256", help="transformers CB sweep: num_blocks (of 256 tokens)")
     p.add_argument("--calib-requests", type=int, default=32, help="the sweep runs on this many requests of each workload")
@@ -171,6 +172,25 @@ def _timed(fn, *args):
     return results, time.perf_counter() - start
 
 
+def run_peer_b(args, run: ModelRun, workload: Workload, result: WorkloadResult) -> Row:
+    """Static batches: the batch size is swept on the calibration subset (a long output tail can make big
+    batches lose to small ones), then the best runs the whole workload."""
+    sizes = sorted({min(b, args.max_num_seqs) for b in _ints(args.static_batch_sizes)})
+    calibration = workloads.calibration_subset(workload, args.calib_requests)
+    runs = {b: _timed(peers.run_static, run.model, calibration.requests, b, run.eos_ids) for b in sizes}
+    tok_s = {b: sum(len(workloads.normalize(res.output_ids, r, run.eos_ids)) for r, res in zip(calibration.requests, rs))
+             / wall for b, (rs, wall) in runs.items()}
+    best = max(tok_s, key=tok_s.get)
+    result.notes.append("(b) batch-size sweep on " + ("the whole workload" if calibration is workload else
+                        f"the first {len(calibration.requests)} requests") + ": "
+                        + ", ".join(f"{b}: {v:.1f} tok/s" for b, v in tok_s.items()) + f" -> {best}")
+    label = f"batch {best} (best of {','.join(map(str, sizes))})"
+    if calibration is workload:
+        return to_row("b", run, workload, *runs[best], config=label)
+    return to_row("b", run, workload, *_timed(peers.run_static, run.model, workload.requests, best, run.eos_ids),
+                  config=label)
+
+
 def run_peer_c(args, run: ModelRun, workload: Workload, result: WorkloadResult) -> Row:
     """The transformers CB sweep (on a calibration subset when the workload is bigger), then its best on all."""
     sharing = workload.shared_prefix_len > 0
@@ -201,8 +221,7 @@ def run_offline(args, run: ModelRun, workload: Workload) -> WorkloadResult:
         result.rows.append(to_row("a", run, workload, results, wall))
     ensure_references(run, reqs)
     if "b" in wanted:
-        result.rows.append(to_row("b", run, workload, *_timed(peers.run_static, run.model, reqs, args.max_num_seqs,
-                                                              run.eos_ids), config=f"batch {args.max_num_seqs}"))
+        result.rows.append(run_peer_b(args, run, workload, result))
     if "c" in wanted:
         result.rows.append(run_peer_c(args, run, workload, result))
     prefix = True if workload.shared_prefix_len else None

@@ -204,7 +204,8 @@ def targets(results: list[WorkloadResult]) -> list[Target]:
         if r.workload in ("w1", "w3", "w4"):
             bound = 2.0 if r.workload == "w4" else 1.5
             peer = r.best_peer()
-            invalid = ", ".join(f"{p.name[:3]} slower than sequential" for p in r.invalid_peers)
+            invalid = ", ".join([f"{p.name[:3]} slower than sequential" for p in r.invalid_peers]
+                                + [f"{p.name[:3]} failed" for p in r.rows if p.contender in PEERS and p.error])
             value = e.tok_s / peer.tok_s if e and peer else None
             peer_name = peer.name[:3] if peer else "-"
             out.append(_ratio_target(f"{tag} redbatch e2e / best tuned peer {peer_name}", value, bound, invalid))
