@@ -8,12 +8,17 @@ Tuning, and why the untuned peer ran slower than sequential `generate` on W1:
 
 - its paged attention on CPU (`sdpa`) packs every request of a step into ONE sequence with a block-diagonal
   mask of [tokens in the step, KV of every request in the step], so a step's attention grows with
-  (requests per batch)². Without `max_requests_per_batch` it admits as many requests as the workload hints
-  (64 in W1): `max_requests_per_batch = max_num_seqs` is the fix, the same concurrency redbatch gets;
-- `max_batch_tokens` x `num_blocks` are swept (`page_size` stays at its default, 256 tokens); both are set
-  explicitly, otherwise it sizes its cache from free RAM (NOTES: 6.4 GB for a 2M model);
+  (requests per batch)². Without `max_requests_per_batch` it admitted as many requests as the workload
+  hints (64 in W1); `max_requests_per_batch = max_num_seqs` gives it the concurrency redbatch gets;
+- its cache (576 pages of 32 tokens: 18k tokens) could not hold 64 running W1 requests (~24k tokens), so
+  requests were evicted and re-prefilled ("soft reset"). `num_blocks` now counts 256-token pages (the
+  default `page_size`) and `max_batch_tokens` x `num_blocks` are swept; both are set explicitly, otherwise
+  it sizes its cache from free RAM (NOTES: 6.4 GB for a 2M model);
 - `allow_block_sharing` (its prefix cache) is on for the shared-prefix workload only;
 - `auto_switch_to_flash=False`, so a GPU run uses the implementation asked for.
+
+Even tuned, the packed mask makes it weak on long contexts on CPU: on 32 W1 requests (max_tokens capped at
+48, default model, a busy machine) it ran 1.2x sequential and 0.55x static batches of 16.
 
 Setup (cache allocation in `warmup()`, thread start) happens before t0 and is not timed.
 """
