@@ -194,8 +194,9 @@ def run_peer_b(args, run: ModelRun, workload: Workload, result: WorkloadResult) 
 def run_peer_c(args, run: ModelRun, workload: Workload, result: WorkloadResult) -> Row:
     """The transformers CB sweep (on a calibration subset when the workload is bigger), then its best on all."""
     sharing = workload.shared_prefix_len > 0
-    grid = [hf_cb.HFConfig(t, b, args.max_num_seqs, sharing) for t in _ints(args.hf_batch_tokens)
-            for b in _ints(args.hf_num_blocks)]
+    page = hf_cb.page_size_for_prefix(workload.shared_prefix_len)
+    grid = [hf_cb.HFConfig(t, b * hf_cb.DEFAULT_PAGE // page, args.max_num_seqs, sharing, page)
+            for t in _ints(args.hf_batch_tokens) for b in _ints(args.hf_num_blocks)]
     calibration = workloads.calibration_subset(workload, args.calib_requests)
     n, total = len(calibration.requests), len(workload.requests)
     result.sweep_note = "swept on the whole workload" if n == total else f"swept on the first {n} of {total} requests"

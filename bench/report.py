@@ -129,14 +129,14 @@ def print_offline(result: WorkloadResult) -> None:
 
 def _print_sweep(result: WorkloadResult) -> None:
     table = Table(title=f"{result.model} model: {result.workload.upper()} transformers CB sweep ({result.sweep_note})")
-    for col in ("max_batch_tokens", "num_blocks", "max_requests_per_batch", "block sharing", "tok/s", ""):
+    for col in ("max_batch_tokens", "num_blocks", "page_size", "max_requests_per_batch", "block sharing", "tok/s", ""):
         table.add_column(col, justify="right")
     best = max((p.tok_s for p in result.sweep if p.tok_s is not None), default=None)
     for point in result.sweep:
         c = point.config
         status = escape(point.error) or ("<- best, reported" if point.tok_s == best else "")
         tok_s = "FAILED" if point.tok_s is None else f"{point.tok_s:.1f}"
-        table.add_row(str(c.max_batch_tokens), str(c.num_blocks), str(c.max_requests_per_batch),
+        table.add_row(str(c.max_batch_tokens), str(c.num_blocks), str(c.page_size), str(c.max_requests_per_batch),
                       "on" if c.allow_block_sharing else "off", tok_s, status, style="red" if point.error else None)
     console.print(table)
 
