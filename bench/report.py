@@ -94,7 +94,9 @@ def print_model_header(name: str, description: str, cost: CostModel) -> None:
     coefficients = ", ".join(f"{t} = {k:.3g}" for t, k in zip(TERMS, cost.coefficients))
     console.print(f"roofline cost model, cost_s = a + b·num_tokens + e·num_seqs + c·sum_kv + d·sum_pairs, fitted on "
                   f"{len(cost.points)} plain-HF forwards: {coefficients}")
-    console.print(f"  fit error: rms {cost.rms_rel_error:.1%}, max {cost.max_rel_error:.1%} (relative)")
+    worst = "; ".join(f"B{b} q{q} past{p}: {s * 1e3:.1f} ms measured, {m * 1e3:.1f} modelled"
+                      for b, q, p, s, m in cost.worst_points())
+    console.print(f"  fit error: rms {cost.rms_rel_error:.1%}, max {cost.max_rel_error:.1%} (relative); worst: {worst}")
 
 
 def print_offline(result: WorkloadResult) -> None:
@@ -247,5 +249,6 @@ def as_json(results: list[WorkloadResult], target_rows: list[Target], costs: dic
                       for r in results],
         "targets": [asdict(t) for t in target_rows],
         "roofline": {name: {"terms": list(TERMS), "coefficients": c.coefficients, "rms_rel_error": c.rms_rel_error,
-                            "max_rel_error": c.max_rel_error} for name, c in costs.items()},
+                            "max_rel_error": c.max_rel_error, "points_batch_q_past_s": c.points}
+                     for name, c in costs.items()},
     }
