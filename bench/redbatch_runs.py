@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import shutil
 import socket
 import subprocess
@@ -36,13 +37,22 @@ def engine_config(max_num_seqs: int, max_num_batched_tokens: int, prefix_caching
     return LLMEngineConfig(**options)
 
 
+def _config_defaults() -> dict[str, object]:
+    """LLMEngineConfig's fields and defaults, whether it stays a dataclass or becomes a pydantic model."""
+    if dataclasses.is_dataclass(LLMEngineConfig):
+        return {f.name: f.default for f in dataclasses.fields(LLMEngineConfig)}
+    if hasattr(LLMEngineConfig, "model_fields"):
+        return {name: f.default for name, f in LLMEngineConfig.model_fields.items()}
+    return {name: p.default for name, p in inspect.signature(LLMEngineConfig).parameters.items()}
+
+
 def has_prefix_caching() -> bool:
-    return "enable_prefix_caching" in {f.name for f in dataclasses.fields(LLMEngineConfig)}
+    return "enable_prefix_caching" in _config_defaults()
 
 
 def block_size() -> int | None:
-    field = {f.name: f for f in dataclasses.fields(LLMEngineConfig)}.get("block_size")
-    return None if field is None else field.default
+    value = _config_defaults().get("block_size")
+    return value if isinstance(value, int) else None
 
 
 def eos_ids(model, tokenizer) -> frozenset[int]:
