@@ -214,30 +214,21 @@ def run_peer_c(args, run: ModelRun, workload: Workload, result: WorkloadResult) 
 
 def run_offline(args, run: ModelRun, workload: Workload) -> WorkloadResult:
     result = WorkloadResult(run.name, workload.name, workload.title, [], notes=list(workload.notes))
-    wanted, reqs = args.contenders, workload.requests
-    if "a" in wanted:
+    reqs = workload.requests
+    if "a" in args.contenders:  # not guarded: every other row is checked against its tokens
         results, wall = _timed(peers.run_sequential, run.model, reqs, run.eos_ids)
         for r, res in zip(reqs, results):
             run.references[r.key] = workloads.normalize(res.output_ids, r, run.eos_ids)
         result.rows.append(to_row("a", run, workload, results, wall))
     ensure_references(run, reqs)
-    if "b" in wanted:
-        result.rows.append(run_peer_b(args, run, workload, result))
-    if "c" in wanted:
-        result.rows.append(run_peer_c(args, run, workload, result))
     prefix = True if workload.shared_prefix_len else None
-    config = redbatch_runs.engine_config(args.max_num_seqs, args.max_num_batched_tokens, prefix)
-    label = _engine_label(args, workload)
-    if "d" in wanted:
-        results, result.profile = redbatch_runs.run_engine(run.model, run.tokenizer, reqs, config)
-        wall = max(r.finish_s for r in results)
-        result.rows.append(to_row("d", run, workload, results, wall, config=label))
-        if workload.name == "w1":
-            run.w1_rate_req_s = len(reqs) / wall
-    if "e" in wanted:
-        results, wall = redbatch_runs.run_end_to_end(args.redis_url, run.path, reqs, args.threads, args.max_num_seqs,
-                                                     args.max_num_batched_tokens)
-        result.rows.append(to_row("e", run, workload, results, wall, config=label))
+    contenders = {
+        "b": lambda: run_peer_b(args, run, workload, result),
+        "c": lambda: run_peer_c(args, run, workload, result),
+        "d": lambda: _engine_row(args, run, workload, result, prefix),
+        "e": lambda: _end_to_end_row(args, run, workload),
+    }
+    result.rows += [_guarded(c, fn) for c, fn in contenders.items() if c in args.contenders]
     result.ideal_s = ideal_s(args, run, workload)
     if workload.honours_eos:
         stopped = sum(bool(run.references[r.key]) and run.references[r.key][-1] in run.eos_ids for r in reqs)
@@ -248,23 +239,41 @@ def run_offline(args, run: ModelRun, workload: Workload) -> WorkloadResult:
 
 def run_online(args, run: ModelRun, workload: Workload) -> WorkloadResult:
     result = WorkloadResult(run.name, workload.name, workload.title, [])
-    wanted, reqs = args.contenders, workload.requests
-    ensure_references(run, reqs)
-    if "b" in wanted:
-        result.rows.append(to_row("b", run, workload, *_timed(peers.run_static, run.model, reqs, args.max_num_seqs,
-                                                              run.eos_ids), config=f"server loop, batch up to {args.max_num_seqs}"))
-    if "c" in wanted:
-        result.rows.append(_online_c(args, run, workload, result))
-    config = redbatch_runs.engine_config(args.max_num_seqs, args.max_num_batched_tokens, None)
-    if "d" in wanted:
-        results, result.profile = redbatch_runs.run_engine(run.model, run.tokenizer, reqs, config)
-        wall = max(r.finish_s for r in results)
-        result.rows.append(to_row("d", run, workload, results, wall, config=_engine_label(args, workload)))
-    if "e" in wanted:
-        results, wall = redbatch_runs.run_end_to_end(args.redis_url, run.path, reqs, args.threads, args.max_num_seqs,
-                                                     args.max_num_batched_tokens)
-        result.rows.append(to_row("e", run, workload, results, wall, config=_engine_label(args, workload)))
+    ensure_references(run, workload.requests)
+    contenders = {
+        "b": lambda: to_row("b", run, workload, *_timed(peers.run_static, run.model, workload.requests,
+                                                        args.max_num_seqs, run.eos_ids),
+                            config=f"server loop, batch up to {args.max_num_seqs}"),
+        "c": lambda: _online_c(args, run, workload, result),
+        "d": lambda: _engine_row(args, run, workload, result, None),
+        "e": lambda: _end_to_end_row(args, run, workload),
+    }
+    result.rows += [_guarded(c, fn) for c, fn in contenders.items() if c in args.contenders]
     return result
+
+
+def _guarded(contender: str, fn) -> Row:
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - a contender that breaks is a FAILED row, not a lost benchmark run
+        report.console.print(f"[red]{report.NAMES[contender]} failed: {type(exc).__name__}")
+        report.console.print_exception(max_frames=4)
+        return Row(contender, error=f"{type(exc).__name__}: {str(exc)[:160]}")
+
+
+def _engine_row(args, run: ModelRun, workload: Workload, result: WorkloadResult, prefix_caching: bool | None) -> Row:
+    config = redbatch_runs.engine_config(args.max_num_seqs, args.max_num_batched_tokens, prefix_caching)
+    results, result.profile = redbatch_runs.run_engine(run.model, run.tokenizer, workload.requests, config)
+    wall = max(r.finish_s for r in results)
+    if workload.name == "w1":
+        run.w1_rate_req_s = len(workload.requests) / wall
+    return to_row("d", run, workload, results, wall, config=_engine_label(args, workload))
+
+
+def _end_to_end_row(args, run: ModelRun, workload: Workload) -> Row:
+    results, wall = redbatch_runs.run_end_to_end(args.redis_url, run.path, workload.requests, args.threads,
+                                                 args.max_num_seqs, args.max_num_batched_tokens)
+    return to_row("e", run, workload, results, wall, config=_engine_label(args, workload))
 
 
 def _online_c(args, run: ModelRun, workload: Workload, result: WorkloadResult) -> Row:
@@ -273,12 +282,8 @@ def _online_c(args, run: ModelRun, workload: Workload, result: WorkloadResult) -
         config = hf_cb.HFConfig(min(1024, max(_ints(args.hf_batch_tokens))), min(_ints(args.hf_num_blocks)),
                                 args.max_num_seqs)
         result.notes.append("(c) runs NOTES' best CPU configuration: W1's sweep did not run for this model")
-    label = f"W1's best: {config.label}"
-    try:
-        return to_row("c", run, workload, *_timed(hf_cb.run, run.model, workload.requests, config, run.eos_ids),
-                      config=label)
-    except hf_cb.SETUP_ERRORS as exc:
-        return Row("c", label, error=f"{type(exc).__name__}: {str(exc)[:100]}")
+    return to_row("c", run, workload, *_timed(hf_cb.run, run.model, workload.requests, config, run.eos_ids),
+                  config=f"W1's best: {config.label}")
 
 
 def _engine_label(args, workload: Workload) -> str:
