@@ -428,3 +428,17 @@ def test_redis_out_of_memory_is_waited_out(worker_factory, client, rds):
     assert client.wait(request_id, timeout_s=30).type == EventType.DONE
     events = events_of(client, request_id)
     assert [e.seq for e in events] == list(range(201)) and handle.is_alive
+
+
+def test_the_heartbeat_carries_the_engines_kv_gauges(worker_factory, client, rds, prefix):
+    handle = worker_factory().start()
+    model = client.get_model("tiny")
+    system = "the river and the mountain " * 6
+    for i in range(3):  # the same long prompt three times: the later ones hit the prefix cache
+        model.generate(system + str(i), generate_config={"max_tokens": 2, "stream": False}, timeout_s=30)
+    key = Keys(prefix).worker(handle.worker.config.worker_id)
+    fields = wait_for(lambda: (f := rds.hgetall(key)) and int(f.get(b"prefix_hit_tokens", 0)) > 0 and f)
+    engine = handle.worker.engine
+    assert int(fields[b"kv_blocks"]) == engine.blocks.num_blocks
+    assert int(fields[b"kv_blocks_free"]) <= engine.blocks.num_blocks
+    assert int(fields[b"prefix_hit_tokens"]) >= 16

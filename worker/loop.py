@@ -224,6 +224,7 @@ class Worker:
             "tokens": s.num_tokens, "finished": s.num_finished, "reclaimed": s.num_reclaimed,
             "step_ms": round(s.step_ms_total / s.num_steps, 2) if s.num_steps else 0,
             "max_num_seqs": self.engine.max_num_seqs, "draining": int(self._stop.is_set()),
+            **self.engine.metrics(),
         }
 
     def _safe(self, fn) -> None:

@@ -78,10 +78,8 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     v_cache.index_copy_(0, step.write_slots, value[0].transpose(0, 1).to(v_cache.dtype))
     num_heads, head_dim = query.shape[1], query.shape[3]
     block_ids, groups = step.layout_for(kwargs.get("sliding_window"))
-    block_size = step.cache.block_size
     # one gather per layer for every group's blocks: [sum G * num_blocks, block_size, Hkv, D]
-    k_blocks = k_cache.view(-1, block_size, *k_cache.shape[1:]).index_select(0, block_ids)
-    v_blocks = v_cache.view(-1, block_size, *v_cache.shape[1:]).index_select(0, block_ids)
+    k_blocks, v_blocks = step.cache.gather(layer, block_ids)
     q = query[0].transpose(0, 1)  # [N, H, D]
     out = torch.empty_like(q)
     for group in groups:

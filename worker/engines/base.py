@@ -44,3 +44,6 @@ class Engine(Protocol):
 
     def fail_running(self) -> list[Sequence]:
         """Drop every running request (after a model error in their step) and return them."""
+
+    def metrics(self) -> dict[str, int | float]:
+        """Engine-specific gauges and counters for the heartbeat (e.g. KV blocks free, prefix-cache hits)."""

@@ -36,6 +36,24 @@ class PagedKVCache:
         dims = (num_slots, shape.num_kv_heads, shape.head_dim)
         self.keys = [torch.zeros(dims, dtype=shape.dtype, device=device) for _ in range(shape.num_layers)]
         self.values = [torch.zeros(dims, dtype=shape.dtype, device=device) for _ in range(shape.num_layers)]
+        # where a layer gathers the blocks its rows read, reused by every layer and step: a fresh tensor of
+        # tens of MB per gather is a fresh mmap, and its page faults cost more than the copy (seen on CPU)
+        self._gather: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def gather(self, layer: int, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of these blocks: [len(block_ids), block_size, num_kv_heads, head_dim] each, views of
+        a buffer that the next gather overwrites."""
+        num = block_ids.shape[0]
+        if self._gather is None or self._gather[0].shape[0] < num:
+            rest = (self.block_size, self.shape.num_kv_heads, self.shape.head_dim)
+            size = max(num, 2 * (self._gather[0].shape[0] if self._gather else 0))
+            self._gather = tuple(torch.empty((size, *rest), dtype=self.shape.dtype, device=self.keys[0].device)
+                                 for _ in range(2))
+        out_k, out_v = (buf[:num] for buf in self._gather)
+        blocks = (-1, self.block_size, self.shape.num_kv_heads, self.shape.head_dim)
+        torch.index_select(self.keys[layer].view(blocks), 0, block_ids, out=out_k)
+        torch.index_select(self.values[layer].view(blocks), 0, block_ids, out=out_v)
+        return out_k, out_v
 
     @property
     def num_slots(self) -> int:

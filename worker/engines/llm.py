@@ -143,6 +143,13 @@ class LLMEngine:
             self._release(seq)
         return seqs
 
+    def metrics(self) -> dict[str, int | float]:
+        return {
+            "kv_blocks": self.blocks.num_blocks, "kv_blocks_free": self.blocks.num_free_blocks,
+            "kv_blocks_cached": self.blocks.num_cached_blocks, "prefix_hit_tokens": self.blocks.num_hit_tokens,
+            "preemptions": self.num_preemptions,
+        }
+
     def _release(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
         state = self._state.pop(seq, None)
