@@ -173,9 +173,10 @@ def _device_variant(dev: dict[str, torch.Tensor], name: str, plans: list[_GroupP
     for plan in plans:
         rows, queries = len(plan.chunks), plan.num_queries
         base, kv_start, kv_end = ranges[:, row : row + rows]  # [G] each
-        width = max(e - b for e, b in zip(plan.kv_end, _bases(plan, block_size)))  # L keys read per row
+        bases = _bases(plan, block_size)
+        width = max(e - b for e, b in zip(plan.kv_end, bases))  # L keys read per row
         key_pos = base[:, None] + torch.arange(width, device=ranges.device)[None, :]  # [G, L]
-        mask, is_causal = _mask(plan, key_pos, kv_start, kv_end, width, block_size)
+        mask, is_causal = _mask(plan, key_pos, kv_start, kv_end, width, bases)
         groups.append(AttentionGroup(start=start, num_rows=rows, num_queries=queries, block_offset=block_offset,
                                      num_blocks=plan.num_blocks, num_keys=width, mask=mask, is_causal=is_causal))
         start += rows * queries
@@ -189,11 +190,10 @@ def _bases(plan: _GroupPlan, block_size: int) -> list[int]:
 
 
 def _mask(plan: _GroupPlan, key_pos: torch.Tensor, kv_start: torch.Tensor, kv_end: torch.Tensor, width: int,
-          block_size: int) -> tuple[torch.Tensor | None, bool]:
+          bases: list[int]) -> tuple[torch.Tensor | None, bool]:
     """The group's [G, 1, T, L] bool mask (None when every key read is visible), and whether SDPA's own
     causal mask does the job instead."""
     queries = plan.num_queries
-    bases = _bases(plan, block_size)
     if queries == 1:
         exact = all(s == b and e - b == width for s, e, b in zip(plan.kv_start, plan.kv_end, bases))
         if exact:
