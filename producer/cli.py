@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CUDA: share of device memory for weights, activations and the KV cache")
     w.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     w.add_argument("--no-prefix-cache", action="store_true", help="never reuse KV blocks across requests")
+    w.add_argument("--attention-backend", choices=["auto", "sdpa", "flex"], default="auto",
+                   help="paged attention kernel: sdpa (one call per row group), flex (one flex_attention call per "
+                        "layer; compiled on CUDA, eager reference elsewhere); auto: flex on CUDA when it compiles")
     w.add_argument("--max-queue-len", type=int, default=10_000)
     w.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     w.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -120,7 +123,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         num_threads=args.threads, grace_s=args.grace_s, trust_remote_code=args.trust_remote_code,
         lease_s=args.lease_s, max_deliveries=args.max_deliveries, max_body_bytes=args.max_body_bytes,
         max_tokens_limit=args.max_tokens_limit, block_size=args.block_size,
-        enable_prefix_caching=not args.no_prefix_cache, gpu_memory_utilization=args.gpu_memory_utilization,
+        enable_prefix_caching=not args.no_prefix_cache, attention_backend=args.attention_backend,
+        gpu_memory_utilization=args.gpu_memory_utilization,
         max_consecutive_step_failures=args.max_consecutive_step_failures,
     )
     if args.worker_id:

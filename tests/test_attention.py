@@ -71,7 +71,8 @@ def mixed_cases() -> list[Case]:
 
 
 def run_paged(cases: list[Case], sliding_window: int | None = None, contiguous_query: bool = False,
-              layer_window: int | None | str = "model"):
+              layer_window: int | None | str = "model", flex_blocks: tuple[int, int] | None = None,
+              softcap: float | None = None):
     """The packed step (built for a model with `sliding_window`) through paged_attention in a layer whose own
     window is `layer_window` (the model's unless given); returns (output [N, H, D] per case, cache, step)."""
     if layer_window == "model":
@@ -82,7 +83,7 @@ def run_paged(cases: list[Case], sliding_window: int | None = None, contiguous_q
         computed = range(case.chunk.seq.num_computed)
         cache.keys[0][slots_of(case, computed)] = case.keys[: len(computed)]
         cache.values[0][slots_of(case, computed)] = case.values[: len(computed)]
-    step = build_step([c.chunk for c in cases], cache, sliding_window)
+    step = build_step([c.chunk for c in cases], cache, sliding_window, flex_blocks=flex_blocks)
     by_seq = {id(c.chunk.seq): c for c in cases}
     packed = [by_seq[id(chunk.seq)] for chunk in step.chunks]
     new = [slice(c.chunk.seq.num_computed, None) for c in packed]
@@ -92,8 +93,9 @@ def run_paged(cases: list[Case], sliding_window: int | None = None, contiguous_q
     key = torch.cat([c.keys[s] for c, s in zip(packed, new)]).transpose(0, 1)[None]  # [1, Hkv, N, D]
     value = torch.cat([c.values[s] for c, s in zip(packed, new)]).transpose(0, 1)[None]
 
+    extra = {"softcap": softcap} if softcap is not None else {}
     out, weights = attention.paged_attention(FakeAttention(), query, key, value, None, scaling=SCALING,
-                                             sliding_window=layer_window,
+                                             sliding_window=layer_window, **extra,
                                              **{attention.STEP_KWARG: step.attention})
 
     assert weights is None
@@ -105,8 +107,8 @@ def run_paged(cases: list[Case], sliding_window: int | None = None, contiguous_q
     return outputs, cache, step
 
 
-def reference(case: Case, sliding_window: int | None = None) -> torch.Tensor:
-    """transformers' SDPA attention on this sequence alone: [T, H, D]."""
+def reference(case: Case, sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """transformers' SDPA attention on this sequence alone (eager attention when softcapped): [T, H, D]."""
     start = case.chunk.seq.num_computed
     total = start + case.chunk.num_tokens
     query = case.queries.transpose(0, 1)[None]  # [1, H, T, D]
@@ -116,6 +118,12 @@ def reference(case: Case, sliding_window: int | None = None) -> torch.Tensor:
     allowed = k_pos <= q_pos
     if sliding_window is not None:
         allowed &= k_pos > q_pos - sliding_window
+    if softcap is not None:
+        rep = NUM_HEADS // NUM_KV_HEADS
+        scores = query @ key.repeat_interleave(rep, dim=1).transpose(-1, -2) * SCALING  # [1, H, T, P]
+        scores = (softcap * torch.tanh(scores / softcap)).masked_fill(~allowed, float("-inf"))
+        out = scores.softmax(-1) @ value.repeat_interleave(rep, dim=1)  # [1, H, T, D]
+        return out[0].transpose(0, 1)
     out, _ = sdpa_attention_forward(FakeAttention(), query, key, value, allowed[None, None], scaling=SCALING)
     return out[0]  # [T, H, D]
 
@@ -251,3 +259,85 @@ def test_random_packed_steps_equal_sdpa_per_sequence(window):
         for case in cases:
             torch.testing.assert_close(outputs[case.chunk.seq.request_id], reference(case, window), rtol=1e-5,
                                        atol=1e-5)
+
+
+# ---------------------------------------------------------------- the flex-attention backend
+
+FLEX_BLOCKS = [(4, 4), (8, 16), (16, 16)]  # BlockMask blocks smaller and larger than a cache block and a row
+
+
+@pytest.mark.parametrize("flex_blocks", FLEX_BLOCKS)
+@pytest.mark.parametrize("window", [None, 2, 4])
+def test_flex_packed_step_equals_sdpa_per_sequence(flex_blocks, window):
+    cases = mixed_cases()
+    outputs, _, step = run_paged(cases, sliding_window=window, flex_blocks=flex_blocks)
+
+    assert step.attention.flex is not None and step.attention.groups == []  # the path under test
+    for case in cases:
+        torch.testing.assert_close(outputs[case.chunk.seq.request_id], reference(case, window), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("flex_blocks", FLEX_BLOCKS)
+def test_flex_full_attention_layers_of_a_sliding_model_read_every_key(flex_blocks):
+    cases = mixed_cases()
+    outputs, _, step = run_paged(cases, sliding_window=2, layer_window=None, flex_blocks=flex_blocks)
+    assert step.attention.flex_sliding is not None
+    for case in cases:
+        torch.testing.assert_close(outputs[case.chunk.seq.request_id], reference(case), rtol=1e-5, atol=1e-5)
+
+
+def test_flex_applies_logit_softcapping():
+    cases = mixed_cases()
+    outputs, _, _ = run_paged(cases, flex_blocks=(4, 4), softcap=0.5)
+    for case in cases:
+        got = outputs[case.chunk.seq.request_id]
+        torch.testing.assert_close(got, reference(case, softcap=0.5), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(got, reference(case), rtol=1e-3, atol=1e-3)  # the cap changed something
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_flex_random_packed_steps_equal_sdpa_per_sequence(window):
+    gen = torch.Generator().manual_seed(4)
+    rng = random.Random(4)
+    for _ in range(10):
+        blocks = list(range(16))
+        rng.shuffle(blocks)
+        cases = []
+        for i in range(rng.randint(1, 5)):
+            computed = rng.randint(0, 10)
+            num_tokens = 1 if computed and rng.random() < 0.5 else rng.randint(1, 5)
+            needed = -(-(computed + num_tokens) // BLOCK_SIZE)
+            if needed > len(blocks):
+                break
+            table, blocks = blocks[:needed], blocks[needed:]
+            cases.append(make_case(gen, f"s{i}", computed, num_tokens, table))
+        outputs, _, _ = run_paged(cases, sliding_window=window, flex_blocks=rng.choice(FLEX_BLOCKS))
+        for case in cases:
+            torch.testing.assert_close(outputs[case.chunk.seq.request_id], reference(case, window), rtol=1e-5,
+                                       atol=1e-5)
+
+
+@pytest.mark.parametrize("flex_blocks", FLEX_BLOCKS)
+@pytest.mark.parametrize("window", [None, 2])
+def test_flex_block_mask_lists_every_key_block_a_query_block_can_see(flex_blocks, window):
+    """The eager reference applies mask_mod densely, so the block lists are checked here: a key block left out
+    would be skipped by the CUDA kernel."""
+    cases = mixed_cases()
+    cache = PagedKVCache(KVShape(1, NUM_KV_HEADS, HEAD_DIM, torch.float32), 16, BLOCK_SIZE, CPU)
+    step = build_step([c.chunk for c in cases], cache, window, flex_blocks=flex_blocks)
+    layout = step.attention.flex_sliding if window else step.attention.flex
+    mask = layout.block_mask
+    num_q, num_kv = mask.seq_lengths
+    q_idx, kv_idx = torch.arange(num_q)[:, None], torch.arange(num_kv)[None, :]
+    zero = torch.zeros((), dtype=torch.long)
+    visible = mask.mask_mod(zero, zero, q_idx, kv_idx)  # [N, L]
+    q_block, kv_block = flex_blocks
+    needed = torch.zeros(-(-num_q // q_block), -(-num_kv // kv_block), dtype=torch.bool)
+    for q, kv in visible.nonzero().tolist():
+        needed[q // q_block, kv // kv_block] = True
+    listed = mask.to_dense()[0, 0].bool()[: needed.shape[0], : needed.shape[1]]
+    assert needed.any()
+    assert not (needed & ~listed).any()
+    if needed.shape[0] > 1:  # several query blocks: each lists only its own rows' key blocks
+        assert listed.sum() < listed.numel()
+    assert sum(visible.sum(1) == 0) == 0  # every query sees at least itself

@@ -119,3 +119,8 @@ def test_worker_flags_parse():
     args = build_parser().parse_args(["worker", "--model-name", "m", "--model-path", "p", "--max-num-seqs", "3",
                                       "--device", "cuda:1", "--dtype", "bfloat16"])
     assert (args.max_num_seqs, args.device, args.dtype) == (3, "cuda:1", "bfloat16")
+    assert args.attention_backend == "auto"
+    args = build_parser().parse_args(["worker", "--model-name", "m", "--model-path", "p", "--attention-backend", "flex"])
+    assert args.attention_backend == "flex"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["worker", "--model-name", "m", "--model-path", "p", "--attention-backend", "x"])

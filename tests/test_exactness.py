@@ -243,6 +243,28 @@ def test_exact_with_a_sliding_window(tiny_sliding):
     assert mismatches(model, work, run_engine(model, tokenizer, work, max_num_batched_tokens=24)) == []
 
 
+def test_the_flex_backend_is_exact_with_chunking_prefix_reuse_and_preemption(tiny_model):
+    model, tokenizer = tiny_model
+    rng = random.Random(6)
+    system = [1] + [rng.randrange(5, 500) for _ in range(63)]
+    work = _workload(500, seed=6)[:6] + [
+        (f"p{i}", system + [rng.randrange(5, 500) for _ in range(rng.randrange(100, 140))], 40, rng.randrange(0, 6))
+        for i in range(6)]
+    stats: dict = {}
+    engine_config = {"attention_backend": "flex", "max_cached_tokens": 640, "max_model_len": 512,
+                     "max_num_batched_tokens": 96}
+    outputs = run_engine(model, tokenizer, work, aborts={"r3"}, stats=stats, **engine_config)
+    assert stats["hit_tokens"] > 0 and stats["preemptions"] > 0, stats
+    assert mismatches(model, work, outputs, skip={"r3"}) == []
+
+
+def test_the_flex_backend_honours_a_sliding_window(tiny_sliding):
+    model, tokenizer = tiny_sliding
+    work = _workload(500, seed=7)[:10]
+    assert mismatches(model, work, run_engine(model, tokenizer, work, max_num_batched_tokens=24,
+                                              attention_backend="flex")) == []
+
+
 def test_an_out_of_memory_step_preempts_retries_and_stays_exact(tiny_model, monkeypatch):
     model, tokenizer = tiny_model
     work = _workload(500, seed=6)[:12]

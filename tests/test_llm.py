@@ -205,6 +205,15 @@ def test_kv_budget_below_one_max_length_sequence_is_a_clear_error_at_start(tiny_
         LLMEngine(model, tokenizer, LLMEngineConfig(max_model_len=1024, max_cached_tokens=1000))
 
 
+def test_the_attention_backend_is_chosen_from_the_config(tiny_llama):
+    model, tokenizer = tiny_llama
+    small = {"max_num_seqs": 2, "max_model_len": 64}
+    assert LLMEngine(model, tokenizer, LLMEngineConfig(**small)).attention_backend == "sdpa"  # auto, off CUDA
+    assert LLMEngine(model, tokenizer, LLMEngineConfig(**small, attention_backend="flex")).attention_backend == "flex"
+    with pytest.raises(ValueError, match="attention backend"):
+        LLMEngine(model, tokenizer, LLMEngineConfig(**small, attention_backend="flash"))
+
+
 def test_a_step_makes_one_host_to_device_copy_and_one_transfer_back(engine, monkeypatch):
     from worker.engines import batch, sampler
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -37,6 +38,7 @@ class WorkerConfig(BaseModel):
     kv_cache_tokens: int | None = Field(None, ge=16)  # KV budget; None: max_num_seqs x max_model_len (CUDA: memory)
     block_size: int = Field(16, ge=1, le=1024)  # tokens per KV cache block
     enable_prefix_caching: bool = True
+    attention_backend: Literal["auto", "sdpa", "flex"] = "auto"  # auto: flex on CUDA when it compiles, else sdpa
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)  # CUDA, without kv_cache_tokens: share of device memory
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024)
     max_queue_len: int = Field(10_000, ge=0)  # producers refuse to enqueue past this; 0 = unbounded

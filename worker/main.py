@@ -28,6 +28,7 @@ def build_worker(config: WorkerConfig):
         max_model_len=config.max_model_len, max_tokens_limit=config.max_tokens_limit,
         max_cached_tokens=config.kv_cache_tokens, block_size=config.block_size,
         enable_prefix_caching=config.enable_prefix_caching, gpu_memory_utilization=config.gpu_memory_utilization,
+        attention_backend=config.attention_backend,
     ))
     client = redis.Redis.from_url(config.redis_url, health_check_interval=30)
     return Worker(config, engine, WorkerStreams(client, config))

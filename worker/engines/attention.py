@@ -26,6 +26,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from worker.engines import flex
 from worker.engines.kv_cache import PagedKVCache
 
 ATTENTION_NAME = "redbatch_paged"
@@ -57,6 +58,8 @@ class StepAttention:
     block_ids: torch.Tensor  # [sum of G * num_blocks] the blocks every group reads, row after row
     groups: list[AttentionGroup]
     sliding: tuple[torch.Tensor, list[AttentionGroup]] | None = None  # same rows, keys limited to the window
+    flex: flex.FlexStep | None = None  # set: the flex-attention layout replaces the SDPA groups
+    flex_sliding: flex.FlexStep | None = None
 
     def layout_for(self, sliding_window: int | None) -> tuple[torch.Tensor, list[AttentionGroup]]:
         if sliding_window and self.sliding is not None:
@@ -70,12 +73,16 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     if step is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
-    if kwargs.get("softcap") is not None:
-        raise ValueError("redbatch's paged attention does not support attention logit softcapping")
     layer = module.layer_idx
     k_cache, v_cache = step.cache.keys[layer], step.cache.values[layer]  # [S, Hkv, D]
     k_cache.index_copy_(0, step.write_slots, key[0].transpose(0, 1).to(k_cache.dtype))
     v_cache.index_copy_(0, step.write_slots, value[0].transpose(0, 1).to(v_cache.dtype))
+    if step.flex is not None:
+        layout = step.flex_sliding if kwargs.get("sliding_window") and step.flex_sliding is not None else step.flex
+        k_blocks, v_blocks = step.cache.gather(layer, layout.block_ids)
+        return flex.attend(query, k_blocks, v_blocks, layout, scaling, kwargs.get("softcap"))[None], None
+    if kwargs.get("softcap") is not None:
+        raise ValueError("attention logit softcapping needs the flex attention backend (--attention-backend flex)")
     num_heads, head_dim = query.shape[1], query.shape[3]
     block_ids, groups = step.layout_for(kwargs.get("sliding_window"))
     # one gather per layer for every group's blocks: [sum G * num_blocks, block_size, Hkv, D]

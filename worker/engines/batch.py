@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from worker.engines import flex
 from worker.engines.attention import AttentionGroup, StepAttention
 from worker.engines.kv_cache import PagedKVCache
 from worker.scheduler import ScheduledChunk
@@ -27,6 +28,10 @@ class Staging:
         self._parts: list[tuple[str, int, tuple[int, ...], bool]] = []  # name, offset, shape, is_float
         self._values: list[int] = []
         self._floats: list[tuple[int, list[float]]] = []
+
+    @property
+    def names(self) -> set[str]:
+        return {part[0] for part in self._parts}
 
     def add(self, name: str, values: list[int], shape: tuple[int, ...] | None = None) -> None:
         self._parts.append((name, len(self._values), shape or (len(values),), False))
@@ -95,8 +100,11 @@ def order_chunks(chunks: list[ScheduledChunk]) -> list[list[ScheduledChunk]]:
 
 def build_step(chunks: list[ScheduledChunk], cache: PagedKVCache, sliding_window: int | None,
                staging: Staging | None = None,
-               add_extra: Callable[[Staging, list[ScheduledChunk]], None] | None = None) -> StepInputs:
-    """`add_extra(staging, sampled)` stages more per-sampled-row arrays (sampling parameters) into the same copy."""
+               add_extra: Callable[[Staging, list[ScheduledChunk]], None] | None = None,
+               flex_blocks: tuple[int, int] | None = None) -> StepInputs:
+    """`add_extra(staging, sampled)` stages more per-sampled-row arrays (sampling parameters) into the same copy.
+    `flex_blocks`: build the flex-attention layout with these BlockMask (query, key) block sizes instead of the
+    SDPA groups."""
     staging = staging or Staging()
     block_size = cache.block_size
     grouped = order_chunks(chunks)
@@ -118,18 +126,31 @@ def build_step(chunks: list[ScheduledChunk], cache: PagedKVCache, sliding_window
     staging.add("logits_rows", logits_rows)
     plans = _plans(grouped, None)
     sliding_plans = _plans(grouped, sliding_window) if sliding_window else None
-    _stage_variant(staging, "attn.full", plans, block_size)
-    if sliding_plans:
-        _stage_variant(staging, "attn.sliding", sliding_plans, block_size)
+    variants = [("attn.full", plans)] + ([("attn.sliding", sliding_plans)] if sliding_plans else [])
+    flex_plans = {}
+    if flex_blocks is None:
+        for name, variant in variants:
+            _stage_variant(staging, name, variant, block_size)
+    else:
+        row_tokens = [(c.seq.num_computed, c.num_tokens) for c in ordered]
+        for name, variant in variants:
+            row_keys = [(s, e, c.seq.block_table) for p in variant for c, s, e in zip(p.chunks, p.kv_start, p.kv_end)]
+            flex_plans[name] = flex.plan(row_tokens, row_keys, block_size, variant[0].window, *flex_blocks)
+            flex.stage(staging, name, flex_plans[name], row_tokens)
     if add_extra is not None:
         add_extra(staging, sampled)
     dev = staging.send(cache.keys[0].device)
-    block_ids, groups = _device_variant(dev, "attn.full", plans, block_size)
-    sliding = _device_variant(dev, "attn.sliding", sliding_plans, block_size) if sliding_plans else None
-    attention = StepAttention(cache=cache, write_slots=dev["write_slots"], block_ids=block_ids, groups=groups,
-                              sliding=sliding)
+    if flex_blocks is None:
+        block_ids, groups = _device_variant(dev, "attn.full", plans, block_size)
+        sliding = _device_variant(dev, "attn.sliding", sliding_plans, block_size) if sliding_plans else None
+        attention = StepAttention(cache=cache, write_slots=dev["write_slots"], block_ids=block_ids, groups=groups,
+                                  sliding=sliding)
+    else:
+        steps = {name: flex.device_step(dev, name, p, block_size, *flex_blocks) for name, p in flex_plans.items()}
+        attention = StepAttention(cache=cache, write_slots=dev["write_slots"], block_ids=steps["attn.full"].block_ids,
+                                  groups=[], flex=steps["attn.full"], flex_sliding=steps.get("attn.sliding"))
     core = {"input_ids", "positions", "write_slots", "logits_rows"}
-    extra = {k: v for k, v in dev.items() if k not in core and not k.startswith("attn.")}
+    extra = {k: v for k, v in dev.items() if k not in core and not k.startswith(("attn.", "flex."))}
     return StepInputs(input_ids=dev["input_ids"][None], position_ids=dev["positions"][None],
                       logits_rows=dev["logits_rows"], attention=attention, chunks=ordered, sampled=sampled,
                       extra=extra)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from producer.protocol import Request, TaskKind
-from worker.engines import attention
+from worker.engines import attention, flex
 from worker.engines.batch import Staging, StepInputs, build_step
 from worker.engines.blocks import BlockManager
 from worker.engines.kv_cache import KVShape, PagedKVCache, num_blocks_for_budget
@@ -40,6 +40,7 @@ class LLMEngineConfig:
     block_size: int = 16
     enable_prefix_caching: bool = True
     gpu_memory_utilization: float = 0.9
+    attention_backend: str = "auto"  # sdpa | flex | auto (flex on CUDA when it compiles, else sdpa)
 
 
 class LLMEngine:
@@ -71,6 +72,8 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config.max_num_seqs, max(config.max_num_batched_tokens, config.max_num_seqs),
                                    self.blocks)
+        self.attention_backend = self._pick_backend(config.attention_backend)
+        self._flex_blocks = flex.block_sizes(self.device) if self.attention_backend == "flex" else None
         self._no_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.device)  # skips HF's mask building
         self._state: dict[Sequence, OutputState] = {}
         self._seen: torch.Tensor | None = None  # [rows + 1, V] bool repetition-penalty masks; the last row is a sink
@@ -78,6 +81,28 @@ class LLMEngine:
         self.num_steps = 0
         self.num_generated_tokens = 0
         self.profile = {"build_s": 0.0, "device_s": 0.0, "post_s": 0.0}  # cumulative time per phase of a step
+
+    def _pick_backend(self, wanted: str) -> str:
+        if wanted not in ("auto", "sdpa", "flex"):
+            raise ValueError(f"attention backend must be auto, sdpa or flex, not {wanted!r}")
+        if wanted == "sdpa" or (wanted == "auto" and self.device.type != "cuda"):
+            return "sdpa"
+        if not flex.is_available():
+            if wanted == "flex":
+                raise ValueError("--attention-backend flex needs torch.nn.attention.flex_attention (torch >= 2.5)")
+            return "sdpa"
+        if self.device.type != "cuda":
+            log.warning("flex attention off CUDA runs torch's eager reference implementation: correct, slow")
+            return "flex"
+        try:  # compile once now, so that a toolchain that cannot build the kernel fails here and not in a step
+            flex.warm_up(self.device, self.dtype)
+        except Exception as exc:
+            if wanted == "flex":
+                raise
+            log.warning("flex attention does not compile here (%s: %s); using the SDPA path",
+                        type(exc).__name__, exc)
+            return "sdpa"
+        return "flex"
 
     @torch.inference_mode()
     def _profile_activations(self) -> int:
@@ -182,7 +207,7 @@ class LLMEngine:
         """One forward over every scheduled token. Sequences change only after the device work succeeded."""
         started = time.perf_counter()
         staging = Staging()
-        inputs = build_step(chunks, self.kv, self.sliding_window, staging, self._stage_sampling)
+        inputs = build_step(chunks, self.kv, self.sliding_window, staging, self._stage_sampling, self._flex_blocks)
         built = time.perf_counter()
         host = self._forward_and_sample(inputs)
         synced = time.perf_counter()
