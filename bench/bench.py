@@ -226,7 +226,7 @@ def run_offline(args, run: ModelRun, workload: Workload) -> WorkloadResult:
         "b": lambda: run_peer_b(args, run, workload, result),
         "c": lambda: run_peer_c(args, run, workload, result),
         "d": lambda: _engine_row(args, run, workload, result, prefix),
-        "e": lambda: _end_to_end_row(args, run, workload),
+        "e": lambda: _end_to_end_row(args, run, workload, result),
     }
     result.rows += [_guarded(c, fn) for c, fn in contenders.items() if c in args.contenders]
     result.ideal_s = ideal_s(args, run, workload)
@@ -246,7 +246,7 @@ def run_online(args, run: ModelRun, workload: Workload) -> WorkloadResult:
                             config=f"server loop, batch up to {args.max_num_seqs}"),
         "c": lambda: _online_c(args, run, workload, result),
         "d": lambda: _engine_row(args, run, workload, result, None),
-        "e": lambda: _end_to_end_row(args, run, workload),
+        "e": lambda: _end_to_end_row(args, run, workload, result),
     }
     result.rows += [_guarded(c, fn) for c, fn in contenders.items() if c in args.contenders]
     return result
@@ -270,9 +270,15 @@ def _engine_row(args, run: ModelRun, workload: Workload, result: WorkloadResult,
     return to_row("d", run, workload, results, wall, config=_engine_label(args, workload))
 
 
-def _end_to_end_row(args, run: ModelRun, workload: Workload) -> Row:
+def _end_to_end_row(args, run: ModelRun, workload: Workload, result: WorkloadResult | None = None) -> Row:
+    cpu: dict[str, float] = {}
     results, wall = redbatch_runs.run_end_to_end(args.redis_url, run.path, workload.requests, args.threads,
-                                                 args.max_num_seqs, args.max_num_batched_tokens)
+                                                 args.max_num_seqs, args.max_num_batched_tokens, cpu)
+    if result is not None and cpu:
+        cores = os.cpu_count() or 1
+        spent = ", ".join(f"{name} {seconds:.1f} s ({seconds / wall:.2f} cores)" for name, seconds in cpu.items())
+        result.notes.append(f"(e) CPU during the run: {spent}; the machine has {cores} cores x {wall:.1f} s wall "
+                            f"(the in-process engine (d) has its cores to itself)")
     return to_row("e", run, workload, results, wall, config=_engine_label(args, workload))
 
 

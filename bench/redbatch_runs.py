@@ -12,6 +12,7 @@ import dataclasses
 import inspect
 import shutil
 import socket
+import os
 import subprocess
 import sys
 import tempfile
@@ -176,13 +177,16 @@ def start_worker(url: str, model_path: Path, threads: int, max_num_seqs: int, ma
 
 
 def run_end_to_end(redis_url: str | None, model_path: Path, requests: list[BenchRequest], threads: int,
-                   max_num_seqs: int, max_num_batched_tokens: int) -> tuple[list[RequestResult], float]:
-    """(e) a worker process of its own behind Redis; submit at each arrival time, stream every request back."""
+                   max_num_seqs: int, max_num_batched_tokens: int, cpu: dict[str, float] | None = None
+                   ) -> tuple[list[RequestResult], float]:
+    """(e) a worker process of its own behind Redis; submit at each arrival time, stream every request back.
+    `cpu` receives the CPU seconds the worker, the benchmark's redis-server and this client spent in the run."""
     server = RedisForBench(redis_url)
     log_path = Path(tempfile.mkdtemp(prefix="redbatch-bench-")) / "worker.log"
     worker = start_worker(server.url, model_path, threads, max_num_seqs, max_num_batched_tokens, log_path)
     try:
-        results = asyncio.run(_produce(server.url, requests, worker, log_path))
+        pids = {"worker": worker.pid, "redis-server": server.proc.pid if server.proc else None}
+        results = asyncio.run(_produce(server.url, requests, worker, log_path, pids, cpu))
         return results, max(r.finish_s for r in results)
     finally:
         worker.terminate()
@@ -193,16 +197,34 @@ def run_end_to_end(redis_url: str | None, model_path: Path, requests: list[Bench
         server.close()
 
 
-async def _produce(url: str, requests: list[BenchRequest], worker: subprocess.Popen, log_path: Path
-                   ) -> list[RequestResult]:
+async def _produce(url: str, requests: list[BenchRequest], worker: subprocess.Popen, log_path: Path,
+                   pids: dict[str, int | None], cpu: dict[str, float] | None) -> list[RequestResult]:
     client = AsyncClient(url, prefix=BENCH_PREFIX)
     try:
         model = await _watched(_wait_model(client), worker, log_path)
         await _watched(_one(model, client, warm_up_request(), time.perf_counter()), worker, log_path)
+        before = _cpu_seconds(pids)
         t0 = time.perf_counter()
-        return await _watched(asyncio.gather(*(_one(model, client, r, t0) for r in requests)), worker, log_path)
+        results = await _watched(asyncio.gather(*(_one(model, client, r, t0) for r in requests)), worker, log_path)
+        if cpu is not None:
+            after = _cpu_seconds(pids)
+            cpu.update({k: after[k] - before[k] for k in after if k in before})
+        return results
     finally:
         await client.aclose()
+
+
+def _cpu_seconds(pids: dict[str, int | None]) -> dict[str, float]:
+    """user + system CPU seconds so far of each process (all its threads), and of this client process."""
+    out = {"client": sum(os.times()[:2])}
+    ticks = os.sysconf("SC_CLK_TCK")
+    for name, pid in pids.items():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, TypeError):
+            continue
+        out[name] = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return out
 
 
 async def _watched(awaitable, worker: subprocess.Popen, log_path: Path):

@@ -157,3 +157,12 @@ def test_targets_cover_every_workload(bench_report):
                    "W1 (fast) e2e / in process", "W3 (fast) in process / roofline", "W2 (fast) p50 TTFT"):
         assert any(n.startswith(prefix) for n in names), prefix
     assert all(t["status"] for t in bench_report["targets"])
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+def test_the_end_to_end_run_reports_the_cpu_that_worker_and_client_spent(bench_report):
+    for result in bench_report["workloads"]:
+        notes = [n for n in result["notes"] if n.startswith("(e) CPU during the run:")]
+        assert len(notes) == 1, result["workload"]
+        assert "worker " in notes[0] and "client " in notes[0]
