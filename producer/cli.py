@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--worker-id", default=None)
     w.add_argument("--burst", action="store_true", help="exit once the stream is empty and nothing runs")
     w.add_argument("--trust-remote-code", action="store_true")
+    w.add_argument("--tool-parser", default="auto",
+                   help="tool-call format: auto (detected from the chat template), none, hermes, llama3_json, "
+                        "mistral or glm4")
 
     for name in ("generate", "chat"):
         g = sub.add_parser(name, help=f"send one {name} request and stream the answer")
@@ -125,7 +128,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         max_tokens_limit=args.max_tokens_limit, block_size=args.block_size,
         enable_prefix_caching=not args.no_prefix_cache, attention_backend=args.attention_backend,
         gpu_memory_utilization=args.gpu_memory_utilization,
-        max_consecutive_step_failures=args.max_consecutive_step_failures,
+        max_consecutive_step_failures=args.max_consecutive_step_failures, tool_parser=args.tool_parser,
     )
     if args.worker_id:
         options["worker_id"] = args.worker_id

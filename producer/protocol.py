@@ -15,7 +15,7 @@ import time
 from enum import Enum
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from producer.keys import check_request_id
 
@@ -129,8 +129,23 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # OpenAI shape; function.arguments a JSON string or an object
     tool_call_id: str | None = None
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _check_tool_calls(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        for i, call in enumerate(value or []):
+            _check_tool_call(call, f"tool_calls[{i}]")
+        return value
+
+    @model_validator(mode="after")
+    def _check_roles(self) -> "ChatMessage":
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs tool_call_id (the id of the call it answers)")
+        return self
 
     @property
     def has_images(self) -> bool:
@@ -154,9 +169,83 @@ class GenerateBody(_Strict):
 
 class ChatBody(_Strict):
     messages: list[ChatMessage] = Field(min_length=1)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None  # OpenAI function tools, passed to the chat template as `tools`
+    tool_choice: str | dict[str, Any] | None = None  # none | auto | required | {"type": "function", "function": {"name"}}
     generate_config: GenerateConfig = GenerateConfig()
+
+    @field_validator("tools")
+    @classmethod
+    def _check_tools(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        names = [_check_tool(tool, f"tools[{i}]") for i, tool in enumerate(value or [])]
+        if len(set(names)) != len(names):
+            raise ValueError("tool names must be unique")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _check_tool_choice(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        if isinstance(value, str) and value not in TOOL_CHOICES:
+            raise ValueError(f"tool_choice must be one of {', '.join(TOOL_CHOICES)} or a named function")
+        if isinstance(value, dict):
+            function = value.get("function")
+            if (set(value) != {"type", "function"} or value["type"] != "function" or not isinstance(function, dict)
+                    or set(function) != {"name"} or not isinstance(function["name"], str)):
+                raise ValueError('a named tool_choice is {"type": "function", "function": {"name": NAME}}')
+        return value
+
+    @model_validator(mode="after")
+    def _check_choice_against_tools(self) -> "ChatBody":
+        names = {t["function"]["name"] for t in self.tools or []}
+        if self.tool_choice == "required" and not names:
+            raise ValueError('tool_choice "required" needs tools')
+        if isinstance(self.tool_choice, dict) and self.tool_choice["function"]["name"] not in names:
+            raise ValueError(f"tool_choice names {self.tool_choice['function']['name']!r}, which is not in tools")
+        return self
+
+
+TOOL_CHOICES = ("none", "auto", "required")
+_TOOL_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _check_tool(tool: Any, where: str) -> str:
+    """An OpenAI function tool; returns its name."""
+    if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
+        raise ValueError(f'{where} must be {{"type": "function", "function": {{...}}}}')
+    if set(tool) - {"type", "function"}:
+        raise ValueError(f"{where} has unknown keys {sorted(set(tool) - {'type', 'function'})}")
+    function = tool["function"]
+    unknown = set(function) - {"name", "description", "parameters", "strict"}
+    if unknown:
+        raise ValueError(f"{where}.function has unknown keys {sorted(unknown)}")
+    name = function.get("name")
+    if not isinstance(name, str) or not _TOOL_NAME_RE.fullmatch(name):
+        raise ValueError(f"{where}.function.name must be 1-64 characters of [A-Za-z0-9_.-]")
+    if "description" in function and not isinstance(function["description"], str):
+        raise ValueError(f"{where}.function.description must be a string")
+    if "parameters" in function and not isinstance(function["parameters"], dict):
+        raise ValueError(f"{where}.function.parameters must be a JSON schema object")
+    if "strict" in function and not isinstance(function["strict"], bool):
+        raise ValueError(f"{where}.function.strict must be a boolean")
+    return name
+
+
+def _check_tool_call(call: Any, where: str) -> None:
+    """An assistant message's tool call: {"id", "type": "function", "function": {"name", "arguments"}}."""
+    if not isinstance(call, dict) or set(call) != {"id", "type", "function"}:
+        raise ValueError(f'{where} must have exactly "id", "type" and "function"')
+    function = call["function"]
+    if not isinstance(call["id"], str) or not call["id"] or call["type"] != "function" or not isinstance(function, dict):
+        raise ValueError(f'{where} needs a string id, type "function" and a function object')
+    if set(function) != {"name", "arguments"} or not isinstance(function["name"], str) or not function["name"]:
+        raise ValueError(f"{where}.function must have exactly a non-empty name and arguments")
+    arguments = function["arguments"]
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            raise ValueError(f"{where}.function.arguments is not valid JSON") from None
+    if not isinstance(arguments, dict):
+        raise ValueError(f"{where}.function.arguments must be a JSON object (or a string holding one)")
 
 
 class TextToImageBody(_Strict):

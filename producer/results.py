@@ -21,6 +21,7 @@ class Shaper:
         self.task = task
         self.created_s = int(time.time())
         self._sent_role = False
+        self._streamed_calls: set[int] = set()  # indices of the tool calls whose deltas were yielded
 
     @property
     def _is_chat(self) -> bool:
@@ -42,12 +43,13 @@ class Shaper:
 
     def _delta_chunk(self, text: str, finish_reason: str | None, event: Event) -> dict[str, Any]:
         if self._is_chat:
-            delta: dict[str, Any] = {"content": text} if text or not finish_reason else {}
+            tool_calls = self._tool_call_deltas(event)
+            delta: dict[str, Any] = {"content": text} if text or not (finish_reason or tool_calls) else {}
             if not self._sent_role:
                 delta["role"] = "assistant"
                 self._sent_role = True
-            if event.type == EventType.DONE and event.tool_calls:
-                delta["tool_calls"] = event.tool_calls
+            if tool_calls:
+                delta["tool_calls"] = tool_calls
             choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
             out = self._envelope("chat.completion.chunk")
         else:
@@ -58,6 +60,18 @@ class Shaper:
         out["choices"] = [choice]
         return out
 
+    def _tool_call_deltas(self, event: Event) -> list[dict[str, Any]]:
+        """`token` events carry deltas (with `index`); `done` carries whole calls, sent here only when no
+        token event streamed them (stream false, or a reader that starts at `done`)."""
+        if event.type == EventType.TOKEN:
+            deltas = event.tool_calls or []
+        elif event.type == EventType.DONE:
+            deltas = [{"index": i, **call} for i, call in enumerate(event.tool_calls or []) if i not in self._streamed_calls]
+        else:
+            return []
+        self._streamed_calls.update(d["index"] for d in deltas if isinstance(d.get("index"), int))
+        return deltas
+
     def completion(self, done: Event, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """The whole completion from the terminal event. Raises on error/abort."""
         check_terminal(done, self.request_id)
@@ -65,6 +79,7 @@ class Shaper:
         if self._is_chat:
             message: dict[str, Any] = {"role": "assistant", "content": done.text or ""}
             if done.tool_calls:
+                message["content"] = done.text or None  # OpenAI: null content beside tool calls
                 message["tool_calls"] = done.tool_calls
             choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": finish_reason}
             out = self._envelope("chat.completion")

@@ -210,7 +210,7 @@ def build_worker_thread(server_url: str, prefix: str, tiny_llama, tiny_llama_pat
     engine = LLMEngine(hf_model, tokenizer, LLMEngineConfig(
         max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
         max_model_len=config.max_model_len, max_tokens_limit=config.max_tokens_limit,
-        max_cached_tokens=config.kv_cache_tokens))
+        max_cached_tokens=config.kv_cache_tokens, tool_parser=config.tool_parser))
     streams = WorkerStreams(redis.Redis.from_url(config.redis_url), config)
     return WorkerThread(Worker(config, engine, streams))
 

@@ -51,6 +51,7 @@ def test_chat_completion_with_tool_calls() -> None:
     choice = out["choices"][0]
     assert choice["finish_reason"] == "tool_calls"
     assert choice["message"]["tool_calls"] == TOOL_CALLS
+    assert choice["message"]["content"] is None
     assert choice["message"]["role"] == "assistant"
 
 
@@ -99,8 +100,20 @@ def test_chat_stream_done_first_still_sends_role_and_tool_calls() -> None:
     assert chunk is not None
     delta = chunk["choices"][0]["delta"]
     assert delta["role"] == "assistant"
-    assert delta["tool_calls"] == TOOL_CALLS
+    assert delta["tool_calls"] == [{"index": i, **c} for i, c in enumerate(TOOL_CALLS)]  # delta shape: with index
     assert chunk["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_chat_stream_tool_call_deltas_come_from_token_events_and_are_not_repeated_at_done() -> None:
+    shaper = Shaper("req-1", "qwen", TaskKind.CHAT)
+    deltas = [{"index": 0, **TOOL_CALLS[0]}]
+    first = shaper.chunk(token(0, "Checking."))
+    second = shaper.chunk(token(1, "", tool_calls=deltas))
+    last = shaper.chunk(done(seq=2, text="Checking.", finish_reason=FinishReason.TOOL_CALLS, tool_calls=TOOL_CALLS))
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": "Checking."}
+    assert second["choices"][0]["delta"] == {"tool_calls": deltas}  # no empty content beside the call
+    assert last["choices"][0]["delta"] == {}
+    assert last["choices"][0]["finish_reason"] == "tool_calls"
 
 
 def test_generate_stream_chunks() -> None:

@@ -106,6 +106,21 @@ def test_special_tokens_kept_when_asked(tokenizer):
     assert text == "hello<|eos|>"
 
 
+def test_kept_special_tokens_survive_skip_special_tokens(tmp_path):
+    from tokenizers import AddedToken
+
+    tokenizer = make_tokenizer(tmp_path)
+    tokenizer.add_tokens([AddedToken("<|python_tag|>", special=True, normalized=False)])
+    tag = tokenizer.convert_tokens_to_ids("<|python_tag|>")
+    ids = [tokenizer.bos_token_id, *encode(tokenizer, "call 東京"), tag, *encode(tokenizer, " now"), tokenizer.eos_token_id]
+
+    def text_of(detok):
+        return "".join(detok.push([i]) for i in ids) + detok.flush()
+
+    assert text_of(IncrementalDetokenizer(tokenizer)) == "call 東京 now"  # the tag is dropped by default
+    assert text_of(IncrementalDetokenizer(tokenizer, keep_special_ids=frozenset({tag}))) == "call 東京<|python_tag|> now"
+
+
 def test_resumed_ids_then_new_ids_continue_the_text(tokenizer):
     ids = encode(tokenizer, "hello 東京 café 😀 world")
     detok = IncrementalDetokenizer(tokenizer)

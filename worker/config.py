@@ -42,6 +42,7 @@ class WorkerConfig(BaseModel):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)  # CUDA, without kv_cache_tokens: share of device memory
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024)
     max_queue_len: int = Field(10_000, ge=0)  # producers refuse to enqueue past this; 0 = unbounded
+    tool_parser: str = "auto"  # tool-call format: auto (detected from the chat template), none, or a format name
 
     read_block_ms: int = Field(1000, ge=1)  # how long an idle worker blocks on XREADGROUP
     heartbeat_interval_s: float = Field(1.0, gt=0)
@@ -56,6 +57,15 @@ class WorkerConfig(BaseModel):
     @classmethod
     def _check_name(cls, value: str) -> str:
         return check_model_name(value)
+
+    @field_validator("tool_parser")
+    @classmethod
+    def _check_tool_parser(cls, value: str) -> str:
+        from worker.models.tool_parsers import FORMATS
+
+        if value not in ("auto", "none", *FORMATS):
+            raise ValueError(f"tool_parser must be auto, none or one of {', '.join(FORMATS)}")
+        return value
 
     @field_validator("device")
     @classmethod

@@ -145,4 +145,4 @@ def resume_from(events: list[Event]) -> Resume | None:
     if not tokens:
         return None
     return Resume(output_ids=[t for e in tokens for t in (e.token_ids or [])], text="".join(e.text or "" for e in tokens),
-                  next_seq=len(events))
+                  next_seq=len(events), tool_calls=[d for e in tokens for d in (e.tool_calls or [])])

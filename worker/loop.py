@@ -156,14 +156,14 @@ class Worker:
 
     def _emit(self, out: StepOutput, outbox: Outbox) -> None:
         seq = out.seq
-        if seq.meta["stream"] and (out.token_ids or out.text):
+        if seq.meta["stream"] and (out.token_ids or out.text or out.tool_calls):
             outbox.event(seq.request_id, self._next_seq(seq), EventType.TOKEN, text=out.text, token_ids=out.token_ids,
-                         logprobs=out.logprobs)
+                         logprobs=out.logprobs, tool_calls=out.tool_calls)
         if out.is_finished:
             usage = Usage(prompt_tokens=seq.num_prompt_tokens, completion_tokens=seq.num_output_tokens,
                           total_tokens=seq.num_tokens)
             outbox.event(seq.request_id, self._next_seq(seq), EventType.DONE, finish_reason=out.finish_reason,
-                         text=seq.meta.get("text", ""), usage=usage,
+                         text=seq.meta.get("text", ""), usage=usage, tool_calls=seq.meta.get("tool_calls"),
                          logprobs=None if seq.meta["stream"] else seq.meta.get("logprobs"))
             outbox.ack(seq.meta["entry_id"], seq.request_id)
             self.stats.num_finished += 1

@@ -29,6 +29,7 @@ def build_worker(config: WorkerConfig):
         max_cached_tokens=config.kv_cache_tokens, block_size=config.block_size,
         enable_prefix_caching=config.enable_prefix_caching, gpu_memory_utilization=config.gpu_memory_utilization,
         attention_backend=config.attention_backend,
+        tool_parser=config.tool_parser,
     ))
     client = redis.Redis.from_url(config.redis_url, health_check_interval=30)
     return Worker(config, engine, WorkerStreams(client, config))

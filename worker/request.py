@@ -82,6 +82,7 @@ class Resume:
     output_ids: list[int]
     text: str
     next_seq: int
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)  # the tool-call deltas published, in order
 
 
 @dataclass
@@ -93,6 +94,7 @@ class StepOutput:
     text: str
     finish_reason: FinishReason | None = None
     logprobs: list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # OpenAI delta.tool_calls items decided in this step
 
     @property
     def is_finished(self) -> bool:

@@ -23,6 +23,7 @@ from worker.engines.outputs import OutputState, logprob_row
 from worker.engines.prompts import check_lengths, prompt_ids
 from worker.engines.sampler import HostSample, SamplingTensors, request_seed, sample
 from worker.engines.text import IncrementalDetokenizer, StopStringMatcher
+from worker.models.tool_parsers import ToolCalling
 from worker.request import Resume, Sequence, StepOutput
 from worker.scheduler import ScheduledChunk, Scheduler
 
@@ -41,6 +42,7 @@ class LLMEngineConfig:
     enable_prefix_caching: bool = True
     gpu_memory_utilization: float = 0.9
     attention_backend: str = "auto"  # sdpa | flex | auto (flex on CUDA when it compiles, else sdpa)
+    tool_parser: str = "auto"  # tool-call format: auto (from the chat template), none, or a name in tool_parsers.FORMATS
 
 
 class LLMEngine:
@@ -58,6 +60,7 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or 8192, getattr(mc, "max_position_embeddings", 8192) or 8192)
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.eos_ids = _eos_ids(model, tokenizer)
+        self.tool_calling = ToolCalling(tokenizer, config.tool_parser, model.config)
         self.sliding_window = _sliding_window(mc, self.max_model_len)
         shape = KVShape(num_layers=mc.num_hidden_layers,
                         num_kv_heads=getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads,
@@ -141,9 +144,11 @@ class LLMEngine:
         cfg = request.generate_config
         max_tokens = check_lengths(len(ids), cfg.max_tokens, self.max_model_len, self.config.max_tokens_limit)
         seq = Sequence(request_id=request.id, prompt_ids=ids, params=cfg, max_tokens=max_tokens)
-        state = OutputState(detok=IncrementalDetokenizer(self.tokenizer), stops=StopStringMatcher(cfg.stop_strings),
-                            seed=request_seed(cfg.seed), stop_token_ids=frozenset(cfg.stop_token_ids or ()),
-                            eos_ids=self.eos_ids)
+        tools = self.tool_calling.parser_for(request)
+        keep_ids = self.tool_calling.keep_ids if tools is not None else frozenset()
+        state = OutputState(detok=IncrementalDetokenizer(self.tokenizer, keep_special_ids=keep_ids),
+                            stops=StopStringMatcher(cfg.stop_strings), seed=request_seed(cfg.seed),
+                            stop_token_ids=frozenset(cfg.stop_token_ids or ()), eos_ids=self.eos_ids, tools=tools)
         if resume is not None:
             state.resume(seq, resume)
         self._state[seq] = state

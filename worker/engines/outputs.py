@@ -1,15 +1,18 @@
 """One LLM request's output side: sampled tokens in, text deltas and the finish decision out.
 
 Host work after the step's one device->host transfer: incremental detokenization, stop
-strings with hold-back, EOS / stop_token_ids / max_tokens, logprob rows.
+strings with hold-back, EOS / stop_token_ids / max_tokens, logprob rows, and for chat requests
+with tools the tool-call parser over the released text (after stop strings).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from producer.protocol import FinishReason
 from worker.engines.text import IncrementalDetokenizer, StopStringMatcher
+from worker.models.tool_parsers import ToolParser
 from worker.request import Resume, Sequence, StepOutput
 
 
@@ -24,14 +27,25 @@ class OutputState:
     eos_ids: frozenset[int]
     seen_row: int | None = None  # row in the repetition-penalty mask, once scheduled
     logprobs: list[dict] = field(default_factory=list)
+    tools: ToolParser | None = None  # chat requests with tools (tool_choice not "none")
+    unsent: tuple[str, list[dict[str, Any]]] = ("", [])  # parsed again at resume, not yet published
 
     def resume(self, seq: Sequence, resume: Resume) -> None:
         """Continue after tokens an earlier worker published: same text state; the sampler's counter
         is the output index, so the random stream continues by itself."""
         seq.output_ids = list(resume.output_ids)
         seq.num_resumed_tokens = len(resume.output_ids)
-        self.stops.feed(self.detok.push(list(resume.output_ids)))
-        self.stops.num_released = min(len(resume.text), len(self.stops.text))  # what the client has
+        released = self.stops.feed(self.detok.push(list(resume.output_ids)))
+        if self.tools is None:
+            self.stops.num_released = min(len(resume.text), len(self.stops.text))  # what the client has
+            return
+        # The wire text is the parser's content, not the raw text. The old worker fed its parser a prefix
+        # of `released`; a parser's output on a prefix is a prefix of its output on the whole (it never
+        # takes back), and each call is published whole, in one event: what is beyond the published
+        # content and calls is still owed to the client.
+        content, deltas = self.tools.feed(released)
+        published = {d["index"] for d in resume.tool_calls}
+        self.unsent = (content[len(resume.text):], [d for d in deltas if d["index"] not in published])
 
     def finish_resumed(self, seq: Sequence) -> StepOutput | None:
         """A resumed request whose published tokens already end it (the old worker died before `done`)."""
@@ -43,10 +57,11 @@ class OutputState:
             finish = FinishReason.LENGTH
         else:
             return None
-        text = "" if self.stops.is_stopped else self.stops.feed(self.detok.flush()) + self.stops.finish()
-        seq.finish_reason = finish
-        seq.meta.update(text=self.stops.text, logprobs=None)
-        return StepOutput(seq=seq, token_ids=[], text=text, finish_reason=finish)
+        raw = "" if self.stops.is_stopped else self.stops.feed(self.detok.flush()) + self.stops.finish()
+        text, deltas = self._parse(raw, is_final=True)
+        finish = self._end(seq, finish)
+        seq.meta["logprobs"] = None
+        return StepOutput(seq=seq, token_ids=[], text=text, finish_reason=finish, tool_calls=deltas)
 
     def advance(self, seq: Sequence, token: int, logprob: dict | None) -> StepOutput:
         """Append one sampled token; decide whether the request is done and what text it releases."""
@@ -68,13 +83,35 @@ class OutputState:
             text += self.stops.finish()
             if self.stops.is_stopped:
                 finish = FinishReason.STOP
-        out = StepOutput(seq=seq, token_ids=[token], text=text, finish_reason=finish,
-                         logprobs=[logprob] if logprob is not None else None)
+        text, deltas = self._parse(text, is_final=finish is not None)
         if finish is not None:
-            seq.finish_reason = finish
-            seq.meta["text"] = self.stops.text
+            finish = self._end(seq, finish)
             seq.meta["logprobs"] = self.logprobs or None
-        return out
+        return StepOutput(seq=seq, token_ids=[token], text=text, finish_reason=finish,
+                          logprobs=[logprob] if logprob is not None else None, tool_calls=deltas)
+
+    def _parse(self, text: str, is_final: bool) -> tuple[str, list[dict[str, Any]] | None]:
+        """Released raw text -> (content, tool-call deltas); plain requests pass through."""
+        if self.tools is None:
+            return text, None
+        content, deltas = self.tools.feed(text)
+        if is_final:
+            more, more_deltas, _ = self.tools.finish()
+            content, deltas = content + more, deltas + more_deltas
+        if self.unsent != ("", []):
+            content, deltas = self.unsent[0] + content, self.unsent[1] + deltas
+            self.unsent = ("", [])
+        return content, deltas or None
+
+    def _end(self, seq: Sequence, finish: FinishReason) -> FinishReason:
+        """Record the whole output for `done`; a request that made a tool call finishes with `tool_calls`."""
+        calls = self.tools.calls if self.tools is not None else []
+        if calls:
+            finish = FinishReason.TOOL_CALLS
+        seq.finish_reason = finish
+        seq.meta["text"] = self.tools.content if self.tools is not None else self.stops.text
+        seq.meta["tool_calls"] = [dict(c) for c in calls] or None
+        return finish
 
     def _is_stop_token(self, seq: Sequence, token: int) -> bool:
         return (token in self.eos_ids and not seq.params.ignore_eos) or token in self.stop_token_ids

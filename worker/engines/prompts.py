@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from producer.protocol import ChatBody, ErrorCode, GenerateBody, Request, TaskKind
 from worker.engines.base import RequestRejected
 
@@ -29,12 +32,27 @@ def chat_ids(body: ChatBody, tokenizer) -> list[int]:
         raise RequestRejected(ErrorCode.INVALID_REQUEST, "this model does not accept image inputs")
     if not getattr(tokenizer, "chat_template", None):
         raise RequestRejected(ErrorCode.INVALID_REQUEST, "this model's tokenizer has no chat template")
-    messages = [m.as_template_dict() for m in body.messages]
+    messages = [template_message(m.as_template_dict()) for m in body.messages]
     try:
         text = tokenizer.apply_chat_template(messages, tools=body.tools, tokenize=False, add_generation_prompt=True)
     except Exception as exc:  # template errors are the request's fault (e.g. roles it forbids)
         raise RequestRejected(ErrorCode.INVALID_REQUEST, f"chat template failed: {exc}") from None
     return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def template_message(message: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI sends a tool call's arguments as a JSON string; HF chat templates render them with `tojson`
+    and want the object (a string would come out double-encoded). ChatMessage checked that it parses."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return message
+    fixed = []
+    for call in calls:
+        arguments = call["function"]["arguments"]
+        if isinstance(arguments, str):
+            arguments = json.loads(arguments)
+        fixed.append({**call, "function": {**call["function"], "arguments": arguments}})
+    return {**message, "tool_calls": fixed}
 
 
 def check_lengths(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int, max_tokens_limit: int) -> int:

@@ -11,16 +11,22 @@ class IncrementalDetokenizer:
     Decodes a short window (`prefix_offset` on) rather than the whole output, and
     holds a delta back while it ends in U+FFFD: the bytes of a multi-byte character
     split across tokens are released only once the character is complete.
+
+    `keep_special_ids`: special tokens decoded even with skip_special_tokens (the markup a
+    tool-call parser reads, e.g. `<|python_tag|>`); the other special tokens are dropped.
     """
 
-    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+    def __init__(self, tokenizer, skip_special_tokens: bool = True, keep_special_ids: frozenset[int] = frozenset()):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self._skipped_ids = special_ids(tokenizer) - keep_special_ids if skip_special_tokens and keep_special_ids else None
         self.ids: list[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
 
     def _decode(self, ids: list[int]) -> str:
+        if self._skipped_ids is not None:
+            return self.tokenizer.decode([i for i in ids if i not in self._skipped_ids], skip_special_tokens=False)
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def push(self, new_ids: list[int]) -> str:
@@ -39,6 +45,12 @@ class IncrementalDetokenizer:
         full_text = self._decode(self.ids[self.prefix_offset :])
         self.prefix_offset = self.read_offset = len(self.ids)
         return full_text[len(prefix_text) :]
+
+
+def special_ids(tokenizer) -> frozenset[int]:
+    """What skip_special_tokens drops: the named special tokens and every added token marked special."""
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    return frozenset(tokenizer.all_special_ids) | {i for i, tok in added.items() if getattr(tok, "special", False)}
 
 
 class StopStringMatcher:

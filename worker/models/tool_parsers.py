@@ -405,3 +405,20 @@ class _JsonEnd:
                     return i + 1
         self.pos = len(buf)
         return None
+
+
+class ToolCalling:
+    """A worker's tool-call setup: the format its model writes (or None) and the special tokens of its markup."""
+
+    def __init__(self, tokenizer, choice: str = "auto", model_config=None):
+        if choice not in ("auto", "none", *FORMATS):
+            raise ValueError(f"tool parser must be auto, none or one of {', '.join(FORMATS)}; got {choice!r}")
+        self.format = detect_parser(tokenizer, model_config) if choice == "auto" else None if choice == "none" else choice
+        self.keep_ids = kept_special_ids(tokenizer, self.format) if self.format else frozenset()
+
+    def parser_for(self, request) -> ToolParser | None:
+        """A parser for chat requests with tools whose tool_choice is not "none"; None for the rest."""
+        body = request.body
+        if self.format is None or not getattr(body, "tools", None) or getattr(body, "tool_choice", None) == "none":
+            return None
+        return make_parser(self.format, request.id, body.tools)
