@@ -46,6 +46,7 @@ TOOLS = [
     {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}},
 ]
 MESSAGES = [{"role": "user", "content": "weather in Paris, and the time?"}]
+CONTENT = "Let me check.Done soon."  # the space after a call is a separator, not content
 EXPECTED_CALLS = [("get_weather", {"city": "Paris"}), ("get_time", {})]
 MARKUP = ("<tool_call>", "</tool_call>", '{"name"', '"arguments"')
 
@@ -156,7 +157,7 @@ def assert_streamed_tool_calls(events, request_id: str) -> None:
     assert [e.seq for e in events] == list(range(len(events))), "gap or duplicate in seq"
     assert done.type == EventType.DONE and done.finish_reason.value == "tool_calls"
     assert all(m not in (e.text or "") for e in tokens for m in MARKUP), "markup leaked into streamed text"
-    assert "".join(e.text or "" for e in tokens) == done.text == "Let me check.Done soon."  # the space after a call is a separator
+    assert "".join(e.text or "" for e in tokens) == done.text == CONTENT
     deltas = [d for e in tokens for d in (e.tool_calls or [])]
     assert sorted(d["index"] for d in deltas if "id" in d) == [0, 1], "each call announced exactly once"
     assert assemble(deltas) == done.tool_calls
@@ -193,13 +194,13 @@ def test_client_chunks_and_completion_are_openai_shaped(start_worker, two_calls,
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     deltas = [d for c in chunks for d in c["choices"][0]["delta"].get("tool_calls", [])]
     assert names_args(assemble(deltas)) == EXPECTED_CALLS
-    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == "Let me check.Done soon."  # the space after a call is a separator
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == CONTENT
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
     whole = model.chat(MESSAGES, tools=TOOLS, generate_config={"temperature": 0, "max_tokens": 32, "stream": False},
                        timeout_s=60)
     choice = whole["choices"][0]
     assert choice["finish_reason"] == "tool_calls"
-    assert choice["message"]["content"] == "Let me check.Done soon."  # the space after a call is a separator
+    assert choice["message"]["content"] == CONTENT
     assert names_args(choice["message"]["tool_calls"]) == EXPECTED_CALLS
     assert choice["message"]["tool_calls"][0]["id"] == call_id(whole["id"], 0)
 

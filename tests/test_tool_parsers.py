@@ -203,3 +203,24 @@ def test_kept_special_ids_are_the_special_markup_tokens(tmp_path):
     kept = kept_special_ids(tokenizer, "hermes")
     assert kept == {tokenizer.convert_tokens_to_ids("<tool_call>")}  # the non-special one survives anyway
     assert kept_special_ids(tokenizer, "mistral") == {tokenizer.convert_tokens_to_ids("[TOOL_CALLS]")}
+
+
+FRAGMENTS = ["<tool_call>", "</tool_call>", "<|python_tag|>", "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]", "<arg_key>",
+             "</arg_key>", "<arg_value>", "</arg_value>", '{"name": "get_time", "arguments": {}}', '{"name": "f"',
+             '"parameters": {"a": [1, "x}"]}}', "{", "}", "[", "]", '"', "\\", ";", " ", "\n", "get_weather", "text",
+             "<tool", "_call>", "<", "[TOOL", "city", "3"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_fuzzed_markup_never_raises_and_never_depends_on_splits(fmt):
+    rng = random.Random(FORMATS.index(fmt))
+    schema_tools = TOOLS + [{"type": "function", "function": {"name": "get_weather", "parameters": {"properties": []}}}]
+    for _ in range(150):
+        text = "".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(1, 14)))
+        parser = make_parser(fmt, "r", schema_tools)
+        content, deltas = parser.feed(text)
+        more, more_deltas, calls = parser.finish()
+        assert assemble(deltas + more_deltas) == calls
+        assert run_chunks(fmt, list(text)) == run_whole(fmt, text)
+        if not calls:
+            assert content + more == text  # nothing parsed: every character is content, in order

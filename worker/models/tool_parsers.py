@@ -256,7 +256,7 @@ class Glm4Parser(HermesParser):
     typed `string` in the tool's schema), else the raw text."""
 
     delimiters = ("<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>")
-    _PAIR = re.compile(r"\s*<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.S)
+    _PAIR = re.compile(r"\s*<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.DOTALL)
     _NAME = re.compile(r"[^\s<>{}]+")
 
     def _parse_call(self, raw: str) -> list[Call] | None:
@@ -283,7 +283,8 @@ class Glm4Parser(HermesParser):
         return args if text[pos:].strip() == "" else None
 
     def _value(self, name: str, key: str, value: str) -> Any:
-        prop = self.schemas.get(name, {}).get("properties", {}).get(key, {})
+        props = self.schemas.get(name, {}).get("properties")
+        prop = props.get(key) if isinstance(props, dict) else None
         if isinstance(prop, dict) and prop.get("type") == "string":
             return value
         parsed = _loads(value)
