@@ -13,4 +13,13 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
     "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
 fi
 "$VENV/bin/python" -m pip install -q -e ".[worker,dev]"
+# xgrammar for structured output (the `structured` extra). On a CPU machine without triton, install it
+# without its dependencies (triton is only its CUDA kernel) plus the one it really needs besides ours.
+if ! "$VENV/bin/python" -c "import xgrammar" >/dev/null 2>&1; then
+    if "$VENV/bin/python" -c "import triton" >/dev/null 2>&1; then
+        "$VENV/bin/python" -m pip install -q -e ".[structured]"
+    else
+        "$VENV/bin/python" -m pip install -q --no-deps "xgrammar>=0.2.9,<0.3" "apache-tvm-ffi>=0.1.11"
+    fi
+fi
 echo "$VENV"

@@ -66,6 +66,32 @@ class _Strict(BaseModel):
 # ---------------------------------------------------------------- per-request parameters
 
 
+class JsonSchemaSpec(_Strict):
+    """OpenAI's `response_format.json_schema`: the schema itself is checked by the worker's grammar compiler."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, serialize_by_alias=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")  # {} accepts any JSON value
+    strict: bool | None = None  # true: properties the schema does not list are not allowed
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's `response_format`: free text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+    def model_post_init(self, _context: Any) -> None:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("'json_schema' is required with type 'json_schema' and allowed only there")
+
+    @property
+    def is_constrained(self) -> bool:
+        return self.type != "text"
+
+
 class GenerateConfig(_Strict):
     """Sampling and output parameters. Unknown keys are an error."""
 
@@ -81,6 +107,7 @@ class GenerateConfig(_Strict):
     request_id: str | None = None
     logprobs: int | None = Field(None, ge=0, le=20)  # None: none; N: chosen token + top N
     ignore_eos: bool = False  # extension: keep going past EOS (benchmarks, load tests)
+    response_format: ResponseFormat | None = None  # structured output, enforced by a grammar (docs/protocol.md)
 
     @field_validator("stop")
     @classmethod

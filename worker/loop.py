@@ -156,6 +156,9 @@ class Worker:
 
     def _emit(self, out: StepOutput, outbox: Outbox) -> None:
         seq = out.seq
+        if out.error is not None:  # this request failed alone; its batch mates go on
+            outbox.fail(seq.request_id, seq.meta["entry_id"], self._next_seq(seq), ErrorCode.MODEL_ERROR, out.error)
+            return
         if seq.meta["stream"] and (out.token_ids or out.text or out.tool_calls):
             outbox.event(seq.request_id, self._next_seq(seq), EventType.TOKEN, text=out.text, token_ids=out.token_ids,
                          logprobs=out.logprobs, tool_calls=out.tool_calls)

@@ -95,6 +95,7 @@ class StepOutput:
     finish_reason: FinishReason | None = None
     logprobs: list[dict[str, Any]] | None = None
     tool_calls: list[dict[str, Any]] | None = None  # OpenAI delta.tool_calls items decided in this step
+    error: str | None = None  # the request failed alone in this step (e.g. its grammar rejected a token)
 
     @property
     def is_finished(self) -> bool:

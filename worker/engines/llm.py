@@ -18,6 +18,7 @@ from producer.protocol import Request, TaskKind
 from worker.engines import attention, flex
 from worker.engines.batch import Staging, StepInputs, build_step
 from worker.engines.blocks import BlockManager
+from worker.engines.grammar import StepGrammars
 from worker.engines.kv_cache import KVShape, PagedKVCache, num_blocks_for_budget
 from worker.engines.outputs import OutputState, logprob_row
 from worker.engines.prompts import check_lengths, prompt_ids
@@ -43,6 +44,7 @@ class LLMEngineConfig:
     gpu_memory_utilization: float = 0.9
     attention_backend: str = "auto"  # sdpa | flex | auto (flex on CUDA when it compiles, else sdpa)
     tool_parser: str = "auto"  # tool-call format: auto (from the chat template), none, or a name in tool_parsers.FORMATS
+    max_cached_grammars: int = 128
 
 
 class LLMEngine:
@@ -81,6 +83,8 @@ class LLMEngine:
         self._state: dict[Sequence, OutputState] = {}
         self._seen: torch.Tensor | None = None  # [rows + 1, V] bool repetition-penalty masks; the last row is a sink
         self._free_seen_rows: list[int] = []
+        self.grammars = StepGrammars(tokenizer, self.vocab_size, self.eos_ids, self.device, self.tool_calling.format or "hermes",
+                                     config.max_cached_grammars)
         self.num_steps = 0
         self.num_generated_tokens = 0
         self.profile = {"build_s": 0.0, "device_s": 0.0, "post_s": 0.0}  # cumulative time per phase of a step
@@ -149,6 +153,7 @@ class LLMEngine:
         state = OutputState(detok=IncrementalDetokenizer(self.tokenizer, keep_special_ids=keep_ids),
                             stops=StopStringMatcher(cfg.stop_strings), seed=request_seed(cfg.seed),
                             stop_token_ids=frozenset(cfg.stop_token_ids or ()), eos_ids=self.eos_ids, tools=tools)
+        self.grammars.admit(seq, request, resume.output_ids if resume is not None else [])
         if resume is not None:
             state.resume(seq, resume)
         self._state[seq] = state
@@ -177,12 +182,13 @@ class LLMEngine:
         return {
             "kv_blocks": self.blocks.num_blocks, "kv_blocks_free": self.blocks.num_free_blocks,
             "kv_blocks_cached": self.blocks.num_cached_blocks, "prefix_hit_tokens": self.blocks.num_hit_tokens,
-            "preemptions": self.num_preemptions,
+            "preemptions": self.num_preemptions, **self.grammars.metrics(),
         }
 
     def _release(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
         state = self._state.pop(seq, None)
+        self.grammars.release(seq)
         if state is not None and state.seen_row is not None:
             self._free_seen_rows.append(state.seen_row)
 
@@ -238,6 +244,7 @@ class LLMEngine:
             temperature=x["temperature"], top_p=x["top_p"], top_k=x["top_k"], seed=x["seed"], counter=x["counter"],
             repetition_penalty=x["penalty"] if "penalty" in x else None, **SamplingTensors.host_fields(params))
         seen = self._seen[x["seen_rows"]] if "penalty" in x else None  # [S, V]
+        self.grammars.mask(logits, [c.seq for c in inputs.sampled])  # -inf outside each constrained row's grammar
         result = sample(logits, tensors, seen)
         if "penalty" in x:  # the sampled tokens count as seen from the next step on (the sink row absorbs the rest)
             self._seen[x["seen_rows"], result.tokens] = True
@@ -293,9 +300,13 @@ class LLMEngine:
                                       host.top_logprobs[i] if host.top_logprobs else [], seq.params.logprobs)
             if seq.first_token_s is None:
                 seq.first_token_s = time.monotonic()
+            error = self.grammars.accept(seq, host.tokens[i])
+            if error is not None:
+                outputs.append(StepOutput(seq=seq, token_ids=[], text="", error=error))
+                continue
             outputs.append(state.advance(seq, host.tokens[i], logprob))
         for out in outputs:  # only once every row has advanced
-            if out.is_finished:
+            if out.is_finished or out.error is not None:
                 self._release(out.seq)
         self.num_generated_tokens += len(outputs)
         return outputs
