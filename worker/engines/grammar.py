@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -30,10 +31,11 @@ from worker.engines.base import RequestRejected
 
 TOOL_FORMATS = ("hermes", "llama3_json", "mistral", "glm4")
 MAX_CACHED_GRAMMARS = 128
-MAX_WHITESPACE = 16  # consecutive whitespace inside constrained JSON: a weak model cannot pad forever
+MAX_WHITESPACE = 8  # consecutive whitespace chars between JSON elements: a weak model cannot pad forever
 # special tokens that delimit tool calls in some vocabularies: they stay sampleable as the grammar's text
 _TOOL_MARKERS = frozenset({"<tool_call>", "</tool_call>", "[TOOL_CALLS]", "<|python_tag|>",
                            "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>"})
+_THREADS = min(4, os.cpu_count() or 1)  # xgrammar compile / batch-fill threads
 _INSTALL_HINT = "pip install 'redbatch[structured]'"
 
 
@@ -63,23 +65,26 @@ class GrammarSpec:
     kind: str  # "json_schema" | "structural_tag"
     source: str  # canonical JSON of the schema or structural tag
     is_strict: bool = False  # json_schema: properties the schema does not list are forbidden
+    max_whitespace: int = MAX_WHITESPACE  # json_schema (structural tags carry theirs in `source`)
 
 
-def response_format_grammar(response_format: ResponseFormat | None) -> GrammarSpec | None:
+def response_format_grammar(response_format: ResponseFormat | None, max_whitespace: int = MAX_WHITESPACE
+                            ) -> GrammarSpec | None:
     if response_format is None or not response_format.is_constrained:
         return None
     if response_format.type == "json_object":
-        return GrammarSpec("json_schema", canonical_json({"type": "object"}))
+        return GrammarSpec("json_schema", canonical_json({"type": "object"}), max_whitespace=max_whitespace)
     spec = response_format.json_schema
-    return GrammarSpec("json_schema", canonical_json(spec.schema_), is_strict=bool(spec.strict))
+    return GrammarSpec("json_schema", canonical_json(spec.schema_), is_strict=bool(spec.strict),
+                       max_whitespace=max_whitespace)
 
 
-def request_grammar(request: Request, tool_format: str) -> GrammarSpec | None:
+def request_grammar(request: Request, tool_format: str, max_whitespace: int = MAX_WHITESPACE) -> GrammarSpec | None:
     """The request's constraint, if any; RequestRejected for a constraint it cannot have."""
     cfg = request.generate_config
-    by_format = response_format_grammar(cfg.response_format)
+    by_format = response_format_grammar(cfg.response_format, max_whitespace)
     body = request.body
-    by_tools = (tool_call_grammar(tool_format, body.tools, body.tool_choice)
+    by_tools = (tool_call_grammar(tool_format, body.tools, body.tool_choice, max_whitespace)
                 if isinstance(body, ChatBody) else None)
     if by_format is not None and by_tools is not None:
         raise RequestRejected(ErrorCode.INVALID_REQUEST,
@@ -94,8 +99,8 @@ def request_grammar(request: Request, tool_format: str) -> GrammarSpec | None:
 # ---------------------------------------------------------------- enforced tool_choice
 
 
-def tool_call_grammar(format_name: str, tools: list[dict] | None, tool_choice: str | dict | None
-                      ) -> GrammarSpec | None:
+def tool_call_grammar(format_name: str, tools: list[dict] | None, tool_choice: str | dict | None,
+                      max_whitespace: int = MAX_WHITESPACE) -> GrammarSpec | None:
     """A structural tag admitting only valid calls in the worker's tool format (see TOOL_FORMATS), or None
     when tool_choice is not enforced (None, "auto", "none"). `required`: one or more calls of any listed
     tool; a named function: exactly one call of it. Arguments follow each tool's `parameters` schema."""
@@ -115,6 +120,7 @@ def tool_call_grammar(format_name: str, tools: list[dict] | None, tool_choice: s
         raise RequestRejected(ErrorCode.INVALID_REQUEST,
                               f"tool_choice must be 'none', 'auto', 'required' or a named function, not {tool_choice!r}")
     tag = {"type": "structural_tag", "format": _FORMATS[format_name](chosen, is_single)}
+    _limit_whitespace(tag, max_whitespace)
     return GrammarSpec("structural_tag", canonical_json(tag))
 
 
@@ -151,7 +157,20 @@ def _call_schema(name: str, params: dict, arguments_key: str) -> dict:
 
 
 def _json(schema: dict, style: str = "json") -> dict:
-    return {"type": "json_schema", "json_schema": schema, "style": style, "max_whitespace_cnt": MAX_WHITESPACE}
+    return {"type": "json_schema", "json_schema": schema, "style": style}
+
+
+def _limit_whitespace(node: Any, max_whitespace: int) -> None:
+    """Set max_whitespace_cnt on every JSON part of a structural tag."""
+    if isinstance(node, dict):
+        if node.get("type") == "json_schema" and "style" in node:
+            node["max_whitespace_cnt"] = max_whitespace
+        for key, value in node.items():
+            if key != "json_schema":
+                _limit_whitespace(value, max_whitespace)
+    elif isinstance(node, list):
+        for value in node:
+            _limit_whitespace(value, max_whitespace)
 
 
 def _one_of(formats: list[dict]) -> dict:
@@ -206,7 +225,7 @@ class GrammarCompiler:
     """The worker's compiler: each spec compiled once against the vocabulary, kept in an LRU."""
 
     def __init__(self, tokenizer, vocab_size: int, stop_ids: frozenset[int], max_cached: int = MAX_CACHED_GRAMMARS,
-                 max_threads: int = 4):
+                 max_threads: int = _THREADS):
         self.xgr = _xgrammar()
         self.vocab_size = vocab_size
         info = self.xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(stop_ids))
@@ -225,7 +244,7 @@ class GrammarCompiler:
         try:
             if spec.kind == "json_schema":
                 compiled = self._compiler.compile_json_schema(spec.source, any_whitespace=True,
-                                                              max_whitespace_cnt=MAX_WHITESPACE,
+                                                              max_whitespace_cnt=spec.max_whitespace,
                                                               strict_mode=spec.is_strict)
             else:
                 compiled = self._compiler.compile_structural_tag(spec.source)
@@ -281,7 +300,7 @@ class GrammarMasks:
     """One bitmask for a step's sampled rows, filled on the host and applied on the logits' device."""
 
     def __init__(self, xgr, tokenizer, vocab_size: int, stop_ids: frozenset[int], device: torch.device,
-                 max_threads: int = 4):
+                 max_threads: int = _THREADS):
         self.xgr = xgr
         self.vocab_size = vocab_size
         self.device = device
@@ -348,7 +367,8 @@ class StepGrammars:
     (both made at the first constrained request, so a worker without xgrammar serves everything else)."""
 
     def __init__(self, tokenizer, vocab_size: int, eos_ids: frozenset[int], device: torch.device,
-                 tool_format: str = "hermes", max_cached: int = MAX_CACHED_GRAMMARS):
+                 tool_format: str = "hermes", max_cached: int = MAX_CACHED_GRAMMARS,
+                 max_whitespace: int = MAX_WHITESPACE):
         if tool_format not in TOOL_FORMATS:
             raise ValueError(f"unknown tool-call format {tool_format!r}; expected one of {TOOL_FORMATS}")
         self.tokenizer = tokenizer
@@ -357,13 +377,14 @@ class StepGrammars:
         self.device = device
         self.tool_format = tool_format
         self.max_cached = max_cached
+        self.max_whitespace = max_whitespace
         self.compiler: GrammarCompiler | None = None
         self.masks: GrammarMasks | None = None
         self.states: dict[Any, GrammarState] = {}  # Sequence -> its matcher
 
     def admit(self, seq, request: Request, resumed_ids: list[int]) -> None:
         """Give a constrained request its matcher, replaying resumed tokens. Raises RequestRejected."""
-        spec = request_grammar(request, self.tool_format)
+        spec = request_grammar(request, self.tool_format, self.max_whitespace)
         if spec is None:
             return
         if self.compiler is None:

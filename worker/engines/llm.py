@@ -45,6 +45,7 @@ class LLMEngineConfig:
     attention_backend: str = "auto"  # sdpa | flex | auto (flex on CUDA when it compiles, else sdpa)
     tool_parser: str = "auto"  # tool-call format: auto (from the chat template), none, or a name in tool_parsers.FORMATS
     max_cached_grammars: int = 128
+    max_json_whitespace: int = 8  # whitespace chars allowed between elements of constrained JSON
 
 
 class LLMEngine:
@@ -83,8 +84,8 @@ class LLMEngine:
         self._state: dict[Sequence, OutputState] = {}
         self._seen: torch.Tensor | None = None  # [rows + 1, V] bool repetition-penalty masks; the last row is a sink
         self._free_seen_rows: list[int] = []
-        self.grammars = StepGrammars(tokenizer, self.vocab_size, self.eos_ids, self.device, self.tool_calling.format or "hermes",
-                                     config.max_cached_grammars)
+        self.grammars = StepGrammars(tokenizer, self.vocab_size, self.eos_ids, self.device, self.tool_calling.format,
+                                     config.max_cached_grammars, config.max_json_whitespace)
         self.num_steps = 0
         self.num_generated_tokens = 0
         self.profile = {"build_s": 0.0, "device_s": 0.0, "post_s": 0.0}  # cumulative time per phase of a step
