@@ -366,3 +366,15 @@ def test_structured_requests_through_a_worker(worker_factory, redis_server_url, 
     assert failed.type.value == "error" and failed.code == "invalid_request" and "objekt" in failed.message
     assert client.wait(plain, timeout_s=60).type.value == "done"
     client.redis.close()
+
+
+def test_grammar_benchmark_smoke(tmp_path, capsys, torch_threads):
+    from bench import grammar as bench_grammar
+
+    rows = bench_grammar.main(["--hidden", "32", "--layers", "1", "--heads", "2", "--num-requests", "4",
+                               "--max-tokens", "8", "--prompt-len", "8", "--rounds", "1", "--max-num-seqs", "4",
+                               "--threads", str(torch_threads), "--model-dir", str(tmp_path)])
+    assert [r["constrained"] for r in rows] == [0.0, 0.5, 1.0]
+    assert {r["tokens"] for r in rows} == {4 * 8}  # every mix generates the same tokens
+    assert rows[0]["ratio"] == 1.0
+    assert "tok/s" in capsys.readouterr().out
