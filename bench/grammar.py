@@ -18,7 +18,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported:
 
 import argparse
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -31,7 +30,6 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from producer.protocol import GenerateBody, GenerateConfig, Request, TaskKind
-
 
 
 def response_format(max_tokens: int) -> dict:

@@ -113,7 +113,6 @@ def test_json_schema_output_validates(engine, sampling):
 
 
 def test_unconstrained_rows_stay_identical_to_their_solo_runs(engine, tiny_llama):
-    model, tokenizer = tiny_llama
     plain = [make_request(f"p{i}", ids_of(engine, p), max_tokens=30) for i, p in enumerate(PROMPTS[:4])]
     constrained = [make_request(f"c{i}", ids_of(engine, p), max_tokens=120, response_format=schema_format())
                    for i, p in enumerate(PROMPTS[4:])]
@@ -149,7 +148,6 @@ def test_compiled_once_per_schema(engine):
 
 
 def test_cache_is_bounded(tiny_llama):
-    model, tokenizer = tiny_llama
     engine = make_engine(tiny_llama, max_cached_grammars=2)
     for i in range(3):
         schema = {"type": "object", "properties": {f"f{i}": {"type": "boolean"}}, "required": [f"f{i}"]}
@@ -164,12 +162,12 @@ def test_invalid_schema_is_rejected_alone(engine):
         engine.add(make_request("bad", [5, 6], response_format=schema_format({"type": "objekt"})))
     assert info.value.code.value == "invalid_request" and "objekt" in info.value.message
     assert engine.num_active == 1
-    seqs, _ = run(engine, [])
+    run(engine, [])
     assert engine.num_active == 0
 
 
 def test_resume_replays_the_published_tokens_into_a_fresh_matcher(engine, tiny_llama):
-    model, tokenizer = tiny_llama
+    tokenizer = tiny_llama[1]
     request = make_request("r", ids_of(engine, PROMPTS[1]), max_tokens=80, response_format=schema_format())
     (whole,), _ = run(engine, [request])
     published = whole.output_ids[:7]
@@ -188,7 +186,6 @@ def test_resume_whose_tokens_break_the_grammar_is_rejected(engine, tiny_llama):
 
 
 def test_preemption_keeps_the_matcher(engine, tiny_llama):
-    model, tokenizer = tiny_llama
     requests = [make_request(f"pr{i}", ids_of(engine, p), max_tokens=80, response_format=schema_format())
                 for i, p in enumerate(PROMPTS[:3])]
     reference, _ = run(make_engine(tiny_llama), requests)
@@ -258,7 +255,7 @@ def test_ignore_eos_or_tool_choice_with_response_format_is_rejected(engine):
 def parse_calls(format_name: str, text: str) -> list[tuple[str, dict]]:
     """The test's own reading of each format's canonical text (formats.md)."""
     if format_name == "hermes":
-        blocks = re.findall(r"<tool_call>\n(.*?)\n</tool_call>", text, re.S)
+        blocks = re.findall(r"<tool_call>\n(.*?)\n</tool_call>", text, re.DOTALL)
         assert "\n".join(f"<tool_call>\n{b}\n</tool_call>" for b in blocks) == text
         return [(c["name"], c["arguments"]) for c in map(json.loads, blocks)]
     if format_name == "llama3_json":
@@ -267,12 +264,12 @@ def parse_calls(format_name: str, text: str) -> list[tuple[str, dict]]:
     if format_name == "mistral":
         assert text.startswith("[TOOL_CALLS]")
         return [(c["name"], c["arguments"]) for c in json.loads(text[len("[TOOL_CALLS]"):])]
-    blocks = re.findall(r"<tool_call>(.*?)</tool_call>", text, re.S)
+    blocks = re.findall(r"<tool_call>(.*?)</tool_call>", text, re.DOTALL)
     assert "\n".join(f"<tool_call>{b}</tool_call>" for b in blocks) == text
     calls = []
     for block in blocks:
         name, _, rest = block.partition("\n")
-        pairs = re.findall(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", rest, re.S)
+        pairs = re.findall(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", rest, re.DOTALL)
         # a raw value: the grammar lets whitespace surround it, as around JSON values
         calls.append((name, {k: json.loads(v) if is_json(v) else v.strip() for k, v in pairs}))
     return calls
@@ -317,7 +314,6 @@ def test_tool_choice_that_is_not_enforced_has_no_grammar():
 
 @pytest.mark.parametrize("format_name", grammar.TOOL_FORMATS)
 def test_enforced_tool_choice_output_is_a_valid_call(tiny_llama, format_name):
-    model, tokenizer = tiny_llama
     engine = make_engine(tiny_llama, tool_call_format=format_name)
     named = {"type": "function", "function": {"name": "get_time"}}
     requests = [chat(f"n{i}", p, named) for i, p in enumerate(PROMPTS[:3])]

@@ -256,7 +256,7 @@ class GrammarCompiler:
             self._cache.popitem(last=False)
         return compiled
 
-    def matcher(self, spec: GrammarSpec, stop_ids: frozenset[int]) -> "GrammarState":
+    def matcher(self, spec: GrammarSpec, stop_ids: frozenset[int]) -> GrammarState:
         matcher = self.xgr.GrammarMatcher(self.compile(spec), override_stop_tokens=sorted(stop_ids))
         return GrammarState(matcher)
 
