@@ -249,6 +249,14 @@ def test_ignore_eos_or_tool_choice_with_response_format_is_rejected(engine):
     assert engine.num_active == 0
 
 
+def test_enforced_tool_choice_without_a_tool_format_is_rejected(tiny_llama):
+    engine = make_engine(tiny_llama, tool_parser="none")
+    with pytest.raises(RequestRejected, match="tool-call format"):
+        engine.add(chat("nofmt", "hi", "required"))
+    engine.add(chat("auto", "hi", "auto", max_tokens=2))
+    assert engine.num_active == 1
+
+
 # ---------------------------------------------------------------- enforced tool_choice
 
 
@@ -314,7 +322,7 @@ def test_tool_choice_that_is_not_enforced_has_no_grammar():
 
 @pytest.mark.parametrize("format_name", grammar.TOOL_FORMATS)
 def test_enforced_tool_choice_output_is_a_valid_call(tiny_llama, format_name):
-    engine = make_engine(tiny_llama, tool_call_format=format_name)
+    engine = make_engine(tiny_llama, tool_parser=format_name)
     named = {"type": "function", "function": {"name": "get_time"}}
     requests = [chat(f"n{i}", p, named) for i, p in enumerate(PROMPTS[:3])]
     requests += [chat(f"r{i}", p, "required") for i, p in enumerate(PROMPTS[3:6])]
@@ -322,16 +330,21 @@ def test_enforced_tool_choice_output_is_a_valid_call(tiny_llama, format_name):
     seqs, _ = run(engine, requests)
     schemas = {"get_weather": WEATHER, "get_time": CLOCK}
     named_seqs = [s for s in seqs if s.request_id.startswith("n")]
-    assert all(s.finish_reason.value == "stop" for s in named_seqs)  # exactly one call: it must end
-    stopped = [s for s in seqs if s.finish_reason.value == "stop"]
-    assert len(stopped) >= 5  # `required` admits any number of calls: a random model may go on calling
-    for seq in stopped:
-        calls = parse_calls(format_name, text_of(seq))
+    assert all(s.finish_reason.value == "tool_calls" for s in named_seqs)  # exactly one call: it must end
+    ended = [s for s in seqs if s.finish_reason.value == "tool_calls"]
+    assert len(ended) >= 5  # `required` admits any number of calls: a random model may go on calling
+    for seq in ended:
+        assert seq.output_ids[-1] in engine.eos_ids  # the grammar ended with a stop token
+        raw = engine.tokenizer.decode(seq.output_ids[:-1], skip_special_tokens=True)
+        calls = parse_calls(format_name, raw)  # the raw output is exactly the format's canonical text
         assert calls
         if seq.request_id.startswith("n"):
             assert [name for name, _ in calls] == ["get_time"]
         for name, arguments in calls:
             jsonschema.validate(arguments, schemas[name])
+        parsed = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in seq.meta["tool_calls"]]
+        assert parsed == calls  # and the worker's own parser reads the same calls
+        assert text_of(seq) == ""  # no markup leaks into content
 
 
 def test_canonical_json_keeps_property_order():
@@ -374,3 +387,23 @@ def test_grammar_benchmark_smoke(tmp_path, capsys, torch_threads):
     assert {r["tokens"] for r in rows} == {4 * 8}  # every mix generates the same tokens
     assert rows[0]["ratio"] == 1.0
     assert "tok/s" in capsys.readouterr().out
+
+
+def test_glm4_values_sit_exactly_between_their_tags(tiny_llama):
+    _, tokenizer = tiny_llama
+    stop = frozenset({tokenizer.eos_token_id})
+    compiler = grammar.GrammarCompiler(tokenizer, len(tokenizer), stop)
+    params = {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}, "n": {"type": "integer"},
+                                               "note": {"type": "string"}}, "required": ["zone", "n"]}
+    spec = tool_call_grammar("glm4", [{"type": "function", "function": {"name": "t", "parameters": params}}], "required")
+
+    def admits(text: str) -> bool:
+        matcher = compiler.matcher(spec, stop).matcher
+        return matcher.accept_string("<tool_call>t\n" + text) and matcher.is_completed()
+
+    head = "<arg_key>zone</arg_key>\n<arg_value>CET</arg_value>\n<arg_key>n</arg_key>\n"
+    assert admits(head + "<arg_value>3</arg_value>\n</tool_call>")
+    assert admits(head + "<arg_value>3</arg_value>\n<arg_key>note</arg_key>\n<arg_value>a b</arg_value>\n</tool_call>")
+    assert not admits(head + "<arg_value> 3</arg_value>\n</tool_call>")  # the parser would keep the space
+    assert not admits(head.replace(">CET<", ">\nCET<") + "<arg_value>3</arg_value>\n</tool_call>")
+    assert not admits("<arg_key>zone</arg_key>\n<arg_value>CET</arg_value>\n</tool_call>")  # n is required

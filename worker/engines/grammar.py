@@ -79,17 +79,18 @@ def response_format_grammar(response_format: ResponseFormat | None, max_whitespa
                        max_whitespace=max_whitespace)
 
 
-def request_grammar(request: Request, tool_format: str, max_whitespace: int = MAX_WHITESPACE) -> GrammarSpec | None:
-    """The request's constraint, if any; RequestRejected for a constraint it cannot have."""
+def request_grammar(request: Request, tool_format: str | None, max_whitespace: int = MAX_WHITESPACE
+                    ) -> GrammarSpec | None:
+    """The request's constraint, if any; RequestRejected for a constraint it cannot have.
+    `tool_format`: the worker's tool-call format (None: its model has none)."""
     cfg = request.generate_config
-    by_format = response_format_grammar(cfg.response_format, max_whitespace)
+    spec = response_format_grammar(cfg.response_format, max_whitespace)
     body = request.body
-    by_tools = (tool_call_grammar(tool_format, body.tools, body.tool_choice, max_whitespace)
-                if isinstance(body, ChatBody) else None)
-    if by_format is not None and by_tools is not None:
-        raise RequestRejected(ErrorCode.INVALID_REQUEST,
-                              "response_format cannot be combined with tool_choice 'required' or a named function")
-    spec = by_format or by_tools
+    if isinstance(body, ChatBody) and body.tool_choice not in _FREE_CHOICES:
+        if spec is not None:
+            raise RequestRejected(ErrorCode.INVALID_REQUEST,
+                                  "response_format cannot be combined with tool_choice 'required' or a named function")
+        spec = tool_call_grammar(tool_format, body.tools, body.tool_choice, max_whitespace)
     if spec is not None and cfg.ignore_eos:
         raise RequestRejected(ErrorCode.INVALID_REQUEST,
                               "ignore_eos cannot be combined with a grammar (it ends on a stop token)")
@@ -99,15 +100,21 @@ def request_grammar(request: Request, tool_format: str, max_whitespace: int = MA
 # ---------------------------------------------------------------- enforced tool_choice
 
 
-def tool_call_grammar(format_name: str, tools: list[dict] | None, tool_choice: str | dict | None,
+_FREE_CHOICES = (None, "auto", "none")
+
+
+def tool_call_grammar(format_name: str | None, tools: list[dict] | None, tool_choice: str | dict | None,
                       max_whitespace: int = MAX_WHITESPACE) -> GrammarSpec | None:
     """A structural tag admitting only valid calls in the worker's tool format (see TOOL_FORMATS), or None
     when tool_choice is not enforced (None, "auto", "none"). `required`: one or more calls of any listed
     tool; a named function: exactly one call of it. Arguments follow each tool's `parameters` schema."""
-    if format_name not in TOOL_FORMATS:
+    if format_name is not None and format_name not in TOOL_FORMATS:
         raise ValueError(f"unknown tool-call format {format_name!r}; expected one of {TOOL_FORMATS}")
-    if tool_choice is None or tool_choice in ("auto", "none"):
+    if tool_choice in _FREE_CHOICES:
         return None
+    if format_name is None:
+        raise RequestRejected(ErrorCode.INVALID_REQUEST, "tool_choice 'required' or a named function needs a tool-call "
+                              "format, and this worker's model has none (set --tool-parser)")
     functions = _functions(tools)
     if tool_choice == "required":
         chosen, is_single = functions, False
@@ -163,7 +170,7 @@ def _json(schema: dict, style: str = "json") -> dict:
 def _limit_whitespace(node: Any, max_whitespace: int) -> None:
     """Set max_whitespace_cnt on every JSON part of a structural tag."""
     if isinstance(node, dict):
-        if node.get("type") == "json_schema" and "style" in node:
+        if node.get("type") == "json_schema" and "style" in node:  # ours, not a user schema's "type"
             node["max_whitespace_cnt"] = max_whitespace
         for key, value in node.items():
             if key != "json_schema":
@@ -210,9 +217,38 @@ def _mistral(functions: list[tuple[str, dict]], is_single: bool) -> dict:
 
 def _glm4(functions: list[tuple[str, dict]], is_single: bool) -> dict:
     # <tool_call>N\n<arg_key>K</arg_key>\n<arg_value>V</arg_value>\n...</tool_call>
-    tags = [{"type": "tag", "begin": f"<tool_call>{n}\n", "content": _json(p, style="glm_xml"), "end": "</tool_call>"}
+    tags = [{"type": "tag", "begin": f"<tool_call>{n}\n", "content": _glm4_arguments(p), "end": "</tool_call>"}
             for n, p in functions]
     return _tags(tags, is_single, "\n")
+
+
+def _glm4_arguments(params: dict) -> dict:
+    """The declared properties in schema order (optional ones may be left out), each value exactly between its
+    tags: xgrammar's own glm_xml style lets whitespace surround a value, which the parser would keep."""
+    required = set(params.get("required") or [])
+    entries = []
+    for key, schema in (params.get("properties") or {}).items():
+        entry = {"type": "sequence", "elements": [
+            {"type": "tag", "begin": f"<arg_key>{key}</arg_key>\n<arg_value>", "content": _glm4_value(schema),
+             "end": "</arg_value>"}, {"type": "const_string", "value": "\n"}]}
+        entries.append(entry if key in required else {"type": "optional", "content": entry})
+    if not entries:
+        return {"type": "const_string", "value": ""}
+    return entries[0] if len(entries) == 1 else {"type": "sequence", "elements": entries}
+
+
+def _glm4_value(schema: Any) -> dict:
+    """A string is written raw (as the chat templates write it); any other value as JSON."""
+    if not isinstance(schema, dict):
+        return _json({})
+    values = schema.get("enum", [schema["const"]] if "const" in schema else None)
+    if values and all(isinstance(v, str) for v in values):
+        return _one_of([{"type": "const_string", "value": v} for v in values])
+    if schema.get("type") != "string" or values is not None or "format" in schema:
+        return _json(schema)
+    if "pattern" in schema:
+        return {"type": "regex", "pattern": schema["pattern"]}
+    return {"type": "any_text"}
 
 
 _FORMATS = {"hermes": _hermes, "llama3_json": _llama3_json, "mistral": _mistral, "glm4": _glm4}
@@ -367,9 +403,9 @@ class StepGrammars:
     (both made at the first constrained request, so a worker without xgrammar serves everything else)."""
 
     def __init__(self, tokenizer, vocab_size: int, eos_ids: frozenset[int], device: torch.device,
-                 tool_format: str = "hermes", max_cached: int = MAX_CACHED_GRAMMARS,
+                 tool_format: str | None = "hermes", max_cached: int = MAX_CACHED_GRAMMARS,
                  max_whitespace: int = MAX_WHITESPACE):
-        if tool_format not in TOOL_FORMATS:
+        if tool_format is not None and tool_format not in TOOL_FORMATS:
             raise ValueError(f"unknown tool-call format {tool_format!r}; expected one of {TOOL_FORMATS}")
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
