@@ -407,3 +407,23 @@ def test_glm4_values_sit_exactly_between_their_tags(tiny_llama):
     assert not admits(head + "<arg_value> 3</arg_value>\n</tool_call>")  # the parser would keep the space
     assert not admits(head.replace(">CET<", ">\nCET<") + "<arg_value>3</arg_value>\n</tool_call>")
     assert not admits("<arg_key>zone</arg_key>\n<arg_value>CET</arg_value>\n</tool_call>")  # n is required
+
+
+@pytest.mark.redis
+def test_enforced_tool_choice_through_a_worker(worker_factory, redis_server_url, prefix):
+    from producer import Client
+
+    worker_factory(max_num_seqs=4, tool_parser="hermes").start()
+    client = Client(redis_server_url, prefix=prefix)
+    model = client.get_model("tiny")
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    ids = [model.submit(TaskKind.CHAT, {"messages": [{"role": "user", "content": p}], "tools": TOOLS,
+                                        "tool_choice": named}, {"max_tokens": 300, "temperature": 0})
+           for p in PROMPTS[:2]]
+    for request_id in ids:
+        done = client.wait(request_id, timeout_s=60)
+        assert done.type.value == "done" and done.finish_reason.value == "tool_calls", done
+        (call,) = done.tool_calls
+        assert call["function"]["name"] == "get_weather"
+        jsonschema.validate(json.loads(call["function"]["arguments"]), WEATHER)
+    client.redis.close()
