@@ -7,6 +7,8 @@ from producer.errors import (
     DuplicateRequest,
     InvalidRequest,
     ModelError,
+    NoLiveWorker,
+    NoLiveWorkerWarning,
     QueueFull,
     RedbatchError,
     RequestAborted,
@@ -19,6 +21,6 @@ from producer.errors import (
 
 __all__ = [
     "AsyncClient", "AsyncModel", "Client", "Model", "DeadLettered", "DuplicateRequest", "InvalidRequest",
-    "ModelError", "QueueFull", "RedbatchError", "RequestAborted", "RequestError", "RequestExpired",
+    "ModelError", "NoLiveWorker", "NoLiveWorkerWarning", "QueueFull", "RedbatchError", "RequestAborted", "RequestError", "RequestExpired",
     "RequestTimeout", "UnknownModel", "UnsupportedTask",
 ]

@@ -1,7 +1,7 @@
 """Minimal Redis ACL rules for the two roles, built from the key names in producer.keys.
 
 A producer may enqueue (through the enqueue script or a plain XADD), read its events,
-set abort keys and read the model registry; it may not read or claim the request
+set abort keys and read the model registry and its workers' heartbeat times; it may not read or claim the request
 stream, nor touch worker keys. A worker may do everything its loop does, nothing more.
 Redis 7.0+ (selectors in parentheses, %R~ / %W~ read-only / write-only key patterns).
 """
@@ -27,6 +27,7 @@ def acl_rules(keys: Keys, role: str) -> str:
     if role == "producer":
         selectors = [
             f"+hget +hgetall %R~{k['models']}",
+            f"+zcount +zrange %R~{k['workers']}",  # the live-worker check on submit
             f"+xread +xrange +xrevrange %R~{k['events']}",
             f"+set %W~{k['abort']}",
             f"+xadd +xlen ~{k['requests']}",

@@ -22,8 +22,10 @@ from producer.submit import (
     RECONNECT_DELAY_S,
     ModelInfo,
     build_body,
+    check_no_live_worker_policy,
     enqueue_args,
     enqueue_error,
+    handle_live_workers,
     model_key_name,
     prompt_payload,
     request_key_id,
@@ -39,11 +41,13 @@ class Client:
         *,
         prefix: str = DEFAULT_PREFIX,
         result_ttl_s: int = DEFAULT_RESULT_TTL_S,
+        on_no_live_worker: str = "error",
         redis_client: redis.Redis | None = None,
     ):
         self.redis = redis_client if redis_client is not None else redis.Redis.from_url(url)
         self.keys = Keys(prefix)
         self.result_ttl_s = result_ttl_s
+        self.on_no_live_worker = check_no_live_worker_policy(on_no_live_worker)
         self._enqueue = self.redis.register_script(ENQUEUE_LUA)
 
     def close(self) -> None:
@@ -152,6 +156,9 @@ class Model:
         request_id, body = build_body(task, payload, generate_config)
         args = enqueue_args(request_id, task, body, self.info.max_queue_len, deadline_ms, self.client.result_ttl_s)
         keys = self.client.keys
+        if self.client.on_no_live_worker != "ignore":
+            live = self.client.redis.zcount(keys.model_workers(self.name), self.info.live_since_ms(), "+inf")
+            handle_live_workers(self.client.on_no_live_worker, self.name, int(live))
         try:
             self.client._enqueue(keys=[keys.requests(self.name), keys.request_owner(self.name, request_id)], args=args)
         except ResponseError as exc:

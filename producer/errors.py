@@ -64,6 +64,14 @@ class DuplicateRequest(RedbatchError):
     """A request with this id is already queued, running or finished."""
 
 
+class NoLiveWorker(RedbatchError):
+    """No worker of the model has heartbeated within its heartbeat TTL: a request would wait with no one to serve it."""
+
+
+class NoLiveWorkerWarning(UserWarning):
+    """Issued instead of NoLiveWorker when the client is built with on_no_live_worker="warn"."""
+
+
 _BY_CODE = {cls.code: cls for cls in (InvalidRequest, UnknownModel, RequestExpired, ModelError, DeadLettered, UnsupportedTask)}
 
 

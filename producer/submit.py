@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from producer.errors import DuplicateRequest, InvalidRequest, QueueFull, UnknownModel, UnsupportedTask
+from producer.errors import (
+    DuplicateRequest,
+    InvalidRequest,
+    NoLiveWorker,
+    NoLiveWorkerWarning,
+    QueueFull,
+    UnknownModel,
+    UnsupportedTask,
+)
 from producer.keys import check_model_name, check_request_id
 from producer.protocol import (
     Body,
@@ -22,6 +32,8 @@ DEFAULT_RESULT_TTL_S = 3600
 READ_BLOCK_MS = 1000
 READ_COUNT = 256
 RECONNECT_DELAY_S = 0.25
+DEFAULT_HEARTBEAT_TTL_S = 15  # WorkerConfig.heartbeat_ttl_s's default, for registrations that predate the field
+NO_LIVE_WORKER_POLICIES = ("error", "warn", "ignore")
 
 # Enqueue in one atomic step: refuse an id that is queued, running or finished within the result
 # TTL, refuse when the stream holds max_len entries, else XADD and record which entry owns the id.
@@ -59,9 +71,35 @@ class ModelInfo:
         raw = json.loads(raw_json)
         return cls(name=name, tasks=tuple(raw.get("tasks", [])), max_queue_len=int(raw.get("max_queue_len", 0)), raw=raw)
 
+    @property
+    def heartbeat_ttl_s(self) -> int:
+        return int(self.raw.get("heartbeat_ttl_s", DEFAULT_HEARTBEAT_TTL_S))
+
+    def live_since_ms(self, now_ms: int | None = None) -> int:
+        """Heartbeats at or after this time (unix ms) count as live: the model's workers zset ZCOUNT lower bound."""
+        now = int(time.time() * 1000) if now_ms is None else now_ms
+        return now - self.heartbeat_ttl_s * 1000
+
     def check_task(self, task: TaskKind) -> None:
         if self.tasks and task.value not in self.tasks:
             raise UnsupportedTask(f"model {self.name!r} serves {list(self.tasks)}, not {task.value!r}")
+
+
+def check_no_live_worker_policy(policy: str) -> str:
+    if policy not in NO_LIVE_WORKER_POLICIES:
+        raise ValueError(f"on_no_live_worker must be one of {', '.join(NO_LIVE_WORKER_POLICIES)}, not {policy!r}")
+    return policy
+
+
+def handle_live_workers(policy: str, model: str, live: int) -> None:
+    """Act on a submit to a model with `live` live workers under the client's on_no_live_worker policy."""
+    if live > 0 or policy == "ignore":
+        return
+    message = (f"model {model!r} has no live worker (none heartbeated within its heartbeat TTL); "
+               f"the request would wait until one starts: `redbatch worker --model-name {model} ...`")
+    if policy == "error":
+        raise NoLiveWorker(message)
+    warnings.warn(message, NoLiveWorkerWarning, stacklevel=4)
 
 
 def new_request_id() -> str:

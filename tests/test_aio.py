@@ -40,6 +40,7 @@ def run(test: Callable[[AsyncClient, fakeredis.FakeAsyncRedis], Awaitable[T]], *
 async def register(conn: Any, **info: Any) -> None:
     entry = {"tasks": ["generate", "chat"], "max_num_seqs": 4, "max_queue_len": 3} | info
     await conn.hset(KEYS.models(), MODEL, json.dumps(entry))
+    await conn.zadd(KEYS.model_workers(MODEL), {"w1": int(time.time() * 1000)})  # a live worker: submits are accepted
 
 
 async def registered_model(client: AsyncClient, conn: Any, **info: Any) -> AsyncModel:

@@ -63,6 +63,7 @@ def client(redis_conn: fakeredis.FakeRedis) -> Client:
 def register(conn: Any, name: str = MODEL, **info: Any) -> None:
     entry = {"tasks": ["generate", "chat"], "max_num_seqs": 4, "max_queue_len": 3} | info
     conn.hset(KEYS.models(), name, json.dumps(entry))
+    conn.zadd(KEYS.model_workers(name), {"w1": int(time.time() * 1000)})  # a live worker: submits are accepted
 
 
 @pytest.fixture
@@ -227,6 +228,7 @@ def test_unregistered_task_is_refused(client: Client, redis_conn: fakeredis.Fake
 def test_custom_prefix(redis_conn: fakeredis.FakeRedis) -> None:
     keys = Keys("staging")
     redis_conn.hset(keys.models(), MODEL, json.dumps({"tasks": ["generate"]}))
+    redis_conn.zadd(keys.model_workers(MODEL), {"w1": int(time.time() * 1000)})
     client = Client(prefix="staging", redis_client=redis_conn)
     client.get_model(MODEL).submit(TaskKind.GENERATE, {"prompt": "x"})
     assert redis_conn.xlen(keys.requests(MODEL)) == 1

@@ -73,11 +73,14 @@ class WorkerStreams:
         info = {
             "tasks": tasks, "max_num_seqs": self.config.max_num_seqs, "max_queue_len": self.config.max_queue_len,
             "model_path": self.config.model_path, "last_seen": now_ms(), "live_workers": 1,
+            "heartbeat_ttl_s": self.config.heartbeat_ttl_s,
         }
         existing = self.redis.hget(self.keys.models(), self.model)
         if existing:
             info["live_workers"] = max(1, json.loads(existing).get("live_workers", 0))
         self.redis.hset(self.keys.models(), self.model, json.dumps(info))
+        # live from registration on: a producer's live-worker check accepts work before the first heartbeat
+        self.redis.zadd(self.keys.model_workers(self.model), {self.config.worker_id: info["last_seen"]})
 
     def unregister(self) -> None:
         pipe = self.redis.pipeline(transaction=False)
@@ -302,7 +305,7 @@ class WorkerStreams:
         *_, live, raw = pipe.execute()
         info = json.loads(raw) if raw else {}
         info.update(last_seen=ms, live_workers=int(live), max_num_seqs=self.config.max_num_seqs,
-                    max_queue_len=self.config.max_queue_len)
+                    max_queue_len=self.config.max_queue_len, heartbeat_ttl_s=self.config.heartbeat_ttl_s)
         self.redis.hset(self.keys.models(), self.model, json.dumps(info))
 
 
