@@ -1,13 +1,17 @@
-"""Operations on a model's dead letters: list, requeue, purge."""
+"""Operations on a model's dead letters (list, requeue, purge) and the system status `status`/`top` show."""
 
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
-from producer.keys import Keys, check_request_id
+from producer.keys import GROUP, Keys, check_request_id
 from producer.protocol import read_request_id
+from producer.submit import DEFAULT_HEARTBEAT_TTL_S
 
 _DEAD_META = ("reason", "entry_id", "worker", "ts")
 
@@ -66,3 +70,67 @@ def _parse(dead_id: str, raw: dict[bytes, bytes]) -> DeadLetter:
 
 def _text(value: bytes | str) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+# ---------------------------------------------------------------- status: what `redbatch status` and `top` show
+
+_WORKER_INTS = ("active", "waiting", "steps", "tokens", "finished", "reclaimed", "max_num_seqs", "draining",
+                "kv_blocks", "kv_blocks_free", "kv_blocks_cached", "preemptions", "started", "last_seen", "pid")
+
+
+def system_status(client: redis.Redis, keys: Keys, now_ms: int | None = None) -> dict[str, Any]:
+    """Every registered model: its queue, consumer group, dead letters and workers (live or stale).
+
+    A worker is live when its heartbeat in the model's workers zset is younger than the model's
+    heartbeat_ttl_s and its heartbeat hash still exists; a zset entry without either is stale (the
+    worker died without unregistering). Rates are averaged since the worker started.
+    """
+    now = int(time.time() * 1000) if now_ms is None else now_ms
+    models = {_text(name): json.loads(raw) for name, raw in client.hgetall(keys.models()).items()}
+    return {"ts": now, "models": {name: _model_status(client, keys, name, info, now) for name, info in sorted(models.items())}}
+
+
+def _model_status(client: redis.Redis, keys: Keys, model: str, info: dict[str, Any], now: int) -> dict[str, Any]:
+    ttl_ms = int(info.get("heartbeat_ttl_s", DEFAULT_HEARTBEAT_TTL_S)) * 1000
+    pipe = client.pipeline(transaction=False)
+    pipe.xlen(keys.requests(model))
+    pipe.xlen(keys.dead(model))
+    pipe.zrange(keys.model_workers(model), 0, -1, withscores=True)
+    queue_len, dead, members = pipe.execute()
+    pending, lag = 0, None
+    try:
+        for group in client.xinfo_groups(keys.requests(model)):
+            if _text(group["name"]) == GROUP:
+                pending, lag = int(group["pending"]), group.get("lag")
+    except redis.ResponseError:  # no stream yet
+        pass
+    pipe = client.pipeline(transaction=False)
+    for worker_id, _ in members:
+        pipe.hgetall(keys.worker(_text(worker_id)))
+    hashes = pipe.execute() if members else []
+    workers = []
+    for (worker_id, score), raw in zip(members, hashes):
+        workers.append(_worker_status(_text(worker_id), int(score), raw, now, ttl_ms))
+    num_live = sum(1 for w in workers if w["live"])
+    return {
+        "tasks": info.get("tasks", []), "queue_len": int(queue_len), "pending": pending,
+        "lag": None if lag is None else int(lag), "dead_letters": int(dead), "live_workers": num_live,
+        "has_live_worker": num_live > 0, "workers": workers,
+    }
+
+
+def _worker_status(worker_id: str, heartbeat_ms: int, raw: dict[bytes, bytes], now: int, ttl_ms: int) -> dict[str, Any]:
+    fields = {_text(k): _text(v) for k, v in raw.items()}
+    out: dict[str, Any] = {"worker_id": worker_id, "host": fields.get("host"), "heartbeat_age_s": round((now - heartbeat_ms) / 1000, 1)}
+    out["live"] = bool(fields) and now - heartbeat_ms < ttl_ms
+    for name in _WORKER_INTS:
+        if name in fields:
+            out[name] = int(float(fields[name]))
+    out["step_ms"] = float(fields.get("step_ms", 0) or 0)
+    uptime_s = max((now - out["started"]) / 1000, 1e-3) if "started" in out else None
+    out["uptime_s"] = None if uptime_s is None else round(uptime_s, 1)
+    out["steps_per_s"] = round(out.get("steps", 0) / uptime_s, 2) if uptime_s else 0.0
+    out["tokens_per_s"] = round(out.get("tokens", 0) / uptime_s, 2) if uptime_s else 0.0
+    blocks = out.get("kv_blocks", 0)
+    out["kv_used"] = round((blocks - out.get("kv_blocks_free", 0)) / blocks, 3) if blocks else None
+    return out

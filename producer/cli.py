@@ -83,6 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("model")
     dl.add_argument("ids", nargs="*", help="requeue only these dead-letter ids")
 
+    st = sub.add_parser("status", help="each model's queue, pending, lag, dead letters and workers (live or stale)")
+    _add_common(st)
+    st.add_argument("--json", action="store_true", help="print the status as one JSON object")
+
+    tp = sub.add_parser("top", help="live terminal dashboard of the models and their workers")
+    _add_common(tp)
+    tp.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    tp.add_argument("--iterations", type=int, default=None, help="stop after this many frames")
+    tp.add_argument("--once", action="store_true", help="print one frame and exit (same as --iterations 1)")
+
     acl = sub.add_parser("acl", help="print a minimal Redis ACL file line for a role")
     acl.add_argument("role", choices=["producer", "worker"])
     acl.add_argument("--username", default=None)
@@ -196,6 +206,53 @@ def _cmd_dead(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    import redis
+
+    from producer import admin
+    from producer.keys import Keys
+
+    with redis.Redis.from_url(_redis_url(args)) as client:
+        status = admin.system_status(client, Keys(args.prefix))
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        from rich.console import Console
+
+        from producer.dashboard import render_status
+
+        Console().print(render_status(status))
+    return 0
+
+
+def _cmd_top(args: argparse.Namespace) -> int:
+    import time
+
+    import redis
+    from rich.console import Console
+    from rich.live import Live
+
+    from producer import admin
+    from producer.dashboard import render_status, with_rates
+    from producer.keys import Keys
+
+    iterations = 1 if args.once else args.iterations
+    keys, console = Keys(args.prefix), Console()
+    with redis.Redis.from_url(_redis_url(args)) as client:
+        status = admin.system_status(client, keys)
+        if iterations == 1:
+            console.print(render_status(status))
+            return 0
+        with Live(render_status(status), console=console, auto_refresh=False) as live:
+            frames = 1
+            while iterations is None or frames < iterations:
+                time.sleep(args.interval)
+                status = with_rates(admin.system_status(client, keys), status)
+                live.update(render_status(status), refresh=True)
+                frames += 1
+    return 0
+
+
 def _cmd_acl(args: argparse.Namespace) -> int:
     from producer.acl import acl_file_line
     from producer.keys import Keys
@@ -226,6 +283,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 _COMMANDS = {
     "worker": _cmd_worker, "generate": _cmd_request, "chat": _cmd_request, "abort": _cmd_abort,
     "make-tiny-model": _cmd_make_tiny_model, "demo": _cmd_demo, "dead": _cmd_dead, "acl": _cmd_acl,
+    "status": _cmd_status, "top": _cmd_top,
 }
 
 if __name__ == "__main__":
