@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--max-body-bytes", type=int, default=1 << 20)
     w.add_argument("--max-tokens-limit", type=int, default=32768)
     w.add_argument("--worker-id", default=None)
+    w.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     w.add_argument("--burst", action="store_true", help="exit once the stream is empty and nothing runs")
     w.add_argument("--trust-remote-code", action="store_true")
     w.add_argument("--tool-parser", default="auto",
@@ -139,6 +140,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         enable_prefix_caching=not args.no_prefix_cache, attention_backend=args.attention_backend,
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_consecutive_step_failures=args.max_consecutive_step_failures, tool_parser=args.tool_parser,
+        metrics_port=args.metrics_port,
     )
     if args.worker_id:
         options["worker_id"] = args.worker_id

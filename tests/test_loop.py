@@ -41,6 +41,7 @@ def wait_for(predicate, timeout_s: float = 20.0, interval_s: float = 0.02):
 def register(client: Client, name: str = "tiny", **info) -> None:
     """Register a model as a worker would, without starting one."""
     client.redis.hset(client.keys.models(), name, json.dumps({"tasks": ["generate", "chat"], "max_queue_len": 0, **info}))
+    client.redis.zadd(client.keys.model_workers(name), {"registering": now_ms()})  # live, as on registration
 
 
 def test_chat_streams_tokens_and_a_final_chunk(worker_factory, client):

@@ -52,6 +52,7 @@ class WorkerConfig(BaseModel):
     lease_s: float = Field(30.0, gt=0)  # an entry idle this long is reclaimed by another worker
     max_deliveries: int = Field(3, ge=1)
     max_consecutive_step_failures: int = Field(3, ge=1)  # then the device counts as broken: hand back, exit
+    metrics_port: int | None = Field(None, ge=0, le=65535)  # serve Prometheus metrics on this port (0: any free)
 
     @field_validator("model_name")
     @classmethod

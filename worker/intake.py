@@ -113,7 +113,7 @@ class Intake:
             self._reject(entry, exc.code, exc.message, outbox, state.next_seq)
             return
         seq.meta.update(entry_id=entry.entry_id, deliveries=entry.deliveries, next_seq=state.next_seq,
-                        stream=request.generate_config.stream)
+                        stream=request.generate_config.stream, task=request.task.value)
         if resume is not None:
             log.info("resuming request %s after %d published tokens", request.id, len(resume.output_ids))
             done = self.engine.finish_if_complete(seq)

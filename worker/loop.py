@@ -49,6 +49,7 @@ class Worker:
         self.streams = streams
         self.intake = Intake(config, engine)
         self.stats = Stats()
+        self.metrics = None  # worker.metrics.WorkerMetrics when --metrics-port is set: on_step after each step
         self.io = RedisIO(config, streams, self.stats, is_giving_up=self._is_past_drain_deadline)
         self._stop = threading.Event()
         self.ready = threading.Event()  # set once the group exists and the model is registered
@@ -219,6 +220,8 @@ class Worker:
             self.stats.num_steps += 1
             self.stats.num_tokens += sum(len(o.token_ids) for o in outputs)
             self.stats.step_ms_total += (time.monotonic() - started) * 1000
+        if self.metrics is not None:
+            self.metrics.on_step(time.monotonic() - started, outputs)
 
     def _heartbeat_fields(self) -> dict[str, Any]:
         s = self.stats

@@ -41,6 +41,11 @@ def run_worker(config: WorkerConfig, burst: bool = False) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     worker = build_worker(config)
     worker.install_signal_handlers()
+    if config.metrics_port is not None:
+        from worker.metrics import WorkerMetrics
+
+        worker.metrics = WorkerMetrics(worker)
+        log.info("serving Prometheus metrics on port %d", worker.metrics.serve(config.metrics_port))
     log.info("worker %s serving %r from %s (max_num_seqs=%d, device=%s)", config.worker_id, config.model_name,
              config.model_path, config.max_num_seqs, config.device)
     try:

@@ -1,0 +1,72 @@
+"""The worker's Prometheus endpoint (--metrics-port), scraped over HTTP from a real worker process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from producer import Client
+from producer.keys import Keys
+from producer.protocol import TaskKind
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _scrape(port: int) -> dict[tuple[str, tuple], float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def _value(samples, name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted({"model": "m-tiny", **labels}.items())))]
+
+
+def test_a_worker_serves_prometheus_metrics(redis_server_url, prefix, rds, tiny_llama_path):
+    port = _free_port()
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--model-name", "m-tiny", "--model-path",
+                             str(tiny_llama_path), "--redis-url", redis_server_url, "--prefix", prefix, "--threads",
+                             "1", "--max-num-seqs", "4", "--metrics-port", str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = Client(redis_server_url, prefix=prefix)
+        deadline = time.monotonic() + 90
+        while not rds.zcard(Keys(prefix).model_workers("m-tiny")):
+            assert proc.poll() is None and time.monotonic() < deadline, "worker did not register"
+            time.sleep(0.1)
+        model = client.get_model("m-tiny")
+        ids = [model.submit(TaskKind.GENERATE, {"prompt": f"p{i}"}, {"max_tokens": 6, "ignore_eos": True})
+               for i in range(3)]
+        ids.append(model.submit(TaskKind.CHAT, {"messages": [{"role": "user", "content": "hi"}]},
+                                {"max_tokens": 4, "ignore_eos": True}))
+        assert all(client.wait(i, timeout_s=60).type == "done" for i in ids)
+        rds.xadd(Keys(prefix).dead("m-tiny"), {"reason": "test", "entry_id": "0-1", "worker": "w", "ts": "0"})
+
+        samples = _scrape(port)
+        assert _value(samples, "redbatch_requests_total", task="generate", outcome="done_length") == 3
+        assert _value(samples, "redbatch_requests_total", task="chat", outcome="done_length") == 1
+        assert _value(samples, "redbatch_generated_tokens_total") == 3 * 6 + 4
+        steps = _value(samples, "redbatch_step_seconds_count")
+        assert steps >= 6 and _value(samples, "redbatch_step_seconds_sum") > 0
+        assert _value(samples, "redbatch_batch_size_count") == steps
+        assert _value(samples, "redbatch_batch_size_bucket", le="4.0") == steps  # never more than max_num_seqs
+        assert _value(samples, "redbatch_time_to_first_token_seconds_count") == 4
+        assert _value(samples, "redbatch_time_per_output_token_seconds_count") == 4
+        assert _value(samples, "redbatch_queue_depth") == 0 and _value(samples, "redbatch_dead_letters") == 1
+        assert _value(samples, "redbatch_kv_blocks") > 0 and _value(samples, "redbatch_kv_usage_ratio") >= 0
+        assert _value(samples, "redbatch_active_requests") == 0
+        assert _value(samples, "redbatch_reclaimed_total") == 0
+    finally:
+        proc.terminate()
+        proc.wait(30)
