@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
+import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from producer import Client
 from producer.keys import Keys
 from producer.protocol import TaskKind
+
+OPS = Path(__file__).resolve().parent.parent / "ops" / "monitoring"
 
 
 def _free_port() -> int:
@@ -67,6 +75,32 @@ def test_a_worker_serves_prometheus_metrics(redis_server_url, prefix, rds, tiny_
         assert _value(samples, "redbatch_kv_blocks") > 0 and _value(samples, "redbatch_kv_usage_ratio") >= 0
         assert _value(samples, "redbatch_active_requests") == 0
         assert _value(samples, "redbatch_reclaimed_total") == 0
+        served = {name for name, _ in samples}
+        referenced = set(re.findall(r"redbatch_[a-z_]+", "".join(p.read_text() for p in OPS.iterdir())))
+        assert referenced and referenced <= served, referenced - served  # the ops files query what is served
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_the_ops_monitoring_files_parse_and_hold_together():
+    scrape = yaml.safe_load((OPS / "prometheus.yml").read_text())
+    assert scrape["rule_files"] == ["alerts.yml"] and scrape["scrape_configs"]
+    rules = yaml.safe_load((OPS / "alerts.yml").read_text())["groups"][0]["rules"]
+    assert {r["alert"] for r in rules} == {"RedbatchQueueGrowing", "RedbatchNoLiveWorker", "RedbatchDeadLettersRising",
+                                            "RedbatchTTFTHigh"}
+    assert all(r["expr"] and r["annotations"]["summary"] for r in rules)
+    dashboard = json.loads((OPS / "grafana-dashboard.json").read_text())
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"]) >= 8
+    assert all(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    scaled = yaml.safe_load((OPS / "keda-scaledobject.yaml").read_text())
+    (trigger,) = scaled["spec"]["triggers"]
+    assert scaled["kind"] == "ScaledObject" and trigger["type"] == "redis-streams"
+    assert trigger["metadata"]["stream"] == "rb:{tiny}:requests" and trigger["metadata"]["consumerGroup"] == "workers"
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (apt-get install prometheus)")
+def test_promtool_accepts_the_scrape_config_and_the_alert_rules():
+    for args in (["check", "rules", str(OPS / "alerts.yml")], ["check", "config", str(OPS / "prometheus.yml")]):
+        done = subprocess.run(["promtool", *args], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr

@@ -8,10 +8,10 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import StepGate
 from producer import Client
 from producer.keys import Keys
 from producer.protocol import EventType, TaskKind
+from tests.conftest import StepGate
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "operations.md"
 
