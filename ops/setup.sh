@@ -13,6 +13,7 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
     "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
 fi
 "$VENV/bin/python" -m pip install -q -e ".[worker,dev]"
+# promtool (tests/test_metrics.py checks ops/monitoring with it where present): apt-get install prometheus
 # xgrammar for structured output (the `structured` extra). On a CPU machine without triton, install it
 # without its dependencies (triton is only its CUDA kernel) plus the one it really needs besides ours.
 if ! "$VENV/bin/python" -c "import xgrammar" >/dev/null 2>&1; then
