@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--iterations", type=int, default=None, help="stop after this many frames")
     tp.add_argument("--once", action="store_true", help="print one frame and exit (same as --iterations 1)")
 
+    _add_bulk(sub)
+
     acl = sub.add_parser("acl", help="print a minimal Redis ACL file line for a role")
     acl.add_argument("role", choices=["producer", "worker"])
     acl.add_argument("--username", default=None)
@@ -112,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-num-seqs", type=int, default=8)
     d.add_argument("--threads", type=int, default=2)
     return parser
+
+
+def _add_bulk(sub) -> None:
+    from producer.bulk_cli import add_bulk_parser
+
+    add_bulk_parser(sub, _add_common)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,6 +263,12 @@ def _cmd_top(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bulk(args: argparse.Namespace) -> int:
+    from producer.bulk_cli import run_bulk_command
+
+    return run_bulk_command(args, _redis_url(args))
+
+
 def _cmd_acl(args: argparse.Namespace) -> int:
     from producer.acl import acl_file_line
     from producer.keys import Keys
@@ -285,7 +299,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 _COMMANDS = {
     "worker": _cmd_worker, "generate": _cmd_request, "chat": _cmd_request, "abort": _cmd_abort,
     "make-tiny-model": _cmd_make_tiny_model, "demo": _cmd_demo, "dead": _cmd_dead, "acl": _cmd_acl,
-    "status": _cmd_status, "top": _cmd_top,
+    "status": _cmd_status, "top": _cmd_top, "bulk": _cmd_bulk,
 }
 
 if __name__ == "__main__":

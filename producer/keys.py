@@ -11,12 +11,19 @@ _PREFIX_RE = re.compile(r"^[A-Za-z0-9._-]{1,32}$")
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 WORKER_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+BULK_JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 def check_model_name(name: object) -> str:
     if not isinstance(name, str) or not MODEL_NAME_RE.fullmatch(name):
         raise ValueError(f"invalid model name {name!r}: 1-64 chars of [A-Za-z0-9._-]")
     return name
+
+
+def check_bulk_job_id(job_id: object) -> str:
+    if not isinstance(job_id, str) or not BULK_JOB_ID_RE.fullmatch(job_id):
+        raise ValueError(f"invalid bulk job id {job_id!r}: 1-64 chars of [A-Za-z0-9_-]")
+    return job_id
 
 
 def check_request_id(request_id: object) -> str:
@@ -63,3 +70,11 @@ class Keys:
 
     def abort(self, request_id: str) -> str:
         return f"{self.prefix}:req:{check_request_id(request_id)}:abort"
+
+    def bulk_lease(self, job_id: str) -> str:
+        """string, TTL: the token of the bulk runner that holds job_id (one runner writes its output at a time)."""
+        return f"{self.prefix}:bulk:{check_bulk_job_id(job_id)}:lease"
+
+    def bulk_cancel(self, job_id: str) -> str:
+        """string, TTL: present = the bulk job stops submitting and aborts what it has in flight."""
+        return f"{self.prefix}:bulk:{check_bulk_job_id(job_id)}:cancel"
