@@ -56,7 +56,7 @@ def add_bulk_parser(sub, add_common) -> None:
 def run_bulk_command(args: argparse.Namespace, redis_url: str) -> int:
     import redis
 
-    import producer.bulk as bulk
+    from producer import bulk
 
     with redis.Redis.from_url(redis_url) as rds:
         command = args.bulk_command
@@ -107,7 +107,7 @@ def _duration(seconds: float | None) -> str:
 def _follow(rds, job_id: str, interval_s: float) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    import producer.bulk as bulk
+    from producer import bulk
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("failed {task.fields[failed]}"), TextColumn("{task.fields[tps]} tok/s"),

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from producer import Client
-from tests.conftest import StepGate
 from producer.bulk.runner import BulkRunner, recover_output, request_id_for
 from producer.bulk.state import JobInputError, JobSpec
 from producer.keys import Keys
+from tests.conftest import StepGate
 
 pytestmark = pytest.mark.redis
 
@@ -82,7 +82,7 @@ def test_mixed_file_gives_one_line_per_input_line(worker_factory, rds, prefix, t
              _chat_line(3) | {"body": {**_chat_line(3)["body"], "n": 2}},
              {"custom_id": "img", "method": "POST", "url": "/v1/images/generations", "body": {"prompt": "cat"}},
              {"custom_id": "emb", "method": "POST", "url": "/v1/embeddings", "body": {}}]
-    runner, saved = _runner(rds, prefix, tmp_path, _write(tmp_path / "in.jsonl", lines))
+    runner, _saved = _runner(rds, prefix, tmp_path, _write(tmp_path / "in.jsonl", lines))
     summary = runner.run()
     out = _read(Path(runner.spec.output_path))
     assert len(out) == 8 and summary["state"] == "complete" and summary["total"] == 8
@@ -159,7 +159,7 @@ def test_cancel_aborts_in_flight_and_resume_finishes(worker_factory, rds, prefix
     gate = StepGate(handle.worker.engine, hold={3})
     handle.start()
     input_path = _write(tmp_path / "in.jsonl", [_chat_line(i, max_tokens=12) for i in range(10)])
-    runner, saved = _runner(rds, prefix, tmp_path, input_path, job_id="cancel", max_in_flight=4)
+    runner, _saved = _runner(rds, prefix, tmp_path, input_path, job_id="cancel", max_in_flight=4)
     thread = threading.Thread(target=lambda: setattr(runner, "summary", runner.run()))
     thread.start()
     gate.wait_entered(3)  # requests are in flight, none finished
@@ -208,3 +208,20 @@ def test_only_one_runner_holds_a_job(rds, prefix, tmp_path, worker_factory) -> N
         runner.run()
     holder.release()
     assert threading.active_count() >= 1
+
+
+def test_producers_without_rq_still_import(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['rq'] = None\n"
+            "import producer, producer.bulk, producer.cli\n"
+            "producer.cli.build_parser()\n"
+            "try:\n"
+            "    producer.bulk.submit('in.jsonl', model='m', output_path='out.jsonl')\n"
+            "except producer.bulk.BulkError as exc:\n"
+            "    print(exc)\n")
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "redbatch[bulk]" in done.stdout

@@ -12,7 +12,16 @@ from producer.bulk.openai_batch import (
     result_line,
     translate,
 )
-from producer.protocol import ChatBody, Event, EventType, FinishReason, GenerateBody, TaskKind, TextToImageBody, Usage
+from producer.protocol import (
+    ChatBody,
+    Event,
+    EventType,
+    FinishReason,
+    GenerateBody,
+    TaskKind,
+    TextToImageBody,
+    Usage,
+)
 
 
 def _line(url: str, body: dict, **extra) -> dict:

@@ -17,7 +17,13 @@ from typing import Any
 
 import redis
 
-from producer.bulk.state import DEFAULT_LEASE_S, JobBusy, JobInputError, JobSpec, LeaseLost
+from producer.bulk.state import (
+    DEFAULT_LEASE_S,
+    JobBusy,
+    JobInputError,
+    JobSpec,
+    LeaseLost,
+)
 from producer.errors import RedbatchError
 from producer.keys import DEFAULT_PREFIX, Keys, check_bulk_job_id
 from producer.submit import DEFAULT_RESULT_TTL_S, ModelInfo
@@ -147,7 +153,6 @@ def resume(job_id: str, *, connection: redis.Redis | None = None, redis_url: str
     A job whose runner still holds its lease is running: wait up to `wait_s` (default: the lease) for
     a dead runner's lease to expire, then refuse.
     """
-    rq, _ = _rq()
     rds = _connect(redis_url, connection)
     job = fetch_job(job_id, rds)
     spec = JobSpec(**job.kwargs)
@@ -165,8 +170,8 @@ def resume(job_id: str, *, connection: redis.Redis | None = None, redis_url: str
         time.sleep(0.2)
     rds.delete(keys.bulk_cancel(job_id))
     queue = _queue(rds, job.origin)
-    for registry in (queue.started_job_registry, queue.failed_job_registry, queue.finished_job_registry,
-                     queue.canceled_job_registry):
+    queue.started_job_registry.remove_executions(job)  # a dead runner's: rq would call it abandoned later
+    for registry in (queue.failed_job_registry, queue.finished_job_registry, queue.canceled_job_registry):
         registry.remove(job)
     return queue.enqueue_job(job)
 

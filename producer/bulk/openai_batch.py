@@ -15,7 +15,15 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from producer.protocol import ChatBody, Event, EventType, GenerateBody, GenerateConfig, TaskKind, TextToImageBody
+from producer.protocol import (
+    ChatBody,
+    Event,
+    EventType,
+    GenerateBody,
+    GenerateConfig,
+    TaskKind,
+    TextToImageBody,
+)
 from producer.results import Shaper
 
 URL_TASKS = {
