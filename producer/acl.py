@@ -13,17 +13,8 @@ from producer.keys import Keys
 CONNECTION = "+ping +hello +auth +client|setname +select +script|load"  # CLIENT SETINFO is 7.2+
 
 
-def _patterns(keys: Keys) -> dict[str, str]:
-    p = keys.prefix
-    return {
-        "requests": f"{p}:{{*}}:requests", "dead": f"{p}:{{*}}:dead", "owner": f"{p}:{{*}}:id:*",
-        "workers": f"{p}:{{*}}:workers", "models": f"{p}:models", "worker": f"{p}:worker:*",
-        "events": f"{p}:req:*:events", "abort": f"{p}:req:*:abort",
-    }
-
-
 def acl_rules(keys: Keys, role: str) -> str:
-    k, connection = _patterns(keys), CONNECTION
+    k, connection = keys.patterns(), CONNECTION
     if role == "producer":
         selectors = [
             f"+hget +hgetall %R~{k['models']}",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -10,10 +9,7 @@ from typing import Any
 import redis
 
 from producer.keys import GROUP, Keys, check_request_id
-from producer.protocol import read_request_id
-from producer.submit import DEFAULT_HEARTBEAT_TTL_S
-
-_DEAD_META = ("reason", "entry_id", "worker", "ts")
+from producer.protocol import ModelRegistration, read_request_id, split_dead_letter
 
 
 @dataclass
@@ -53,15 +49,7 @@ def purge_dead(client: redis.Redis, keys: Keys, model: str) -> int:
 
 
 def _parse(dead_id: str, raw: dict[bytes, bytes]) -> DeadLetter:
-    fields: dict[str, bytes] = {}
-    meta: dict[str, str] = {}
-    for key, value in raw.items():
-        name = _text(key)
-        if name in _DEAD_META:
-            meta[name] = _text(value)
-        else:  # fields that clashed with the metadata names were stored as orig_<name>
-            original = name[len("orig_"):] if name.startswith("orig_") and name[len("orig_"):] in _DEAD_META else name
-            fields[original] = value
+    meta, fields = split_dead_letter(raw)
     request_id = read_request_id(fields)
     if request_id is not None:
         check_request_id(request_id)
@@ -86,12 +74,12 @@ def system_status(client: redis.Redis, keys: Keys, now_ms: int | None = None) ->
     worker died without unregistering). Rates are averaged since the worker started.
     """
     now = int(time.time() * 1000) if now_ms is None else now_ms
-    models = {_text(name): json.loads(raw) for name, raw in client.hgetall(keys.models()).items()}
+    models = {_text(name): ModelRegistration.parse(raw) for name, raw in client.hgetall(keys.models()).items()}
     return {"ts": now, "models": {name: _model_status(client, keys, name, info, now) for name, info in sorted(models.items())}}
 
 
-def _model_status(client: redis.Redis, keys: Keys, model: str, info: dict[str, Any], now: int) -> dict[str, Any]:
-    ttl_ms = int(info.get("heartbeat_ttl_s", DEFAULT_HEARTBEAT_TTL_S)) * 1000
+def _model_status(client: redis.Redis, keys: Keys, model: str, info: ModelRegistration, now: int) -> dict[str, Any]:
+    ttl_ms = info.heartbeat_ttl_s * 1000
     pipe = client.pipeline(transaction=False)
     pipe.xlen(keys.requests(model))
     pipe.xlen(keys.dead(model))
@@ -113,7 +101,7 @@ def _model_status(client: redis.Redis, keys: Keys, model: str, info: dict[str, A
         workers.append(_worker_status(_text(worker_id), int(score), raw, now, ttl_ms))
     num_live = sum(1 for w in workers if w["live"])
     return {
-        "tasks": info.get("tasks", []), "queue_len": int(queue_len), "pending": pending,
+        "tasks": info.tasks, "queue_len": int(queue_len), "pending": pending,
         "lag": None if lag is None else int(lag), "dead_letters": int(dead), "live_workers": num_live,
         "has_live_worker": num_live > 0, "workers": workers,
     }

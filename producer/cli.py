@@ -107,10 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--arch", default="llama", choices=["llama", "qwen2"])
     t.add_argument("--seed", type=int, default=0)
 
-    d = sub.add_parser("demo", help="embedded Redis + tiny-model worker + a burst of streamed chats")
+    d = sub.add_parser("demo", help="embedded Redis + a tiny trained model's worker + concurrent streamed chats beside a top panel")
     _add_common(d)
-    d.add_argument("--num-requests", type=int, default=16)
-    d.add_argument("--max-tokens", type=int, default=48)
+    d.add_argument("--num-requests", type=int, default=24)
+    d.add_argument("--max-tokens", type=int, default=96)
     d.add_argument("--max-num-seqs", type=int, default=8)
     d.add_argument("--threads", type=int, default=2)
     return parser

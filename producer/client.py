@@ -12,7 +12,7 @@ from redis.exceptions import ResponseError
 
 from producer.errors import RequestTimeout
 from producer.keys import DEFAULT_PREFIX, Keys
-from producer.protocol import TERMINAL_EVENTS, Event, EventType, TaskKind, decode_event
+from producer.protocol import TERMINAL_EVENTS, Event, TaskKind, decode_event
 from producer.results import Shaper
 from producer.submit import (
     DEFAULT_RESULT_TTL_S,

@@ -41,18 +41,18 @@ class Keys:
         self.prefix = prefix
 
     def requests(self, model: str) -> str:
-        return f"{self.prefix}:{{{check_model_name(model)}}}:requests"
+        return self._model_key(check_model_name(model), "requests")
 
     def dead(self, model: str) -> str:
-        return f"{self.prefix}:{{{check_model_name(model)}}}:dead"
+        return self._model_key(check_model_name(model), "dead")
 
     def model_workers(self, model: str) -> str:
         # zset worker_id -> last heartbeat (unix ms); an addition to the v1 key table
-        return f"{self.prefix}:{{{check_model_name(model)}}}:workers"
+        return self._model_key(check_model_name(model), "workers")
 
     def request_owner(self, model: str, request_id: str) -> str:
         """string: the request stream entry id that owns request_id (duplicate guard); in the model's slot."""
-        return f"{self.prefix}:{{{check_model_name(model)}}}:id:{check_request_id(request_id)}"
+        return self._model_key(check_model_name(model), f"id:{check_request_id(request_id)}")
 
     def models(self) -> str:
         return f"{self.prefix}:models"
@@ -60,21 +60,43 @@ class Keys:
     def worker(self, worker_id: str) -> str:
         if not WORKER_ID_RE.fullmatch(worker_id):
             raise ValueError(f"invalid worker id {worker_id!r}")
-        return f"{self.prefix}:worker:{worker_id}"
+        return self._worker_key(worker_id)
 
     def worker_pattern(self) -> str:
-        return f"{self.prefix}:worker:*"
+        return self._worker_key("*")
 
     def events(self, request_id: str) -> str:
-        return f"{self.prefix}:req:{check_request_id(request_id)}:events"
+        return self._request_key(check_request_id(request_id), "events")
 
     def abort(self, request_id: str) -> str:
-        return f"{self.prefix}:req:{check_request_id(request_id)}:abort"
+        return self._request_key(check_request_id(request_id), "abort")
+
+    def patterns(self) -> dict[str, str]:
+        """Glob patterns matching every key of each kind (ACL rules, SCAN): the names above with `*`."""
+        return {
+            "requests": self._model_key("*", "requests"), "dead": self._model_key("*", "dead"),
+            "owner": self._model_key("*", "id:*"), "workers": self._model_key("*", "workers"),
+            "models": self.models(), "worker": self._worker_key("*"),
+            "events": self._request_key("*", "events"), "abort": self._request_key("*", "abort"),
+            "bulk_lease": self._bulk_key("*", "lease"), "bulk_cancel": self._bulk_key("*", "cancel"),
+        }
 
     def bulk_lease(self, job_id: str) -> str:
         """string, TTL: the token of the bulk runner that holds job_id (one runner writes its output at a time)."""
-        return f"{self.prefix}:bulk:{check_bulk_job_id(job_id)}:lease"
+        return self._bulk_key(check_bulk_job_id(job_id), "lease")
 
     def bulk_cancel(self, job_id: str) -> str:
         """string, TTL: present = the bulk job stops submitting and aborts what it has in flight."""
-        return f"{self.prefix}:bulk:{check_bulk_job_id(job_id)}:cancel"
+        return self._bulk_key(check_bulk_job_id(job_id), "cancel")
+
+    def _model_key(self, model: str, suffix: str) -> str:
+        return f"{self.prefix}:{{{model}}}:{suffix}"
+
+    def _worker_key(self, worker_id: str) -> str:
+        return f"{self.prefix}:worker:{worker_id}"
+
+    def _request_key(self, request_id: str, suffix: str) -> str:
+        return f"{self.prefix}:req:{request_id}:{suffix}"
+
+    def _bulk_key(self, job_id: str, suffix: str) -> str:
+        return f"{self.prefix}:bulk:{job_id}:{suffix}"

@@ -21,6 +21,8 @@ from producer.keys import check_request_id
 
 PROTOCOL_VERSION = "1"
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+DEFAULT_RESULT_TTL_S = 3600  # events streams, abort keys and id owners live this long (worker and client default)
+DEFAULT_HEARTBEAT_TTL_S = 15  # a worker whose heartbeat is older is gone (also for registrations without the field)
 _INT_RE = re.compile(r"-?[0-9]{1,19}")  # ASCII digits only; "--5" or "+5" must be a BadEntry, not a crash
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
@@ -516,3 +518,62 @@ def event_stream_id(seq: int) -> str:
 
 def is_finite(value: float) -> bool:
     return not (math.isnan(value) or math.isinf(value))
+
+
+# ---------------------------------------------------------------- the model registry and dead letters
+
+
+class ModelRegistration(BaseModel):
+    """One model's JSON in the `models` hash (docs/protocol.md §3), written by workers, read by producers.
+
+    Unknown fields are kept (a newer worker may add some) and defaults stand in for fields an
+    older worker did not write.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    tasks: list[str] = Field(default_factory=list)
+    max_num_seqs: int = 0
+    max_queue_len: int = 0  # 0: unbounded
+    model_path: str = ""
+    last_seen: int = 0  # unix ms of the latest heartbeat of any worker of the model
+    live_workers: int = 0
+    heartbeat_ttl_s: int = DEFAULT_HEARTBEAT_TTL_S
+
+    @classmethod
+    def parse(cls, raw: bytes | str) -> "ModelRegistration":
+        return cls.model_validate_json(raw)
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+
+# The metadata fields a worker adds to a dead-lettered entry (its other fields are the entry's own;
+# an entry field that clashes with one of these is stored as orig_<name>).
+DEAD_LETTER_META = ("reason", "entry_id", "worker", "ts")
+
+
+def dead_letter_fields(entry: dict[Any, Any], reason: str, entry_id: str, worker: str, ts_ms: int) -> dict[str, bytes]:
+    """The fields of a `dead` stream entry: the original entry's fields plus why, which entry, who and when."""
+    out: dict[str, bytes] = {}
+    for key, value in entry.items():
+        name = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
+        out[f"orig_{name}" if name in DEAD_LETTER_META else name] = value if isinstance(value, bytes) else str(value).encode()
+    out.update(reason=reason.encode(), entry_id=entry_id.encode(), worker=worker.encode(), ts=str(ts_ms).encode())
+    return out
+
+
+def split_dead_letter(raw: dict[Any, Any]) -> tuple[dict[str, str], dict[str, bytes]]:
+    """(metadata, the original entry's fields) of a `dead` stream entry: dead_letter_fields reversed."""
+    meta: dict[str, str] = {}
+    fields: dict[str, bytes] = {}
+    for key, value in raw.items():
+        name = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
+        data = value if isinstance(value, bytes) else str(value).encode()
+        if name in DEAD_LETTER_META:
+            meta[name] = data.decode("utf-8", "replace")
+        elif name.startswith("orig_") and name[len("orig_"):] in DEAD_LETTER_META:
+            fields[name[len("orig_"):]] = data
+        else:
+            fields[name] = data
+    return meta, fields

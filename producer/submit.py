@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 import warnings
@@ -19,20 +18,21 @@ from producer.errors import (
     UnsupportedTask,
 )
 from producer.keys import check_model_name, check_request_id
-from producer.protocol import (
+from producer.protocol import (  # noqa: F401 - the TTL defaults are re-exported for the clients
+    DEFAULT_HEARTBEAT_TTL_S,
+    DEFAULT_RESULT_TTL_S,
     Body,
     ChatBody,
     GenerateBody,
     GenerateConfig,
+    ModelRegistration,
     TaskKind,
     encode_request,
 )
 
-DEFAULT_RESULT_TTL_S = 3600
 READ_BLOCK_MS = 1000
 READ_COUNT = 256
 RECONNECT_DELAY_S = 0.25
-DEFAULT_HEARTBEAT_TTL_S = 15  # WorkerConfig.heartbeat_ttl_s's default, for registrations that predate the field
 NO_LIVE_WORKER_POLICIES = ("error", "warn", "ignore")
 
 # Enqueue in one atomic step: refuse an id that is queued, running or finished within the result
@@ -60,20 +60,25 @@ class ModelInfo:
     """What a model's workers registered in the models hash (Keys.models())."""
 
     name: str
-    tasks: tuple[str, ...]
-    max_queue_len: int
-    raw: dict[str, Any]
+    registration: ModelRegistration
 
     @classmethod
     def parse(cls, name: str, raw_json: bytes | str | None) -> "ModelInfo":
         if raw_json is None:
             raise UnknownModel(f"no worker has ever registered model {name!r}; start one with `redbatch worker --model-name {name} ...`")
-        raw = json.loads(raw_json)
-        return cls(name=name, tasks=tuple(raw.get("tasks", [])), max_queue_len=int(raw.get("max_queue_len", 0)), raw=raw)
+        return cls(name=name, registration=ModelRegistration.parse(raw_json))
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(self.registration.tasks)
+
+    @property
+    def max_queue_len(self) -> int:
+        return self.registration.max_queue_len
 
     @property
     def heartbeat_ttl_s(self) -> int:
-        return int(self.raw.get("heartbeat_ttl_s", DEFAULT_HEARTBEAT_TTL_S))
+        return self.registration.heartbeat_ttl_s
 
     def live_since_ms(self, now_ms: int | None = None) -> int:
         """Heartbeats at or after this time (unix ms) count as live: the model's workers zset ZCOUNT lower bound."""

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
+import torch
 
 from producer import Client
 from producer.cli import build_parser, main
@@ -106,13 +108,43 @@ def test_make_tiny_model_command(tmp_path, torch_threads):
     assert AutoTokenizer.from_pretrained(tmp_path / "m").chat_template
 
 
-def test_demo_runs_a_burst_and_prints_throughput(redis_server_url, tmp_path, monkeypatch, capsys, tiny_llama_path):
+@pytest.fixture(scope="session")
+def demo_model_path(tmp_path_factory):
+    from worker.models.demo_model import make_demo_model
+
+    torch.set_num_threads(1)
+    return make_demo_model(tmp_path_factory.mktemp("demo-model"), log=lambda line: None)
+
+
+def test_demo_model_speaks_words_of_its_text(demo_model_path):
+    """The demo model is trained: its replies are made of the bundled text's words, not byte noise."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from worker.models.demo_model import CORPUS, make_demo_model
+
+    assert make_demo_model(demo_model_path, log=pytest.fail) == demo_model_path  # cached: no second training
+    vocabulary = set(re.findall(r"[a-z]+", CORPUS.read_text().lower()))
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_path)
+    model = AutoModelForCausalLM.from_pretrained(demo_model_path)
+    for topic in ("the lion and the mouse", "a redis stream"):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": f"Tell me about {topic}."}],
+                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        out = model.generate(**ids, max_new_tokens=32, do_sample=False)
+        words = re.findall(r"[A-Za-z]+", tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+        assert len(words) >= 8
+        assert sum(w.lower() in vocabulary for w in words) / len(words) >= 0.9, words
+
+
+def test_demo_runs_a_burst_aborts_one_and_prints_throughput(redis_server_url, tmp_path, monkeypatch, capsys,
+                                                            demo_model_path):
     from worker import demo
 
-    monkeypatch.setattr(demo, "_tiny_model_path", lambda home: tiny_llama_path)
+    monkeypatch.setattr(demo, "_tiny_model_path", lambda home: demo_model_path)
     monkeypatch.setattr(demo, "DEMO_MODEL", f"demo-{tmp_path.name[-6:]}".replace("_", "-"))
-    assert demo.run_demo(redis_server_url, num_requests=3, max_tokens=5, max_num_seqs=2, threads=1, home=tmp_path) == 0
-    assert "throughput: 3 requests, 15 tokens" in capsys.readouterr().out
+    assert demo.run_demo(redis_server_url, num_requests=3, max_tokens=6, max_num_seqs=2, threads=1, home=tmp_path) == 0
+    out = capsys.readouterr().out
+    assert "request #1 was aborted by the demo" in out and "(aborted)" in out
+    assert "throughput: 3 requests" in out and "redbatch top" in out
 
 
 def test_worker_flags_parse():

@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import fnmatch
+import io
+import re
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -87,17 +91,50 @@ def test_invalid_worker_ids_are_rejected(worker_id: str) -> None:
 
 
 def _source_files() -> list[Path]:
-    return sorted(p for top in ("producer", "worker") for p in (REPO_ROOT / top).rglob("*.py"))
+    return sorted(p for top in ("producer", "worker", "bench", "ops") for p in (REPO_ROOT / top).rglob("*.py"))
 
 
-def test_key_prefix_is_spelled_only_in_keys_module() -> None:
+# a string that spells a key: the default prefix, or a key segment (`…:requests`, `:req:…`) built by hand
+_KEY_SHAPED = re.compile(r"rb:|:(requests|dead|workers|events|abort|models)\b|:(req|worker|id):")
+
+
+def _key_shaped_literals(source: str) -> list[tuple[int, str]]:
+    """(line, text) of every string literal (f-strings included; docstrings not) that looks like a key name."""
+    found = []
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        is_string = token.type == tokenize.STRING or token.type == getattr(tokenize, "FSTRING_MIDDLE", -1)
+        if is_string and not token.string.lstrip("rbfuRBFU").startswith(('"""', "'''")) and _KEY_SHAPED.search(token.string):
+            found.append((token.start[0], token.string))
+    return found
+
+
+def test_the_key_shape_scan_finds_hand_built_keys() -> None:
+    assert _key_shaped_literals('x = f"{prefix}:req:{rid}:events"\ny = "rb:models"\n') == [
+        (1, 'f"{prefix}:req:{rid}:events"'), (2, '"rb:models"')]
+    assert _key_shaped_literals('k = f"{p}:{{*}}:workers"\n')
+    assert not _key_shaped_literals('"""Docs may name rb:models."""\nmsg = "worker: stopped"\n')
+
+
+def test_key_names_are_built_only_in_keys_module() -> None:
     files = _source_files()
     assert REPO_ROOT / "producer" / "keys.py" in files  # the scan looks where the code is
     offenders = []
     for path in files:
         if path == REPO_ROOT / "producer" / "keys.py":
             continue
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if "rb:" in line:
-                offenders.append(f"{path.relative_to(REPO_ROOT)}:{number}: {line.strip()}")
-    assert not offenders, "key prefix spelled outside producer/keys.py:\n" + "\n".join(offenders)
+        for number, text in _key_shaped_literals(path.read_text(encoding="utf-8")):
+            offenders.append(f"{path.relative_to(REPO_ROOT)}:{number}: {text}")
+    assert not offenders, "key names built outside producer/keys.py:\n" + "\n".join(offenders)
+
+
+def test_patterns_match_the_keys_they_stand_for() -> None:
+    keys = Keys("p1")
+    samples = {"requests": keys.requests("m"), "dead": keys.dead("m"), "owner": keys.request_owner("m", "r"),
+               "workers": keys.model_workers("m"), "models": keys.models(), "worker": keys.worker("w:1"),
+               "events": keys.events("r"), "abort": keys.abort("r"), "bulk_lease": keys.bulk_lease("j-1"),
+               "bulk_cancel": keys.bulk_cancel("j-1")}
+    patterns = keys.patterns()
+    assert set(patterns) == set(samples)
+    for kind, name in samples.items():
+        matching = {other for other, pattern in patterns.items() if fnmatch.fnmatchcase(name, pattern)}
+        assert matching == {kind}, (name, matching)

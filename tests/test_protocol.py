@@ -460,3 +460,22 @@ def test_task_and_event_enums_are_str_on_the_wire() -> None:
     assert TaskKind("text_to_image") is TaskKind.TEXT_TO_IMAGE
     assert EventType.TOKEN == "token"
     assert isinstance(TaskKind.CHAT, str)
+
+
+def test_dead_letter_fields_round_trip_even_when_entry_fields_clash_with_the_metadata():
+    from producer.protocol import dead_letter_fields, split_dead_letter
+
+    entry = {b"id": b"r1", b"body": b"{}", b"reason": b"mine", "worker": "w0"}
+    written = dead_letter_fields(entry, "delivered 4 times", "1-0", "worker-a", 123)
+    assert written["reason"] == b"delivered 4 times" and written["orig_reason"] == b"mine"
+    meta, fields = split_dead_letter(written)
+    assert meta == {"reason": "delivered 4 times", "entry_id": "1-0", "worker": "worker-a", "ts": "123"}
+    assert fields == {"id": b"r1", "body": b"{}", "reason": b"mine", "worker": b"w0"}
+
+
+def test_model_registration_keeps_unknown_fields_and_defaults_missing_ones():
+    from producer.protocol import DEFAULT_HEARTBEAT_TTL_S, ModelRegistration
+
+    old = ModelRegistration.parse('{"tasks": ["chat"], "max_queue_len": 5, "future_field": [1]}')
+    assert (old.tasks, old.max_queue_len, old.heartbeat_ttl_s) == (["chat"], 5, DEFAULT_HEARTBEAT_TTL_S)
+    assert '"future_field":[1]' in old.to_json()

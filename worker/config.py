@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from producer.keys import DEFAULT_PREFIX, check_model_name
-from producer.protocol import DEFAULT_MAX_BODY_BYTES
+from producer.protocol import DEFAULT_HEARTBEAT_TTL_S, DEFAULT_MAX_BODY_BYTES, DEFAULT_RESULT_TTL_S
 
 
 def default_worker_id() -> str:
@@ -46,8 +46,8 @@ class WorkerConfig(BaseModel):
 
     read_block_ms: int = Field(1000, ge=1)  # how long an idle worker blocks on XREADGROUP
     heartbeat_interval_s: float = Field(1.0, gt=0)
-    heartbeat_ttl_s: int = Field(15, ge=1)
-    result_ttl_s: int = Field(3600, ge=1)
+    heartbeat_ttl_s: int = Field(DEFAULT_HEARTBEAT_TTL_S, ge=1)
+    result_ttl_s: int = Field(DEFAULT_RESULT_TTL_S, ge=1)
     grace_s: float = Field(30.0, ge=0)
     lease_s: float = Field(30.0, gt=0)  # an entry idle this long is reclaimed by another worker
     max_deliveries: int = Field(3, ge=1)

@@ -1,4 +1,4 @@
-"""`redbatch demo`: Redis (embedded when none answers), a worker on the tiny model, a burst of chats."""
+"""`redbatch demo`: Redis (embedded when none answers), a worker on a tiny trained model, a burst of chats\nstreamed live beside a `top` panel, one of them aborted mid-way, and a throughput line."""
 
 from __future__ import annotations
 
@@ -12,16 +12,23 @@ import time
 from pathlib import Path
 
 import redis
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
+from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
+from producer.admin import system_status
 from producer.aio import AsyncClient
+from producer.dashboard import render_status, with_rates
+from producer.errors import RequestAborted
 from producer.keys import Keys
 
 DEMO_MODEL = "tiny-demo"
-TOPICS = ["the river", "a redis stream", "the mountain at night", "green and blue", "one two three", "hello world",
-          "the fast worker", "rain and sun"]
+TOPICS = ["the fox and the grapes", "the hare and the tortoise", "the lion and the mouse", "the north wind and the sun",
+          "the crow and the pitcher", "the ant and the grasshopper", "the town mouse and the country mouse",
+          "the boy who cried wolf", "the dog and the shadow", "the wind and the river"]
+ABORTED = 1  # this chat is aborted by the demo once it has streamed a third of its tokens
 console = Console()
 
 
@@ -42,13 +49,13 @@ def _local_redis(url: str | None):
 
 
 def _tiny_model_path(home: Path) -> Path:
-    from worker.models.tiny import make_tiny_model
+    """The demo model: trained once on a bundled public-domain text (a few seconds), cached under home."""
+    from worker.models.demo_model import RECIPE, make_demo_model
 
-    path = home / "tiny-llama"
+    path = home / f"demo-model-v{RECIPE['version']}"
     if not (path / "config.json").exists():
-        console.print(f"building the tiny model in {path} ...")
-        make_tiny_model(path)
-    return path
+        console.print(f"training the demo model once (cached in {path}) ...")
+    return make_demo_model(path, log=console.print)
 
 
 def _start_worker(url: str, model_path: Path, max_num_seqs: int, threads: int, log_path: Path) -> subprocess.Popen:
@@ -76,34 +83,74 @@ async def _burst(url: str, num_requests: int, max_tokens: int) -> tuple[dict, fl
     rows = {i: {"text": "", "tokens": 0, "status": "queued"} for i in range(num_requests)}
     ttfts: list[float] = []
     started = time.monotonic()
+    abort_id = f"demo-abort-{os.getpid()}-{int(time.time() * 1000)}"
+    status_box = {"status": None}
 
     async def one(i: int) -> None:
         messages = [{"role": "user", "content": f"Tell me about {TOPICS[i % len(TOPICS)]}."}]
-        stream = await model.chat(messages, generate_config={"max_tokens": max_tokens, "temperature": 0.8, "seed": i,
-                                                             "ignore_eos": True})
-        async for chunk in stream:
-            if rows[i]["tokens"] == 0:
-                ttfts.append(time.monotonic() - started)
-            choice = chunk["choices"][0]
-            rows[i]["text"] += choice["delta"].get("content", "")
-            rows[i]["tokens"] += 0 if choice["finish_reason"] else 1
-            rows[i]["status"] = choice["finish_reason"] or "streaming"
+        config = {"max_tokens": max_tokens, "temperature": 0.7, "seed": i}
+        if i == ABORTED:  # long enough that it is still running when the abort lands, on any machine
+            config.update(request_id=abort_id, max_tokens=min(max(max_tokens * 20, 200), 800), ignore_eos=True)
+        stream = await model.chat(messages, generate_config=config)
+        try:
+            async for chunk in stream:
+                if rows[i]["tokens"] == 0:
+                    ttfts.append(time.monotonic() - started)
+                choice = chunk["choices"][0]
+                rows[i]["text"] += choice["delta"].get("content", "")
+                rows[i]["tokens"] += 0 if choice["finish_reason"] else 1
+                rows[i]["status"] = choice["finish_reason"] or "streaming"
+                if i == ABORTED and rows[i]["tokens"] == max(1, max_tokens // 3):
+                    await model.abort(abort_id)
+                    rows[i]["status"] = "aborting"
+        except RequestAborted:
+            rows[i]["status"] = "aborted"
 
-    def table() -> Table:
-        t = Table(title=f"redbatch demo: {num_requests} concurrent chats on {DEMO_MODEL}", expand=True)
-        for name, kw in (("#", {"width": 3}), ("status", {"width": 9}), ("tokens", {"width": 6}), ("text (tail)", {})):
+    async def poll_status() -> None:
+        sync = redis.Redis.from_url(url)
+        previous = None
+        try:
+            while True:
+                current = await asyncio.to_thread(system_status, sync, Keys())
+                status_box["status"] = with_rates(current, previous)
+                previous = current
+                await asyncio.sleep(0.5)
+        finally:
+            sync.close()
+
+    def view() -> Table:
+        t = Table(title=f"{num_requests} concurrent chats, streamed", expand=True)
+        for name, kw in (("#", {"min_width": 2}), ("status", {"min_width": 8}), ("tokens", {"min_width": 6}),
+                         ("text (tail)", {"no_wrap": True, "overflow": "ellipsis"})):
             t.add_column(name, **kw)
         for i, row in rows.items():
-            tail = row["text"].replace("\n", " ")[-70:]
-            t.add_row(str(i), row["status"], str(row["tokens"]), tail)
-        return t
+            tail = row["text"].replace("\n", " ")[-60:]
+            style = "red" if row["status"] in ("aborted", "aborting") else None
+            t.add_row(str(i), row["status"], str(row["tokens"]), tail, style=style)
+        tokens = sum(r["tokens"] for r in rows.values())
+        elapsed = max(time.monotonic() - started, 1e-3)
+        side = Group(render_status(status_box["status"]) if status_box["status"] else Text("reading status ..."),
+                     Text(f"\nclient side: {tokens} tokens in {elapsed:.1f} s = {tokens / elapsed:.1f} tok/s"))
+        panel = Panel(side, title="redbatch top")
+        grid = Table.grid(expand=True)
+        if console.width >= 150:  # side by side on a wide terminal, stacked on a narrow one
+            grid.add_column(ratio=1)
+            grid.add_column(ratio=1)
+            grid.add_row(t, panel)
+        else:
+            grid.add_column()
+            grid.add_row(t)
+            grid.add_row(panel)
+        return grid
 
-    with Live(table(), console=console, refresh_per_second=8) as live:
+    poller = asyncio.create_task(poll_status())
+    with Live(view(), console=console, refresh_per_second=8, screen=False) as live:
         tasks = [asyncio.create_task(one(i)) for i in range(num_requests)]
         while not all(t.done() for t in tasks):
-            live.update(table())
+            live.update(view())
             await asyncio.sleep(0.1)
-        live.update(table())
+        live.update(view())
+        poller.cancel()
         for task in tasks:
             task.result()
     elapsed = time.monotonic() - started
@@ -125,6 +172,9 @@ def run_demo(url: str | None, num_requests: int, max_tokens: int, max_num_seqs: 
     tokens = sum(r["tokens"] for r in rows.values())
     p50 = ttfts[len(ttfts) // 2] if ttfts else float("nan")
     console.print()
+    if ABORTED in rows:
+        console.print(f"request #{ABORTED} was aborted by the demo after {rows[ABORTED]['tokens']} tokens "
+                      f"({rows[ABORTED]['status']}); the others kept streaming")
     console.print(f"throughput: {num_requests} requests, {tokens} tokens in {elapsed:.2f} s = {tokens / elapsed:.1f} tok/s "
                   f"(max_num_seqs {max_num_seqs}, TTFT p50 {p50:.2f} s)")
     if embedded is not None:

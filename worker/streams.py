@@ -6,7 +6,6 @@ Every per-step operation is one pipelined round trip whatever the number of requ
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import socket
@@ -18,7 +17,15 @@ import redis
 import redis.exceptions as redis_errors
 
 from producer.keys import GROUP, Keys
-from producer.protocol import TERMINAL_EVENTS, Event, decode_event, encode_event, now_ms
+from producer.protocol import (
+    TERMINAL_EVENTS,
+    Event,
+    ModelRegistration,
+    dead_letter_fields,
+    decode_event,
+    encode_event,
+    now_ms,
+)
 from worker.config import WorkerConfig
 from worker.event_writes import EVENTS_LUA, events_script_args, is_refused
 from worker.outbox import Outbox
@@ -56,6 +63,7 @@ class WorkerStreams:
         self._reclaim_cursor = "0-0"
         self.reclaim_scan_done = False
         self._can_read_uptime = True
+        self._tasks: list[str] = []  # what register() announced, for a registry entry someone deleted
         self._is_past_restart_window = False  # Redis has been up long enough; asked again after an error
         self._events_sha = hashlib.sha1(EVENTS_LUA.encode()).hexdigest()
 
@@ -70,17 +78,18 @@ class WorkerStreams:
                 raise
 
     def register(self, tasks: list[str]) -> None:
-        info = {
-            "tasks": tasks, "max_num_seqs": self.config.max_num_seqs, "max_queue_len": self.config.max_queue_len,
-            "model_path": self.config.model_path, "last_seen": now_ms(), "live_workers": 1,
-            "heartbeat_ttl_s": self.config.heartbeat_ttl_s,
-        }
+        info = ModelRegistration(
+            tasks=tasks, max_num_seqs=self.config.max_num_seqs, max_queue_len=self.config.max_queue_len,
+            model_path=self.config.model_path, last_seen=now_ms(), live_workers=1,
+            heartbeat_ttl_s=self.config.heartbeat_ttl_s,
+        )
+        self._tasks = list(tasks)
         existing = self.redis.hget(self.keys.models(), self.model)
         if existing:
-            info["live_workers"] = max(1, json.loads(existing).get("live_workers", 0))
-        self.redis.hset(self.keys.models(), self.model, json.dumps(info))
+            info.live_workers = max(1, _registration(existing).live_workers)
+        self.redis.hset(self.keys.models(), self.model, info.to_json())
         # live from registration on: a producer's live-worker check accepts work before the first heartbeat
-        self.redis.zadd(self.keys.model_workers(self.model), {self.config.worker_id: info["last_seen"]})
+        self.redis.zadd(self.keys.model_workers(self.model), {self.config.worker_id: info.last_seen})
 
     def unregister(self) -> None:
         pipe = self.redis.pipeline(transaction=False)
@@ -266,8 +275,7 @@ class WorkerStreams:
                 pipe.expire(self.keys.request_owner(self.model, request_id), ttl)
                 owners.append(("expire", request_id))
         for entry_id, fields, reason, _ in outbox.dead:
-            pipe.xadd(self.keys.dead(self.model), {**_as_text_fields(fields), "reason": reason, "entry_id": entry_id,
-                                                   "worker": self.config.worker_id, "ts": str(now_ms())})
+            pipe.xadd(self.keys.dead(self.model), dead_letter_fields(fields, reason, entry_id, self.config.worker_id, now_ms()))
             owners.append(("dead", entry_id))
         results = self._load_script_if_missing(pipe.execute(raise_on_error=False), scripts)
         for result in results:
@@ -303,10 +311,11 @@ class WorkerStreams:
         pipe.zcard(workers_key)
         pipe.hget(self.keys.models(), self.model)
         *_, live, raw = pipe.execute()
-        info = json.loads(raw) if raw else {}
-        info.update(last_seen=ms, live_workers=int(live), max_num_seqs=self.config.max_num_seqs,
-                    max_queue_len=self.config.max_queue_len, heartbeat_ttl_s=self.config.heartbeat_ttl_s)
-        self.redis.hset(self.keys.models(), self.model, json.dumps(info))
+        info = _registration(raw) if raw else ModelRegistration(tasks=self._tasks, model_path=self.config.model_path)
+        info.last_seen, info.live_workers = ms, int(live)
+        info.max_num_seqs, info.max_queue_len = self.config.max_num_seqs, self.config.max_queue_len
+        info.heartbeat_ttl_s = self.config.heartbeat_ttl_s
+        self.redis.hset(self.keys.models(), self.model, info.to_json())
 
 
 @dataclass
@@ -361,14 +370,13 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _as_text_fields(fields: dict[Any, Any]) -> dict[str, bytes]:
-    out = {}
-    for key, value in fields.items():
-        name = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
-        if name in ("reason", "entry_id", "worker", "ts"):
-            name = f"orig_{name}"
-        out[name] = value if isinstance(value, bytes) else str(value).encode()
-    return out
+def _registration(raw: bytes | str) -> ModelRegistration:
+    """The model's registry entry; one another writer broke is replaced rather than failing the heartbeat."""
+    try:
+        return ModelRegistration.parse(raw)
+    except ValueError:
+        log.warning("replacing an unreadable registry entry: %r", raw[:200])
+        return ModelRegistration()
 
 
 def monotonic_ms() -> float:

@@ -329,7 +329,7 @@ class BulkRunner:
         pipe = self.rds.pipeline(transaction=False)
         for worker_id in live:
             pipe.hget(self.keys.worker(worker_id.decode()), "max_num_seqs")
-        fallback = int(self.info.raw.get("max_num_seqs", 0))  # a worker's hash appears at its first heartbeat
+        fallback = self.info.registration.max_num_seqs  # a worker's hash appears at its first heartbeat
         slots = sum(fallback if v is None else int(v) for v in (pipe.execute() if live else []))
         return max(MIN_IN_FLIGHT, IN_FLIGHT_PER_SLOT * slots)
 

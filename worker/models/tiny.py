@@ -38,7 +38,8 @@ def _corpus(seed: int, num_lines: int = 2000) -> list[str]:
     return [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 16))) for _ in range(num_lines)]
 
 
-def make_tokenizer(out_dir: Path, vocab_size: int = 512, seed: int = 0):
+def make_tokenizer(out_dir: Path, vocab_size: int = 512, seed: int = 0, texts: list[str] | None = None):
+    """A byte-level BPE tokenizer trained on `texts` (default: a seeded word salad) with the chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -47,7 +48,7 @@ def make_tokenizer(out_dir: Path, vocab_size: int = 512, seed: int = 0):
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    bpe.train_from_iterator(_corpus(seed), trainer=trainer)
+    bpe.train_from_iterator(texts if texts is not None else _corpus(seed), trainer=trainer)
     bos_id = bpe.token_to_id("<|bos|>")
     bpe.post_processor = processors.TemplateProcessing(single="<|bos|> $A", pair="<|bos|> $A $B", special_tokens=[("<|bos|>", bos_id)])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>",
