@@ -28,8 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("worker", help="serve one model from its request stream")
     _add_common(w)
-    w.add_argument("--model-name", required=True)
-    w.add_argument("--model-path", required=True, help="local directory or hub id")
+    w.add_argument("--model-name", default=None, help="required unless probing with --health / --ready")
+    w.add_argument("--model-path", default=None, help="local directory or hub id")
     w.add_argument("--max-num-seqs", type=int, default=16)
     w.add_argument("--max-num-batched-tokens", type=int, default=2048)
     w.add_argument("--max-model-len", type=int, default=None)
@@ -57,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--worker-id", default=None)
     w.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     w.add_argument("--burst", action="store_true", help="exit once the stream is empty and nothing runs")
+    w.add_argument("--health-file", default=os.environ.get("REDBATCH_HEALTH_FILE"),
+                   help="the worker writes its loop and heartbeat times here; probes read it (env REDBATCH_HEALTH_FILE)")
+    w.add_argument("--health", action="store_true",
+                   help="probe, do not serve: exit 0 if the worker's loop turned within --health-max-age-s (liveness)")
+    w.add_argument("--ready", action="store_true",
+                   help="probe, do not serve: exit 0 if it also heartbeated to Redis recently and is not draining")
+    w.add_argument("--health-max-age-s", type=float, default=30.0)
     w.add_argument("--trust-remote-code", action="store_true")
     w.add_argument("--tool-parser", default="auto",
                    help="tool-call format: auto (detected from the chat template), none, hermes, llama3_json, "
@@ -134,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
+    if args.health or args.ready:
+        return _probe_worker(args)
+    if not args.model_name or not args.model_path:
+        print("error: redbatch worker needs --model-name and --model-path", file=sys.stderr)
+        return 2
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported
     from worker.config import WorkerConfig
     from worker.main import run_worker
@@ -148,11 +160,23 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         enable_prefix_caching=not args.no_prefix_cache, attention_backend=args.attention_backend,
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_consecutive_step_failures=args.max_consecutive_step_failures, tool_parser=args.tool_parser,
-        metrics_port=args.metrics_port,
+        metrics_port=args.metrics_port, health_file=args.health_file,
     )
     if args.worker_id:
         options["worker_id"] = args.worker_id
     return run_worker(WorkerConfig(**options), burst=args.burst)
+
+
+def _probe_worker(args: argparse.Namespace) -> int:
+    """Liveness / readiness of a worker on this machine, from its health file (no Redis, no torch)."""
+    from worker.health import check
+
+    if not args.health_file:
+        print("error: --health / --ready need --health-file (or REDBATCH_HEALTH_FILE)", file=sys.stderr)
+        return 2
+    ok, why = check(args.health_file, ready=args.ready, max_age_s=args.health_max_age_s)
+    print(("ok: " if ok else "not ok: ") + why)
+    return 0 if ok else 1
 
 
 def _cmd_request(args: argparse.Namespace) -> int:

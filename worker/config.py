@@ -53,6 +53,7 @@ class WorkerConfig(BaseModel):
     max_deliveries: int = Field(3, ge=1)
     max_consecutive_step_failures: int = Field(3, ge=1)  # then the device counts as broken: hand back, exit
     metrics_port: int | None = Field(None, ge=0, le=65535)  # serve Prometheus metrics on this port (0: any free)
+    health_file: str | None = None  # write loop/heartbeat times here for `redbatch worker --health` probes
 
     @field_validator("model_name")
     @classmethod

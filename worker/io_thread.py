@@ -78,6 +78,7 @@ class RedisIO:
         self._in_flight: Future | None = None
         self._last = {"heartbeat": 0.0, "renew": time.monotonic(), "reclaim": 0.0, "redis_error": float("-inf")}
         self._orphans_waiting = False
+        self.health = None  # worker.health.HealthFile with --health-file: told of every heartbeat that landed
 
     # ------------------------------------------------------------ the loop thread's side
 
@@ -169,6 +170,9 @@ class RedisIO:
             if not is_transient(exc):
                 raise
             log.warning("heartbeat failed: %s", exc)
+            return
+        if self.health is not None:
+            self.health.heartbeat_written(draining=bool(fields.get("draining")))
 
     # ------------------------------------------------------------ retries
 

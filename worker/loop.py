@@ -55,6 +55,11 @@ class Worker:
         self.ready = threading.Event()  # set once the group exists and the model is registered
         self._drain_deadline: float | None = None
         self._num_failed_steps = 0  # consecutive
+        self.health = None
+        if config.health_file:
+            from worker.health import HealthFile
+
+            self.health = self.io.health = HealthFile(config.health_file)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -89,6 +94,8 @@ class Worker:
             self.io.close()
 
     def _iterate_once(self, burst: bool) -> bool:
+        if self.health is not None:
+            self.health.loop_turned()
         try:
             return self.iterate(burst)
         except redis.RedisError as exc:
