@@ -27,6 +27,8 @@ from pathlib import Path
 
 import redis
 
+from producer.connection import connect
+
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "the cat dog river stream token batch model queue light dark green blue one two three when then".split()
 
@@ -88,7 +90,7 @@ class Bench:
                 ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                  "--dir", str(self.workdir)], stdout=subprocess.DEVNULL))
             self.url = f"redis://127.0.0.1:{port}/0"
-        self.rds = redis.Redis.from_url(self.url)
+        self.rds = connect(self.url)
         for _ in range(100):
             try:
                 self.rds.ping()

@@ -23,6 +23,7 @@ import redis
 
 from bench.workloads import FIRST_PLAIN_ID, BenchRequest, RequestResult
 from producer.aio import AsyncClient
+from producer.connection import connect
 from producer.protocol import EventType, GenerateBody, GenerateConfig, Request, TaskKind
 from worker.engines.llm import LLMEngine, LLMEngineConfig
 
@@ -156,7 +157,7 @@ class RedisForBench:
 
 def _wait_ping(url: str, timeout_s: float = 10) -> None:
     deadline = time.monotonic() + timeout_s
-    with redis.Redis.from_url(url) as client:
+    with connect(url) as client:
         while True:
             try:
                 client.ping()

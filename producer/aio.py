@@ -14,6 +14,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer.errors import RequestTimeout
+from producer.connection import connect_async
 from producer.keys import DEFAULT_PREFIX, Keys
 from producer.protocol import TERMINAL_EVENTS, Event, TaskKind, decode_event
 from producer.results import Shaper
@@ -45,7 +46,7 @@ class AsyncClient:
         on_no_live_worker: str = "error",
         redis_client: aredis.Redis | None = None,
     ):
-        self.redis = redis_client if redis_client is not None else aredis.Redis.from_url(url)
+        self.redis = redis_client if redis_client is not None else connect_async(url)
         self.keys = Keys(prefix)
         self.result_ttl_s = result_ttl_s
         self.on_no_live_worker = check_no_live_worker_policy(on_no_live_worker)

@@ -54,11 +54,11 @@ def add_bulk_parser(sub, add_common) -> None:
 
 
 def run_bulk_command(args: argparse.Namespace, redis_url: str) -> int:
-    import redis
+    from producer.connection import connect
 
     from producer import bulk
 
-    with redis.Redis.from_url(redis_url) as rds:
+    with connect(redis_url) as rds:
         command = args.bulk_command
         if command == "submit":
             job = bulk.submit(args.input, model=args.model, output_path=args.output, connection=rds,

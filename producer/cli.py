@@ -221,13 +221,13 @@ def _cmd_abort(args: argparse.Namespace) -> int:
 
 
 def _cmd_dead(args: argparse.Namespace) -> int:
-    import redis
+    from producer.connection import connect
 
     from producer import admin
     from producer.keys import Keys
 
     keys = Keys(args.prefix)
-    with redis.Redis.from_url(_redis_url(args)) as client:
+    with connect(_redis_url(args)) as client:
         if args.action == "list":
             letters = admin.list_dead(client, keys, args.model)
             for letter in letters:
@@ -241,12 +241,12 @@ def _cmd_dead(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    import redis
+    from producer.connection import connect
 
     from producer import admin
     from producer.keys import Keys
 
-    with redis.Redis.from_url(_redis_url(args)) as client:
+    with connect(_redis_url(args)) as client:
         status = admin.system_status(client, Keys(args.prefix))
     if args.json:
         print(json.dumps(status, indent=2))
@@ -262,7 +262,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_top(args: argparse.Namespace) -> int:
     import time
 
-    import redis
+    from producer.connection import connect
     from rich.console import Console
     from rich.live import Live
 
@@ -272,7 +272,7 @@ def _cmd_top(args: argparse.Namespace) -> int:
 
     iterations = 1 if args.once else args.iterations
     keys, console = Keys(args.prefix), Console()
-    with redis.Redis.from_url(_redis_url(args)) as client:
+    with connect(_redis_url(args)) as client:
         status = admin.system_status(client, keys)
         if iterations == 1:
             console.print(render_status(status))

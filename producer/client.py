@@ -11,6 +11,7 @@ import redis
 from redis.exceptions import ResponseError
 
 from producer.errors import RequestTimeout
+from producer.connection import connect
 from producer.keys import DEFAULT_PREFIX, Keys
 from producer.protocol import TERMINAL_EVENTS, Event, TaskKind, decode_event
 from producer.results import Shaper
@@ -44,7 +45,7 @@ class Client:
         on_no_live_worker: str = "error",
         redis_client: redis.Redis | None = None,
     ):
-        self.redis = redis_client if redis_client is not None else redis.Redis.from_url(url)
+        self.redis = redis_client if redis_client is not None else connect(url)
         self.keys = Keys(prefix)
         self.result_ttl_s = result_ttl_s
         self.on_no_live_worker = check_no_live_worker_policy(on_no_live_worker)

@@ -20,6 +20,7 @@ from rich.text import Text
 
 from producer.admin import system_status
 from producer.aio import AsyncClient
+from producer.connection import connect
 from producer.dashboard import render_status, with_rates
 from producer.errors import RequestAborted
 from producer.keys import Keys
@@ -37,7 +38,7 @@ def _local_redis(url: str | None):
     candidates = [url] if url else ["redis://localhost:6379/0"]
     for candidate in candidates:
         try:
-            redis.Redis.from_url(candidate, socket_connect_timeout=0.5).ping()
+            connect(candidate, socket_connect_timeout=0.5).ping()
             return candidate, None
         except redis.RedisError:
             if url:
@@ -66,7 +67,7 @@ def _start_worker(url: str, model_path: Path, max_num_seqs: int, threads: int, l
 
 
 def _wait_registered(url: str, worker: subprocess.Popen, log_path: Path, timeout_s: float = 120) -> None:
-    with redis.Redis.from_url(url) as client:
+    with connect(url) as client:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if worker.poll() is not None:
@@ -107,7 +108,7 @@ async def _burst(url: str, num_requests: int, max_tokens: int) -> tuple[dict, fl
             rows[i]["status"] = "aborted"
 
     async def poll_status() -> None:
-        sync = redis.Redis.from_url(url)
+        sync = connect(url)
         previous = None
         try:
             while True:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import logging
 
-import redis
-
+from producer.connection import connect
 from worker.config import WorkerConfig
 
 log = logging.getLogger("redbatch.worker")
@@ -31,7 +30,7 @@ def build_worker(config: WorkerConfig):
         attention_backend=config.attention_backend,
         tool_parser=config.tool_parser,
     ))
-    client = redis.Redis.from_url(config.redis_url, health_check_interval=30)
+    client = connect(config.redis_url, health_check_interval=30)
     return Worker(config, engine, WorkerStreams(client, config))
 
 

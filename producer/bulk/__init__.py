@@ -24,6 +24,7 @@ from producer.bulk.state import (
     JobSpec,
     LeaseLost,
 )
+from producer.connection import connect
 from producer.errors import RedbatchError
 from producer.keys import DEFAULT_PREFIX, Keys, check_bulk_job_id
 from producer.submit import DEFAULT_RESULT_TTL_S, ModelInfo
@@ -57,7 +58,7 @@ def _queue(connection: redis.Redis, name: str):
 
 
 def _connect(redis_url: str | None, connection: redis.Redis | None) -> redis.Redis:
-    return connection if connection is not None else redis.Redis.from_url(redis_url or "redis://localhost:6379/0")
+    return connection if connection is not None else connect(redis_url)
 
 
 def fetch_job(job_id: str, connection: redis.Redis):

@@ -1,0 +1,25 @@
+"""One place where every component turns a Redis URL into a client.
+
+The worker, both clients, the CLI, bulk jobs and the gateway all connect through `connect` (sync) or
+`connect_async` (asyncio), so a new URL scheme (Cluster, Sentinel) is added here once and every component
+accepts it wherever it accepts `redis://`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+import redis.asyncio as aredis
+
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+
+
+def connect(url: str | None = None, **options: Any) -> redis.Redis:
+    """A synchronous client for `url` (`redis://`, `rediss://`, `unix://`); options go to redis-py."""
+    return redis.Redis.from_url(url or DEFAULT_REDIS_URL, **options)
+
+
+def connect_async(url: str | None = None, **options: Any) -> aredis.Redis:
+    """An asyncio client for `url`, with the same schemes as `connect`."""
+    return aredis.Redis.from_url(url or DEFAULT_REDIS_URL, **options)
