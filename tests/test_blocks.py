@@ -431,3 +431,18 @@ def test_sharers_keep_a_block_until_the_last_one_releases_it():
     # still cached: a later request with the prefix reuses it
     late = make_seq("late", prompt)
     assert manager.admit(late, 100) == 1 and late.block_table[0] == shared
+
+
+def test_blocks_holding_different_images_are_different_prefixes():
+    """Image placeholder tokens are one id repeated: the pixel digest in the key keeps two images apart."""
+    manager = BlockManager(num_blocks=16, block_size=4)
+    prompt = [7, 9, 9, 9, 9, 9, 9, 3, 5]  # tokens 1-6 are an image's placeholders
+    first = make_seq("a", prompt)
+    first.image_spans = [(1, 7, "cat")]
+    prefill(manager, first)
+    other = make_seq("b", prompt)
+    other.image_spans = [(1, 7, "dog")]
+    assert manager.admit(other, 1000) == len(prompt)  # no hit: a different image
+    same = make_seq("c", prompt)
+    same.image_spans = [(1, 7, "cat")]
+    assert manager.admit(same, 1000) == 1  # the same image: both full blocks come from the cache

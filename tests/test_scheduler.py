@@ -473,3 +473,30 @@ def test_preempt_newest_after_an_out_of_memory_step():
     assert scheduler.preempt_newest(5) == [seqs[0]]
     assert_all_blocks_free(scheduler)
     assert scheduler.num_preemptions == 3
+
+
+# ---------------------------------------------------------------- images are never split across chunks
+
+
+def test_chunk_end_stops_before_an_image_it_would_cut():
+    seq = make_seq("img", 30)
+    seq.image_spans = [(5, 15, "d1"), (20, 24, "d2")]
+    assert seq.chunk_end(0, 10) == 5  # would cut the first image: stop before it
+    assert seq.chunk_end(0, 15) == 15  # the whole image fits
+    assert seq.chunk_end(5, 12) == 5  # begins at the image and cannot hold it: nothing this step
+    assert seq.chunk_end(15, 22) == 20
+    assert seq.chunk_end(8, 12) == 12  # begins inside the image (a cached prefix ended there): goes on
+    assert seq.chunk_end(0, 30) == 30
+
+
+def test_prefill_waits_for_a_budget_that_holds_the_whole_image():
+    scheduler = make_scheduler(max_num_seqs=4, max_num_batched_tokens=8)
+    seq = make_seq("img", 20)
+    seq.image_spans = [(6, 14, "d")]  # 8 image tokens
+    scheduler.add(seq)
+    chunks = []
+    for _ in range(3):
+        schedule = scheduler.schedule()
+        chunks += [(seq.num_computed, seq.num_computed + c.num_tokens) for c in schedule.chunks]
+        run_step(scheduler, schedule)
+    assert chunks == [(0, 6), (6, 14), (14, 20)]

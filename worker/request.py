@@ -42,6 +42,9 @@ class Sequence:
     num_resumed_tokens: int = 0  # output tokens carried over from an earlier worker
     num_preemptions: int = 0
     meta: dict[str, Any] = field(default_factory=dict)  # owner's bookkeeping (e.g. stream entry id)
+    image_spans: list[tuple[int, int, str]] = field(default_factory=list)  # per image: first token, end, pixel digest
+    mrope: list[list[int]] | None = None  # [3][num_prompt_tokens] M-RoPE positions (t, h, w) of the prompt
+    rope_delta: int = 0  # with mrope: token p past the prompt sits at position p + rope_delta
 
     @property
     def all_ids(self) -> list[int]:
@@ -53,6 +56,24 @@ class Sequence:
         if start >= num_prompt:
             return self.output_ids[start - num_prompt : end - num_prompt]
         return self.all_ids[start:end]
+
+    def chunk_end(self, start: int, end: int) -> int:
+        """Where a chunk computing tokens [start, end) must stop so that no image's tokens are split across
+        chunks: at the start of an image it would cut (start itself when the chunk begins there: wait for a
+        bigger budget). A chunk that begins inside an image (after a cached prefix ending there) goes on."""
+        for first, last, _ in self.image_spans:
+            if first < end < last and first >= start:
+                return first
+        return end
+
+    def rope_positions(self, start: int, end: int) -> list[list[int]]:
+        """[3][end - start] M-RoPE positions of tokens start..end-1 (text tokens: the same on all three axes)."""
+        num_prompt = len(self.prompt_ids)
+        if self.mrope is None:
+            flat = list(range(start + self.rope_delta, end + self.rope_delta))
+            return [flat, flat, flat]
+        tail = list(range(max(start, num_prompt) + self.rope_delta, end + self.rope_delta))
+        return [axis[start:min(end, num_prompt)] + tail for axis in self.mrope]
 
     @property
     def num_tokens(self) -> int:

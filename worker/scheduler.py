@@ -106,6 +106,7 @@ class Scheduler:
             if seq.num_pending > 1 and id(seq) not in scheduled:
                 room = self.blocks.room(seq)
                 take = min(seq.num_pending, budget, room)
+                take = seq.chunk_end(seq.num_computed, seq.num_computed + take) - seq.num_computed
                 if take > 0 and self.blocks.grow(seq, seq.num_computed + take):
                     schedule.chunks.append(ScheduledChunk(seq, take))
                     budget -= take

@@ -68,6 +68,8 @@ class StepInputs:
     chunks: list[ScheduledChunk]  # in packed order
     sampled: list[ScheduledChunk]  # chunks that complete their sequence, in logits-row order
     extra: dict[str, torch.Tensor]  # whatever else the caller staged (sampling parameters)
+    image_rows: torch.Tensor | None = None  # [M] packed index of every image token in the step
+    image_pieces: list[tuple[ScheduledChunk, int, int, int]] | None = None  # (chunk, image, first, end) feature rows
 
 
 @dataclass
@@ -101,27 +103,45 @@ def order_chunks(chunks: list[ScheduledChunk]) -> list[list[ScheduledChunk]]:
 def build_step(chunks: list[ScheduledChunk], cache: PagedKVCache, sliding_window: int | None,
                staging: Staging | None = None,
                add_extra: Callable[[Staging, list[ScheduledChunk]], None] | None = None,
-               flex_blocks: tuple[int, int] | None = None) -> StepInputs:
+               flex_blocks: tuple[int, int] | None = None, mrope: bool = False) -> StepInputs:
     """`add_extra(staging, sampled)` stages more per-sampled-row arrays (sampling parameters) into the same copy.
     `flex_blocks`: build the flex-attention layout with these BlockMask (query, key) block sizes instead of the
-    SDPA groups."""
+    SDPA groups. `mrope`: positions are [3, N] (M-RoPE: temporal, height, width) instead of [N]."""
     staging = staging or Staging()
     block_size = cache.block_size
     grouped = order_chunks(chunks)
     ordered = [c for g in grouped for c in g]
     ids, positions, slots, logits_rows, sampled = [], [], [], [], []
+    rope: list[list[int]] = [[], [], []]
+    image_rows: list[int] = []
+    image_pieces: list[tuple[ScheduledChunk, int, int, int]] = []
     for chunk in ordered:
         seq, start = chunk.seq, chunk.seq.num_computed
-        ids += seq.token_slice(start, start + chunk.num_tokens)
+        end = start + chunk.num_tokens
+        for index, (first, last, _) in enumerate(seq.image_spans):  # image tokens this chunk computes
+            lo, hi = max(first, start), min(last, end)
+            if lo < hi:
+                image_rows += range(len(ids) + lo - start, len(ids) + hi - start)
+                image_pieces.append((chunk, index, lo - first, hi - first))
+        ids += seq.token_slice(start, end)
         table = seq.block_table
-        for pos in range(start, start + chunk.num_tokens):
+        for pos in range(start, end):
             slots.append(table[pos // block_size] * block_size + pos % block_size)
-        positions += range(start, start + chunk.num_tokens)
+        if mrope:
+            for axis, values in zip(rope, seq.rope_positions(start, end)):
+                axis += values
+        else:
+            positions += range(start, end)
         if chunk.completes:
             logits_rows.append(len(ids) - 1)
             sampled.append(chunk)
     staging.add("input_ids", ids)
-    staging.add("positions", positions)
+    if mrope:
+        staging.add("positions", rope[0] + rope[1] + rope[2], (3, len(ids)))
+    else:
+        staging.add("positions", positions)
+    if image_rows:
+        staging.add("image_rows", image_rows)
     staging.add("write_slots", slots)
     staging.add("logits_rows", logits_rows)
     plans = _plans(grouped, None)
@@ -149,11 +169,12 @@ def build_step(chunks: list[ScheduledChunk], cache: PagedKVCache, sliding_window
         steps = {name: flex.device_step(dev, name, p, block_size, *flex_blocks) for name, p in flex_plans.items()}
         attention = StepAttention(cache=cache, write_slots=dev["write_slots"], block_ids=steps["attn.full"].block_ids,
                                   groups=[], flex=steps["attn.full"], flex_sliding=steps.get("attn.sliding"))
-    core = {"input_ids", "positions", "write_slots", "logits_rows"}
+    core = {"input_ids", "positions", "write_slots", "logits_rows", "image_rows"}
     extra = {k: v for k, v in dev.items() if k not in core and not k.startswith(("attn.", "flex."))}
-    return StepInputs(input_ids=dev["input_ids"][None], position_ids=dev["positions"][None],
+    position_ids = dev["positions"][:, None] if mrope else dev["positions"][None]  # [3, 1, N] or [1, N]
+    return StepInputs(input_ids=dev["input_ids"][None], position_ids=position_ids,
                       logits_rows=dev["logits_rows"], attention=attention, chunks=ordered, sampled=sampled,
-                      extra=extra)
+                      extra=extra, image_rows=dev.get("image_rows"), image_pieces=image_pieces or None)
 
 
 def _plans(grouped: list[list[ScheduledChunk]], window: int | None) -> list[_GroupPlan]:

@@ -26,7 +26,7 @@ class Block:
     ref_count: int = 0
     hash: int | None = None  # set once the block is full and registered in the prefix cache
     parent_hash: int | None = None
-    tokens: tuple[int, ...] = ()  # the block's own tokens (checked on a hit: a hash alone could collide)
+    tokens: tuple[int | str, ...] = ()  # its tokens and image digests (checked on a hit: a hash could collide)
 
 
 class BlockManager:
@@ -67,7 +67,9 @@ class BlockManager:
         """
         hits = self._match_prefix(seq)
         num_cached = len(hits) * self.block_size
-        take = min(seq.num_tokens - num_cached, max_new_tokens)
+        take = seq.chunk_end(num_cached, num_cached + min(seq.num_tokens - num_cached, max_new_tokens)) - num_cached
+        if take <= 0:
+            return None  # the budget left would cut an image: next step
         num_new_blocks = self.blocks_for(num_cached + take) - len(hits)
         num_hits_free = sum(1 for b in hits if self.blocks[b].ref_count == 0)  # taking them shrinks the free list
         if num_new_blocks + num_hits_free > len(self._free):
@@ -153,9 +155,14 @@ class BlockManager:
             hashes.append(hash((parent, self._block_tokens(seq, len(hashes)))))
         return hashes
 
-    def _block_tokens(self, seq: Sequence, index: int) -> tuple[int, ...]:
+    def _block_tokens(self, seq: Sequence, index: int) -> tuple[int | str, ...]:
+        """The block's tokens, then the pixel digest of every image whose tokens it holds: image placeholder
+        tokens are all the same id, so without the digests two different images would share KV."""
         start = index * self.block_size
-        return tuple(seq.token_slice(start, start + self.block_size))
+        end = start + self.block_size
+        tokens = tuple(seq.token_slice(start, end))
+        images = tuple(digest for first, last, digest in seq.image_spans if first < end and last > start)
+        return tokens + images if images else tokens
 
     def _acquire(self, block_id: int) -> None:
         block = self.blocks[block_id]

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from producer.protocol import Request, TaskKind
+from producer.protocol import ChatBody, ErrorCode, Request, TaskKind
 from worker.engines import attention, flex
+from worker.engines.base import RequestRejected
 from worker.engines.batch import Staging, StepInputs, build_step
 from worker.engines.blocks import BlockManager
 from worker.engines.grammar import StepGrammars
@@ -24,6 +25,7 @@ from worker.engines.outputs import OutputState, logprob_row
 from worker.engines.prompts import check_lengths, prompt_ids
 from worker.engines.sampler import HostSample, SamplingTensors, request_seed, sample
 from worker.engines.text import IncrementalDetokenizer, StopStringMatcher
+from worker.engines.vision import VisionModel
 from worker.models.tool_parsers import ToolCalling
 from worker.request import Resume, Sequence, StepOutput
 from worker.scheduler import ScheduledChunk, Scheduler
@@ -51,8 +53,12 @@ class LLMEngineConfig:
 class LLMEngine:
     tasks = (TaskKind.GENERATE, TaskKind.CHAT)
 
-    def __init__(self, model, tokenizer, config: LLMEngineConfig = LLMEngineConfig()):
+    def __init__(self, model, tokenizer, config: LLMEngineConfig = LLMEngineConfig(),
+                 vision: VisionModel | None = None):
+        """`vision`: the model is a VLM and chat requests may carry images (worker/engines/vision.py)."""
         self.model = model.eval()
+        self.vision = vision
+        self._features: dict[Sequence, list[torch.Tensor]] = {}  # per image [n_i, H], for requests with images
         self.model.set_attn_implementation(attention.register())
         self.tokenizer = tokenizer
         self.config = config
@@ -145,10 +151,16 @@ class LLMEngine:
         return list(self.scheduler.running) + list(self.scheduler.waiting)
 
     def add(self, request: Request, resume: Resume | None = None) -> Sequence:
-        ids = prompt_ids(request, self.tokenizer, self.tasks, self.vocab_size)
+        ids = prompt_ids(request, self.tokenizer, self.tasks, self.vocab_size, accepts_images=self.vision is not None)
+        vision = self._vision_prompt(request, ids)
+        if vision is not None:
+            ids = vision.prompt_ids
         cfg = request.generate_config
         max_tokens = check_lengths(len(ids), cfg.max_tokens, self.max_model_len, self.config.max_tokens_limit)
         seq = Sequence(request_id=request.id, prompt_ids=ids, params=cfg, max_tokens=max_tokens)
+        if vision is not None:
+            seq.image_spans, seq.mrope, seq.rope_delta = vision.spans, vision.mrope, vision.rope_delta
+            self._features[seq] = vision.features
         tools = self.tool_calling.parser_for(request)
         keep_ids = self.tool_calling.keep_ids if tools is not None else frozenset()
         state = OutputState(detok=IncrementalDetokenizer(self.tokenizer, keep_special_ids=keep_ids),
@@ -160,6 +172,18 @@ class LLMEngine:
         self._state[seq] = state
         self.scheduler.add(seq)
         return seq
+
+    def _vision_prompt(self, request: Request, text_ids: list[int]):
+        body = request.body
+        if self.vision is None or not isinstance(body, ChatBody) or not any(m.has_images for m in body.messages):
+            return None
+        vision = self.vision.prepare(body, text_ids)
+        largest = max(last - first for first, last, _ in vision.spans)
+        limit = self.scheduler.max_num_batched_tokens - self.max_num_seqs + 1  # an image is prefilled in one chunk
+        if largest > limit:
+            raise RequestRejected(ErrorCode.INVALID_REQUEST, f"an image of {largest} tokens is over this worker's "
+                                  f"limit of {limit} (max_num_batched_tokens - max_num_seqs + 1)")
+        return vision
 
     def finish_if_complete(self, seq: Sequence) -> StepOutput | None:
         out = self._state[seq].finish_resumed(seq)
@@ -189,6 +213,7 @@ class LLMEngine:
     def _release(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
         state = self._state.pop(seq, None)
+        self._features.pop(seq, None)
         self.grammars.release(seq)
         if state is not None and state.seen_row is not None:
             self._free_seen_rows.append(state.seen_row)
@@ -219,7 +244,8 @@ class LLMEngine:
         """One forward over every scheduled token. Sequences change only after the device work succeeded."""
         started = time.perf_counter()
         staging = Staging()
-        inputs = build_step(chunks, self.kv, self.sliding_window, staging, self._stage_sampling, self._flex_blocks)
+        inputs = build_step(chunks, self.kv, self.sliding_window, staging, self._stage_sampling, self._flex_blocks,
+                            mrope=self.vision is not None and self.vision.uses_mrope)
         built = time.perf_counter()
         host = self._forward_and_sample(inputs)
         synced = time.perf_counter()
@@ -233,7 +259,8 @@ class LLMEngine:
         return outputs
 
     def _forward_and_sample(self, inputs: StepInputs) -> HostSample | None:
-        out = self.model(input_ids=inputs.input_ids, position_ids=inputs.position_ids, attention_mask=self._no_mask,
+        tokens = {"input_ids": inputs.input_ids} if inputs.image_pieces is None else {"inputs_embeds": self._embeds(inputs)}
+        out = self.model(**tokens, position_ids=inputs.position_ids, attention_mask=self._no_mask,
                          use_cache=False, logits_to_keep=inputs.logits_rows,
                          **{attention.STEP_KWARG: inputs.attention})
         if not inputs.sampled:
@@ -251,6 +278,12 @@ class LLMEngine:
             self._seen[x["seen_rows"], result.tokens] = True
             self._seen[-1] = False
         return result.to_host()
+
+    def _embeds(self, inputs: StepInputs) -> torch.Tensor:
+        """[1, N, H] token embeddings with each image token's row replaced by its image feature row."""
+        embeds = self.model.get_input_embeddings()(inputs.input_ids)
+        rows = [self._features[chunk.seq][image][first:end] for chunk, image, first, end in inputs.image_pieces]
+        return embeds.index_copy(1, inputs.image_rows, torch.cat(rows)[None].to(embeds.dtype))
 
     def _stage_sampling(self, staging: Staging, sampled: list[ScheduledChunk]) -> None:
         if not sampled:

@@ -9,7 +9,9 @@ from producer.protocol import ChatBody, ErrorCode, GenerateBody, Request, TaskKi
 from worker.engines.base import RequestRejected
 
 
-def prompt_ids(request: Request, tokenizer, tasks: tuple[TaskKind, ...], vocab_size: int) -> list[int]:
+def prompt_ids(request: Request, tokenizer, tasks: tuple[TaskKind, ...], vocab_size: int,
+               accepts_images: bool = False) -> list[int]:
+    """The prompt's token ids; for a chat with images, one placeholder token per image (the caller expands it)."""
     body = request.body
     if request.task not in tasks:
         raise RequestRejected(ErrorCode.UNSUPPORTED_TASK,
@@ -17,7 +19,7 @@ def prompt_ids(request: Request, tokenizer, tasks: tuple[TaskKind, ...], vocab_s
     if isinstance(body, GenerateBody):
         ids = body.prompt_token_ids if body.prompt_token_ids is not None else tokenizer(body.prompt).input_ids
     elif isinstance(body, ChatBody):
-        ids = chat_ids(body, tokenizer)
+        ids = chat_ids(body, tokenizer, accepts_images)
     else:
         raise RequestRejected(ErrorCode.INVALID_REQUEST, "body does not match the task")
     if not ids:
@@ -27,8 +29,8 @@ def prompt_ids(request: Request, tokenizer, tasks: tuple[TaskKind, ...], vocab_s
     return list(ids)
 
 
-def chat_ids(body: ChatBody, tokenizer) -> list[int]:
-    if any(m.has_images for m in body.messages):
+def chat_ids(body: ChatBody, tokenizer, accepts_images: bool = False) -> list[int]:
+    if not accepts_images and any(m.has_images for m in body.messages):
         raise RequestRejected(ErrorCode.INVALID_REQUEST, "this model does not accept image inputs")
     if not getattr(tokenizer, "chat_template", None):
         raise RequestRejected(ErrorCode.INVALID_REQUEST, "this model's tokenizer has no chat template")
@@ -42,7 +44,11 @@ def chat_ids(body: ChatBody, tokenizer) -> list[int]:
 
 def template_message(message: dict[str, Any]) -> dict[str, Any]:
     """OpenAI sends a tool call's arguments as a JSON string; HF chat templates render them with `tojson`
-    and want the object (a string would come out double-encoded). ChatMessage checked that it parses."""
+    and want the object (a string would come out double-encoded). ChatMessage checked that it parses.
+    Image parts become {"type": "image"}, what the templates of vision models look for."""
+    if isinstance(message.get("content"), list):
+        parts = [{"type": "image"} if p["type"] == "image_url" else p for p in message["content"]]
+        message = {**message, "content": parts}
     calls = message.get("tool_calls")
     if not calls:
         return message

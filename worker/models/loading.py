@@ -20,11 +20,32 @@ def resolve_dtype(name: str, device: str) -> torch.dtype | str:
 
 
 def load_llm(path: str, device: str = "cpu", dtype: str = "auto", trust_remote_code: bool = False):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model, tokenizer, _ = load_model(path, device, dtype, trust_remote_code)
+    return model, tokenizer
 
+
+def is_vision_config(config) -> bool:
+    return getattr(config, "vision_config", None) is not None
+
+
+def load_model(path: str, device: str = "cpu", dtype: str = "auto", trust_remote_code: bool = False):
+    """(model, tokenizer, image_processor): a vision-language model (its config has a `vision_config`) loads
+    with AutoModelForImageTextToText and its image processor; anything else with AutoModelForCausalLM and
+    image_processor None. The image processor alone (not AutoProcessor): a processor that also handles
+    video needs torchvision, which the image path does not."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import AutoTokenizer
+
+    kwargs = {"trust_remote_code": trust_remote_code}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as exc:
+        config = AutoConfig.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        image_processor = None
+        if is_vision_config(config):
+            model = AutoModelForImageTextToText.from_pretrained(path, dtype=resolve_dtype(dtype, device), **kwargs)
+            image_processor = AutoImageProcessor.from_pretrained(path, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, device), **kwargs)
+    except (OSError, ValueError, KeyError, ImportError) as exc:
         raise ModelLoadError(f"cannot load model {path!r}: {exc}") from exc
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval(), tokenizer, image_processor
