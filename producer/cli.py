@@ -68,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--tool-parser", default="auto",
                    help="tool-call format: auto (detected from the chat template), none, hermes, llama3_json, "
                         "mistral or glm4")
+    w.add_argument("--allow-image-urls", action="store_true",
+                   help="vision models: fetch http(s) image URLs (default: only data: URIs)")
+    w.add_argument("--allow-image-files", action="store_true",
+                   help="vision models: read image parts that name a local path or a file:// URL")
+    w.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024, help="cap on one encoded image")
+    w.add_argument("--max-image-pixels", type=int, default=16 * 1024 * 1024, help="cap on one image's width x height")
+    w.add_argument("--image-fetch-timeout-s", type=float, default=10.0)
 
     for name in ("generate", "chat"):
         g = sub.add_parser(name, help=f"send one {name} request and stream the answer")
@@ -161,6 +168,9 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_consecutive_step_failures=args.max_consecutive_step_failures, tool_parser=args.tool_parser,
         metrics_port=args.metrics_port, health_file=args.health_file,
+        allow_image_urls=args.allow_image_urls, allow_image_files=args.allow_image_files,
+        max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
+        image_fetch_timeout_s=args.image_fetch_timeout_s,
     )
     if args.worker_id:
         options["worker_id"] = args.worker_id

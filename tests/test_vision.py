@@ -252,3 +252,121 @@ def test_text_only_model_rejects_images(tiny_llama):
     engine = LLMEngine(model, tokenizer, LLMEngineConfig(max_num_seqs=2))
     with pytest.raises(RequestRejected, match="does not accept image inputs"):
         engine.add(chat_request("x", [make_image(0, 40, 40), "hi"]))
+
+
+# ---------------------------------------------------------------- through a worker
+
+
+class _ImageServer:
+    """A loopback HTTP server: /cat.png an image; /gated.png the same, trickled a byte at a time (never idle
+    past the fetch timeout) until the test opens `gate`; /slow.png silent past the fetch timeout; /big.png over
+    the cap; /missing.png a 404."""
+
+    def __init__(self, image_bytes: bytes, delay_s: float):
+        import http.server
+        import threading
+        import time
+
+        gate = self.gate = threading.Event()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - the stdlib's name
+                if self.path == "/slow.png":
+                    time.sleep(delay_s)
+                body = image_bytes * (50 if self.path == "/big.png" else 1)
+                self.send_response(200 if self.path != "/missing.png" else 404)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                try:
+                    sent = 0
+                    while self.path == "/gated.png" and not gate.is_set() and sent < len(body) - 1:
+                        self.wfile.write(body[sent:sent + 1])
+                        self.wfile.flush()
+                        sent += 1
+                        time.sleep(0.05)
+                    self.wfile.write(body[sent:])
+                except OSError:
+                    pass  # the worker gave up (timeout)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _content(parts):
+    """parts: str (text) or ("url", URL) (an image part)."""
+    return [{"type": "text", "text": p} if isinstance(p, str) else {"type": "image_url", "image_url": {"url": p[1]}}
+            for p in parts]
+
+
+def test_vision_chat_through_a_worker(tmp_path, redis_server_url, prefix, rds, torch_threads):
+    """Image requests (data: URI, http URL, local file), text requests and bad images in one worker: the good
+    ones equal generate, each bad one is an invalid_request alone, a slow URL never stalls the others."""
+    from producer import Client
+    from tests.conftest import WorkerThread
+    from worker.config import WorkerConfig
+    from worker.main import build_worker
+    from worker.models.loading import load_model
+    from worker.models.tiny_vlm import make_tiny_vlm
+
+    path = make_tiny_vlm(tmp_path / "vlm", "qwen2_vl", seed=0)
+    vlm = load_model(str(path))
+    cat, dog = make_image(1, 60, 90), make_image(2, 40, 60)
+    buf = io.BytesIO()
+    dog.save(buf, format="PNG")
+    (tmp_path / "dog.png").write_bytes(buf.getvalue())
+    server = _ImageServer(buf.getvalue(), delay_s=3.0)
+    config = WorkerConfig(model_name="vlm", model_path=str(path), redis_url=redis_server_url, prefix=prefix,
+                          read_block_ms=100, heartbeat_interval_s=0.2, grace_s=5.0, max_num_seqs=8,
+                          max_num_batched_tokens=64, allow_image_urls=True, allow_image_files=True,
+                          max_image_bytes=len(buf.getvalue()) * 10, image_fetch_timeout_s=0.5)
+    handle = WorkerThread(build_worker(config)).start()
+    client = Client(redis_server_url, prefix=prefix)
+    try:
+        model = client.get_model("vlm")
+        cfg = {"temperature": 0, "max_tokens": 8}
+
+        def submit(parts):
+            return model.submit(TaskKind.CHAT, {"messages": [{"role": "user", "content": _content(parts)}]}, cfg)
+
+        gated = submit([("url", f"{server.url}/gated.png"), "a dog"])
+        text = submit(["one two three"])
+        events = list(client.events(text, timeout_s=60))  # finishes while the gated image is still being fetched
+        assert events[-1].type.value == "done" and not server.gate.is_set()
+        assert gated in {p.request.id for p in handle.worker.intake.parked}
+        server.gate.set()
+        good = {
+            gated: [dog, "a dog"],
+            submit([("url", data_uri(cat)), "the cat is"]): [cat, "the cat is"],
+            submit([("url", f"{server.url}/cat.png"), "a dog"]): [dog, "a dog"],
+            submit([("url", str(tmp_path / "dog.png")), "a dog"]): [dog, "a dog"],
+            submit(["hello world the river"]): ["hello world the river"],
+        }
+        bad = {
+            submit([("url", f"{server.url}/slow.png"), "x"]): "cannot fetch the image",
+            submit([("url", f"{server.url}/big.png"), "x"]): "limit of",
+            submit([("url", f"{server.url}/missing.png"), "x"]): "cannot fetch the image",
+            submit([("url", "data:image/png;base64,AAAA"), "x"]): "cannot be decoded",
+            submit([("url", str(tmp_path / "nope.png")), "x"]): "cannot read the image file",
+        }
+        for request_id, parts in good.items():
+            events = list(client.events(request_id, timeout_s=60))
+            assert events[-1].type.value == "done", events[-1]
+            assert [t for e in events[:-1] for t in e.token_ids or []] == reference(vlm, parts, 8)
+        for request_id, needle in bad.items():
+            events = list(client.events(request_id, timeout_s=60))
+            assert [e.type.value for e in events] == ["error"]
+            assert events[0].code == ErrorCode.INVALID_REQUEST and needle in events[0].message, events[0].message
+    finally:
+        client.close()
+        handle.stop()
+        server.close()

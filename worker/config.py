@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from producer.keys import DEFAULT_PREFIX, check_model_name
 from producer.protocol import DEFAULT_HEARTBEAT_TTL_S, DEFAULT_MAX_BODY_BYTES, DEFAULT_RESULT_TTL_S
+from worker.models.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, ImagePolicy
 
 
 def default_worker_id() -> str:
@@ -43,6 +44,11 @@ class WorkerConfig(BaseModel):
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024)
     max_queue_len: int = Field(10_000, ge=0)  # producers refuse to enqueue past this; 0 = unbounded
     tool_parser: str = "auto"  # tool-call format: auto (detected from the chat template), none, or a format name
+    allow_image_urls: bool = False  # vision models: fetch http(s) image URLs (off the loop thread); else data: only
+    allow_image_files: bool = False  # vision models: read local image paths and file:// URLs
+    max_image_bytes: int = Field(DEFAULT_MAX_IMAGE_BYTES, ge=1)  # one encoded image
+    max_image_pixels: int = Field(DEFAULT_MAX_IMAGE_PIXELS, ge=1)  # one image's width x height
+    image_fetch_timeout_s: float = Field(10.0, gt=0)  # connect and each read of an image URL
 
     read_block_ms: int = Field(1000, ge=1)  # how long an idle worker blocks on XREADGROUP
     heartbeat_interval_s: float = Field(1.0, gt=0)
@@ -54,6 +60,12 @@ class WorkerConfig(BaseModel):
     max_consecutive_step_failures: int = Field(3, ge=1)  # then the device counts as broken: hand back, exit
     metrics_port: int | None = Field(None, ge=0, le=65535)  # serve Prometheus metrics on this port (0: any free)
     health_file: str | None = None  # write loop/heartbeat times here for `redbatch worker --health` probes
+
+    @property
+    def image_policy(self) -> ImagePolicy:
+        return ImagePolicy(allow_urls=self.allow_image_urls, allow_files=self.allow_image_files,
+                           max_image_bytes=self.max_image_bytes, max_image_pixels=self.max_image_pixels,
+                           fetch_timeout_s=self.image_fetch_timeout_s)
 
     @field_validator("model_name")
     @classmethod

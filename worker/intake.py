@@ -11,18 +11,21 @@ request id (duplicates), and, for a redelivery, what was already published. Then
     aborted                → aborted
     delivered too often    → dead letter + error dead_letter
     deadline passed        → error expired (unless it had already started)
+    images to fetch        → parked until a thread has fetched them (--allow-image-urls/-files), then
     otherwise              → engine.add, resuming after the published tokens
 """
 
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 from producer.protocol import BadEntry, ErrorCode, Event, EventType, Request, decode_request, now_ms, read_request_id
 from worker.config import WorkerConfig
 from worker.engines.base import Engine, RequestRejected
+from worker.models.images import ImageError, ImageFetcher
 from worker.request import Resume, StepOutput
 from worker.outbox import Outbox
 from worker.streams import EntryState, WorkerStreams
@@ -50,6 +53,16 @@ def entry_states(streams: WorkerStreams, entries: list[Entry]) -> list[EntryStat
     return [by_entry.get(e.entry_id) for e in entries]
 
 
+@dataclass
+class Parked:
+    """An entry whose images are being fetched off the loop thread; the loop holds (renews) it meanwhile."""
+
+    entry: Entry
+    request: Request
+    state: EntryState
+    fetched: Future  # of the request with its images inlined
+
+
 class Intake:
     """Admits entries into the engine (loop thread only: the engine is not thread-safe)."""
 
@@ -57,8 +70,26 @@ class Intake:
         self.config = config
         self.engine = engine
         self._finished_on_resume: list[StepOutput] = []  # resumed requests that were already complete
+        policy = config.image_policy
+        self.fetcher = ImageFetcher(policy) if policy.allow_urls or policy.allow_files else None
+        self.parked: list[Parked] = []
+
+    def drop(self, request_ids: set[str]) -> None:
+        """Parked requests aborted (or owned by another worker) meanwhile: forget them."""
+        self.parked = [p for p in self.parked if p.request.id not in request_ids]
+
+    def close(self) -> None:
+        if self.fetcher is not None:
+            self.fetcher.close()
 
     def admit(self, taken: list[tuple[Entry, EntryState | None]], outbox: Outbox) -> None:
+        for parked in [p for p in self.parked if p.fetched.done()]:
+            self.parked.remove(parked)
+            try:
+                self._add_fetched(parked, outbox)
+            except Exception as exc:  # noqa: BLE001 - an unforeseen bad entry fails alone, never the worker
+                log.exception("unexpected error admitting entry %s", parked.entry.entry_id)
+                self._reject(parked.entry, ErrorCode.INVALID_REQUEST, f"{type(exc).__name__}: {exc}", outbox, 0)
         for entry, state in taken:
             try:
                 self._admit(entry, state, outbox)
@@ -105,7 +136,18 @@ class Intake:
         else:
             self._add(entry, request, state, outbox)
 
-    def _add(self, entry: Entry, request: Request, state: EntryState, outbox: Outbox) -> None:
+    def _add_fetched(self, parked: Parked, outbox: Outbox) -> None:
+        try:
+            request = parked.fetched.result()
+        except ImageError as exc:
+            self._reject(parked.entry, ErrorCode.INVALID_REQUEST, str(exc), outbox, parked.state.next_seq)
+            return
+        self._add(parked.entry, request, parked.state, outbox, may_park=False)
+
+    def _add(self, entry: Entry, request: Request, state: EntryState, outbox: Outbox, may_park: bool = True) -> None:
+        if may_park and self.fetcher is not None and self.fetcher.needs_fetch(request):
+            self.parked.append(Parked(entry, request, state, self.fetcher.submit(request)))
+            return
         resume = resume_from(state.events) if request.generate_config.stream else None
         try:
             seq = self.engine.add(request, resume)

@@ -91,6 +91,7 @@ class Worker:
             unadmitted, is_io_clean = self._finish_io()
             self._hand_back_unfinished(is_clean_exit and is_io_clean, unadmitted)
             self._safe(self.streams.unregister)
+            self.intake.close()
             self.io.close()
 
     def _iterate_once(self, burst: bool) -> bool:
@@ -127,7 +128,8 @@ class Worker:
         outputs += self.intake.take_finished_on_resume()
         for out in outputs:
             self._emit(out, outbox)
-        is_idle = seen.has_read and not seen.entries and not outputs and self.engine.num_active == 0
+        is_idle = (seen.has_read and not seen.entries and not outputs and self.engine.num_active == 0
+                   and not self.intake.parked)
         if burst and is_idle and outbox.is_empty:
             return True
         self.io.submit(self._round(outbox, burst))
@@ -159,6 +161,7 @@ class Worker:
         and nothing more of them is published (not this step's tokens, nor its model_error)."""
         for request_id in request_ids:
             self.engine.abort(request_id)
+        self.intake.drop(request_ids)
         outbox.discard(request_ids)
         return [o for o in outputs if o.seq.request_id not in request_ids]
 
@@ -182,10 +185,13 @@ class Worker:
     def _round(self, outbox: Outbox, burst: bool) -> Round:
         """The Redis work this iteration leaves for the I/O thread, with a snapshot of what the engine holds."""
         held = [Held(s.request_id, s.meta["entry_id"], s.meta["next_seq"]) for s in self.engine.sequences()]
+        held += [Held(p.request.id, p.entry.entry_id, p.state.next_seq) for p in self.intake.parked]
         is_idle = self.engine.num_active == 0
         block_ms = (BURST_BLOCK_MS if burst else self.config.read_block_ms) if is_idle else None
-        return Round(outbox, held, is_reading=not self._stop.is_set(),
-                     num_free=self.engine.max_num_seqs - self.engine.num_active, block_ms=block_ms,
+        if is_idle and self.intake.parked:  # images are being fetched: come back soon to admit them
+            block_ms = BURST_BLOCK_MS
+        num_free = self.engine.max_num_seqs - self.engine.num_active - len(self.intake.parked)
+        return Round(outbox, held, is_reading=not self._stop.is_set(), num_free=max(0, num_free), block_ms=block_ms,
                      heartbeat=self._heartbeat_fields())
 
     # ------------------------------------------------------------ exit
@@ -208,7 +214,7 @@ class Worker:
         engine) it does, so a request that kills workers still reaches the dead letters. Entries
         read but never admitted did not run here: they never count."""
         unfinished = [(s.meta["entry_id"], s.meta.get("deliveries", 1)) for s in self.engine.sequences()]
-        never_run = [(e.entry_id, e.deliveries) for e in unadmitted]
+        never_run = [(e.entry_id, e.deliveries) for e in unadmitted + [p.entry for p in self.intake.parked]]
         if unfinished or never_run:
             log.info("handing back %d unfinished requests for another worker to resume", len(unfinished + never_run))
             self._safe(lambda: self.streams.hand_back(unfinished, is_delivery=not is_clean_exit))

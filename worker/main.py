@@ -15,14 +15,20 @@ def build_worker(config: WorkerConfig):
     import torch
 
     from worker.engines.llm import LLMEngine, LLMEngineConfig
+    from worker.engines.vision import VisionModel
     from worker.loop import Worker
-    from worker.models.loading import load_llm
+    from worker.models.loading import load_model
     from worker.streams import WorkerStreams
 
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    model, tokenizer = load_llm(config.model_path, config.device, config.dtype, config.trust_remote_code)
-    engine = LLMEngine(model, tokenizer, LLMEngineConfig(
+    model, tokenizer, image_processor = load_model(config.model_path, config.device, config.dtype,
+                                                   config.trust_remote_code)
+    vision = None
+    if image_processor is not None:
+        vision = VisionModel(model, tokenizer, image_processor, config.image_policy)
+        log.info("vision model: chat requests may carry images")
+    engine = LLMEngine(model, tokenizer, vision=vision, config=LLMEngineConfig(
         max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
         max_model_len=config.max_model_len, max_tokens_limit=config.max_tokens_limit,
         max_cached_tokens=config.kv_cache_tokens, block_size=config.block_size,

@@ -91,6 +91,9 @@ def _fetch(url: str, max_bytes: int, timeout_s: float) -> bytes:
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 - schemes checked above
             data = response.read(max_bytes + 1)
+    except urllib.error.HTTPError as exc:
+        exc.close()  # it holds the response
+        raise ImageError(f"cannot fetch the image: HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise ImageError(f"cannot fetch the image: {exc}") from None
     if len(data) > max_bytes:
@@ -107,3 +110,48 @@ def _read_file(path: Path, max_bytes: int) -> bytes:
     if len(data) > max_bytes:
         raise ImageError(f"the image is over this worker's limit of {max_bytes} bytes")
     return data
+
+
+class ImageFetcher:
+    """Reads the file and URL images of chat requests on a small thread pool, so that a slow or silent
+    server never stalls the loop thread; a request comes back with those images inlined as data: URIs
+    (the engine then reads only data: URIs) or the future raises ImageError."""
+
+    def __init__(self, policy: ImagePolicy, max_workers: int = 4):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.policy = policy
+        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="redbatch-images")
+
+    def needs_fetch(self, request) -> bool:
+        """True when the request names an image this worker is allowed to fetch or read."""
+        return any(self._is_fetched(url) for url in _image_urls(request))
+
+    def submit(self, request):
+        """A Future of the request with its fetched images inlined."""
+        return self._pool.submit(self._inline, request)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _is_fetched(self, url: str) -> bool:
+        if url.startswith("data:"):
+            return False
+        scheme = urllib.parse.urlsplit(url).scheme.lower()
+        return self.policy.allow_urls if scheme in ("http", "https") else self.policy.allow_files
+
+    def _inline(self, request):
+        body = request.body.model_dump(mode="json", exclude_none=True)
+        for message in body["messages"]:
+            for part in message["content"] if isinstance(message.get("content"), list) else []:
+                url = part.get("image_url", {}).get("url", "")
+                if part["type"] == "image_url" and self._is_fetched(url):
+                    data = self.policy.read(url)
+                    part["image_url"]["url"] = "data:application/octet-stream;base64," + base64.b64encode(data).decode()
+        return request.model_copy(update={"body": type(request.body).model_validate(body)})
+
+
+def _image_urls(request) -> list[str]:
+    messages = getattr(request.body, "messages", None) or []
+    return [p.image_url.url for m in messages if isinstance(m.content, list)
+            for p in m.content if p.type == "image_url"]
