@@ -30,7 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(w)
     w.add_argument("--model-name", default=None, help="required unless probing with --health / --ready")
     w.add_argument("--model-path", default=None, help="local directory or hub id")
-    w.add_argument("--max-num-seqs", type=int, default=16)
+    w.add_argument("--task", choices=["auto", "generate", "chat", "text_to_image"], default="auto",
+                   help="which engine serves the model: generate/chat = an LLM, text_to_image = a diffusers "
+                        "pipeline; auto: text_to_image when the model directory has a model_index.json")
+    w.add_argument("--max-num-seqs", type=int, default=16, help="requests in flight (images, for text_to_image)")
     w.add_argument("--max-num-batched-tokens", type=int, default=2048)
     w.add_argument("--max-model-len", type=int, default=None)
     w.add_argument("--kv-cache-tokens", type=int, default=None,
@@ -160,7 +163,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         enable_prefix_caching=not args.no_prefix_cache, attention_backend=args.attention_backend,
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_consecutive_step_failures=args.max_consecutive_step_failures, tool_parser=args.tool_parser,
-        metrics_port=args.metrics_port, health_file=args.health_file,
+        metrics_port=args.metrics_port, health_file=args.health_file, task=args.task,
     )
     if args.worker_id:
         options["worker_id"] = args.worker_id

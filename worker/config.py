@@ -30,6 +30,8 @@ class WorkerConfig(BaseModel):
     dtype: str = "auto"
     num_threads: int | None = Field(None, ge=1)
     trust_remote_code: bool = False
+    # which engine: generate/chat = the LLM engine, text_to_image = a diffusers pipeline; auto: from the model dir
+    task: Literal["auto", "generate", "chat", "text_to_image"] = "auto"
 
     max_num_seqs: int = Field(16, ge=1, le=4096)
     max_num_batched_tokens: int = Field(2048, ge=1)
