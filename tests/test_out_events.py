@@ -10,9 +10,9 @@ from worker.request import Sequence, StepOutput
 
 
 def _seq(stream: bool) -> Sequence:
-    seq = Sequence(request_id="r", prompt_ids=[1, 2, 3], params=GenerateConfig(stream=stream), max_tokens=4)
+    seq = Sequence(request_id="r", prompt_ids=[1, 2, 3], params=GenerateConfig(stream=stream), max_tokens=4,
+                   is_stream=stream, text="ab", logprobs=[{"token_id": 8}])
     seq.output_ids = [7, 8]
-    seq.meta.update(text="ab", tool_calls=None, logprobs=[{"token_id": 8}])
     return seq
 
 

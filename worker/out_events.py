@@ -49,7 +49,12 @@ class Tracked(Protocol):
     """What the loop needs of an in-flight request an engine holds (an LLM Sequence, an image job)."""
 
     request_id: str
-    meta: dict[str, Any]  # the loop's bookkeeping: entry_id, deliveries, next_seq, task
+    # The loop's bookkeeping, set at admission; engines never read them.
+    entry_id: str
+    num_deliveries: int
+    next_seq: int
+    is_stream: bool
+    task: str
 
 
 class Output(Protocol):

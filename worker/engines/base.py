@@ -1,6 +1,6 @@
 """The small interface every engine (LLM, image) offers the worker loop.
 
-An engine holds in-flight requests (anything with `request_id` and `meta`) and returns typed
+An engine holds in-flight requests (anything with the fields of out_events.Tracked) and returns typed
 outputs whose events() the loop publishes without knowing what a token or an image is.
 """
 
