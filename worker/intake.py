@@ -112,8 +112,8 @@ class Intake:
         except RequestRejected as exc:
             self._reject(entry, exc.code, exc.message, outbox, state.next_seq)
             return
-        seq.meta.update(entry_id=entry.entry_id, deliveries=entry.deliveries, next_seq=state.next_seq,
-                        stream=request.generate_config.stream, task=request.task.value)
+        seq.entry_id, seq.num_deliveries, seq.next_seq = entry.entry_id, entry.deliveries, state.next_seq
+        seq.is_stream, seq.task = request.generate_config.stream, request.task.value
         if resume is not None:
             log.info("resuming request %s after %d published tokens", request.id, len(resume.output_ids))
             done = self.engine.finish_if_complete(seq)

@@ -147,7 +147,7 @@ class Worker:
                                    f"{type(exc).__name__}: {exc}") from exc
             log.exception("model error; failing the running requests")
             for seq in self.engine.fail_running():
-                outbox.fail(seq.request_id, seq.meta["entry_id"], self._next_seq(seq), ErrorCode.MODEL_ERROR,
+                outbox.fail(seq.request_id, seq.entry_id, self._next_seq(seq), ErrorCode.MODEL_ERROR,
                             f"{type(exc).__name__}: {exc}")
             return []
         self._num_failed_steps = 0
@@ -165,23 +165,23 @@ class Worker:
     def _emit(self, out: StepOutput, outbox: Outbox) -> None:
         seq = out.seq
         if out.error is not None:  # this request failed alone; its batch mates go on
-            outbox.fail(seq.request_id, seq.meta["entry_id"], self._next_seq(seq), ErrorCode.MODEL_ERROR, out.error)
+            outbox.fail(seq.request_id, seq.entry_id, self._next_seq(seq), ErrorCode.MODEL_ERROR, out.error)
             return
-        if seq.meta["stream"] and (out.token_ids or out.text or out.tool_calls):
+        if seq.is_stream and (out.token_ids or out.text or out.tool_calls):
             outbox.event(seq.request_id, self._next_seq(seq), EventType.TOKEN, text=out.text, token_ids=out.token_ids,
                          logprobs=out.logprobs, tool_calls=out.tool_calls)
         if out.is_finished:
             usage = Usage(prompt_tokens=seq.num_prompt_tokens, completion_tokens=seq.num_output_tokens,
                           total_tokens=seq.num_tokens)
             outbox.event(seq.request_id, self._next_seq(seq), EventType.DONE, finish_reason=out.finish_reason,
-                         text=seq.meta.get("text", ""), usage=usage, tool_calls=seq.meta.get("tool_calls"),
-                         logprobs=None if seq.meta["stream"] else seq.meta.get("logprobs"))
-            outbox.ack(seq.meta["entry_id"], seq.request_id)
+                         text=seq.text, usage=usage, tool_calls=seq.tool_calls,
+                         logprobs=None if seq.is_stream else seq.logprobs)
+            outbox.ack(seq.entry_id, seq.request_id)
             self.stats.num_finished += 1
 
     def _round(self, outbox: Outbox, burst: bool) -> Round:
         """The Redis work this iteration leaves for the I/O thread, with a snapshot of what the engine holds."""
-        held = [Held(s.request_id, s.meta["entry_id"], s.meta["next_seq"]) for s in self.engine.sequences()]
+        held = [Held(s.request_id, s.entry_id, s.next_seq) for s in self.engine.sequences()]
         is_idle = self.engine.num_active == 0
         block_ms = (BURST_BLOCK_MS if burst else self.config.read_block_ms) if is_idle else None
         return Round(outbox, held, is_reading=not self._stop.is_set(),
@@ -207,7 +207,7 @@ class Worker:
         After a clean stop the hand-back does not count as a delivery; after a crash (or a broken
         engine) it does, so a request that kills workers still reaches the dead letters. Entries
         read but never admitted did not run here: they never count."""
-        unfinished = [(s.meta["entry_id"], s.meta.get("deliveries", 1)) for s in self.engine.sequences()]
+        unfinished = [(s.entry_id, s.num_deliveries) for s in self.engine.sequences()]
         never_run = [(e.entry_id, e.deliveries) for e in unadmitted]
         if unfinished or never_run:
             log.info("handing back %d unfinished requests for another worker to resume", len(unfinished + never_run))
@@ -218,8 +218,8 @@ class Worker:
 
     @staticmethod
     def _next_seq(seq: Sequence) -> int:
-        value = seq.meta["next_seq"]
-        seq.meta["next_seq"] = value + 1
+        value = seq.next_seq
+        seq.next_seq = value + 1
         return value
 
     def _record_step(self, started: float, outputs: list[StepOutput]) -> None:

@@ -73,7 +73,7 @@ class WorkerMetrics:
                 continue
             seq = out.seq
             outcome = "model_error" if out.error is not None else f"done_{_reason(out.finish_reason)}"
-            self.requests.labels(model=self._model, task=seq.meta.get("task", "unknown"), outcome=outcome).inc()
+            self.requests.labels(model=self._model, task=seq.task, outcome=outcome).inc()
             if seq.first_token_s is not None and seq.num_resumed_tokens == 0:
                 self.ttft.observe(max(0.0, seq.first_token_s - seq.arrival_s))
                 num_new = len(seq.output_ids) - 1

@@ -41,7 +41,16 @@ class Sequence:
     first_token_s: float | None = None
     num_resumed_tokens: int = 0  # output tokens carried over from an earlier worker
     num_preemptions: int = 0
-    meta: dict[str, Any] = field(default_factory=dict)  # owner's bookkeeping (e.g. stream entry id)
+    # The owner's bookkeeping (the worker loop sets these at admission; the engine never reads them).
+    entry_id: str = ""  # the request-stream entry that carries it, acked once its terminal event is written
+    num_deliveries: int = 1  # times the stream delivered that entry (a crash hand-back counts one more)
+    next_seq: int = 0  # seq of the request's next event
+    is_stream: bool = True  # token events as they come; False: only the terminal event, with the whole output
+    task: str = "unknown"  # the request's task kind (a metrics label)
+    # The whole output, set by the engine when the request finishes (for the `done` event).
+    text: str = ""
+    tool_calls: list[dict[str, Any]] | None = None
+    logprobs: list[dict[str, Any]] | None = None  # every output token's row, when the request asked for them
 
     @property
     def all_ids(self) -> list[int]:
