@@ -9,6 +9,7 @@ import sys
 
 from producer.errors import RedbatchError
 from producer.keys import DEFAULT_PREFIX
+from producer.protocol import DEFAULT_RESULT_TTL_S
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 
@@ -53,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--grace-s", type=float, default=30.0)
     w.add_argument("--lease-s", type=float, default=30.0, help="entries idle this long are reclaimed by another worker")
     w.add_argument("--max-deliveries", type=int, default=3)
+    w.add_argument("--result-ttl-s", type=int, default=DEFAULT_RESULT_TTL_S,
+                   help="events streams, abort keys and id owners expire this long after the request ends")
     w.add_argument("--max-consecutive-step-failures", type=int, default=3,
                    help="after this many failed steps in a row, hand the requests back and exit with status 75")
     w.add_argument("--max-body-bytes", type=int, default=1 << 20)
@@ -158,7 +161,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, kv_cache_tokens=args.kv_cache_tokens, max_queue_len=args.max_queue_len, device=args.device, dtype=args.dtype,
         num_threads=args.threads, grace_s=args.grace_s, trust_remote_code=args.trust_remote_code,
-        lease_s=args.lease_s, max_deliveries=args.max_deliveries, max_body_bytes=args.max_body_bytes,
+        lease_s=args.lease_s, max_deliveries=args.max_deliveries, result_ttl_s=args.result_ttl_s, max_body_bytes=args.max_body_bytes,
         max_tokens_limit=args.max_tokens_limit, block_size=args.block_size,
         enable_prefix_caching=not args.no_prefix_cache, attention_backend=args.attention_backend,
         gpu_memory_utilization=args.gpu_memory_utilization,
