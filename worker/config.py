@@ -36,8 +36,12 @@ class WorkerConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights and KV dtype")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads")
     trust_remote_code: bool = Field(False, description="let transformers run the model repository's own code")
+    task: Literal["auto", "generate", "chat", "text_to_image"] = Field("auto", description=(
+        "which engine serves the model: generate/chat = an LLM, text_to_image = a diffusers pipeline; auto: "
+        "text_to_image when the model directory has a model_index.json"))
 
-    max_num_seqs: int = Field(16, ge=1, le=4096, description="requests in the running batch at most")
+    max_num_seqs: int = Field(16, ge=1, le=4096, description="requests in the running batch at most (images, "
+                                                             "for text_to_image)")
     max_num_batched_tokens: int = Field(2048, ge=1, description="tokens in one step's forward at most "
                                                                 "(longer prompts are prefilled in chunks)")
     max_model_len: int | None = Field(None, ge=2, description="prompt + output tokens at most (default: the "
@@ -63,7 +67,8 @@ class WorkerConfig(BaseModel):
     heartbeat_interval_s: float = Field(1.0, gt=0, description="seconds between heartbeats")
     heartbeat_ttl_s: int = Field(DEFAULT_HEARTBEAT_TTL_S, ge=1, description=(
         "a worker whose heartbeat is older than this counts as stale (its heartbeat key expires)"))
-    result_ttl_s: int = Field(DEFAULT_RESULT_TTL_S, ge=1, description="how long a request's events stay readable")
+    result_ttl_s: int = Field(DEFAULT_RESULT_TTL_S, ge=1, description=(
+        "events streams, abort keys and id owners expire this long after the request ends"))
     grace_s: float = Field(30.0, ge=0, description="on SIGTERM, seconds the running requests get to finish "
                                                    "before they are handed back")
     lease_s: float = Field(30.0, gt=0, description="entries idle this long are reclaimed by another worker")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, Iterator
 
-from producer.protocol import FinishReason, GenerateConfig
+from producer.protocol import EventType, FinishReason, GenerateConfig, Usage
+from worker.out_events import OutEvent, error_event, token_event
 
 
 class SeqStatus(str, Enum):
@@ -109,3 +110,24 @@ class StepOutput:
     @property
     def is_finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    def events(self) -> Iterator[OutEvent]:
+        """`token` (when the request streams and there is something to say), then `done` at the end;
+        `error` alone when the request failed in this step."""
+        seq = self.seq
+        if self.error is not None:
+            yield error_event(self.error)
+            return
+        is_stream = seq.is_stream
+        if is_stream and (self.token_ids or self.text or self.tool_calls):
+            yield token_event(self.text, self.token_ids, self.logprobs, self.tool_calls)
+        if self.is_finished:
+            usage = Usage(prompt_tokens=seq.num_prompt_tokens, completion_tokens=seq.num_output_tokens,
+                          total_tokens=seq.num_tokens)
+            yield OutEvent(EventType.DONE, {
+                "finish_reason": self.finish_reason, "text": seq.text, "usage": usage, "tool_calls": seq.tool_calls,
+                "logprobs": None if is_stream else seq.logprobs})
