@@ -151,11 +151,12 @@ class Model:
         generate_config: dict[str, Any] | None = None,
         *,
         deadline_ms: int | None = None,
+        user: str | None = None,
     ) -> str:
         """Enqueue one request and return its id without waiting."""
         self.info.check_task(task)
         request_id, body = build_body(task, payload, generate_config)
-        args = enqueue_args(request_id, task, body, self.info.max_queue_len, deadline_ms, self.client.result_ttl_s)
+        args = enqueue_args(request_id, task, body, self.info.max_queue_len, deadline_ms, self.client.result_ttl_s, user)
         keys = self.client.keys
         if self.client.on_no_live_worker != "ignore":
             live = self.client.redis.zcount(keys.model_workers(self.name), self.info.live_since_ms(), "+inf")

@@ -27,6 +27,7 @@ from producer.protocol import (  # noqa: F401 - the TTL defaults are re-exported
     GenerateConfig,
     ModelRegistration,
     TaskKind,
+    TextToImageBody,
     encode_request,
 )
 
@@ -114,6 +115,8 @@ def new_request_id() -> str:
 def build_body(task: TaskKind, payload: dict[str, Any], generate_config: dict[str, Any] | None) -> tuple[str, Body]:
     """Validate a call's arguments into a wire body; returns (request_id, body)."""
     try:
+        if task == TaskKind.TEXT_TO_IMAGE:
+            return _image_body(payload, generate_config or {})
         config = GenerateConfig.model_validate(generate_config or {})
         request_id = config.request_id or new_request_id()
         if task == TaskKind.GENERATE:
@@ -127,6 +130,16 @@ def build_body(task: TaskKind, payload: dict[str, Any], generate_config: dict[st
     return request_id, body
 
 
+def _image_body(payload: dict[str, Any], generate_config: dict[str, Any]) -> tuple[str, Body]:
+    """An image request has no generate_config; of its keys only `request_id` (the entry's id) applies."""
+    if set(generate_config) - {"request_id"}:
+        raise InvalidRequest(f"a text_to_image request takes no generate_config keys but request_id, "
+                             f"got {sorted(set(generate_config) - {'request_id'})}")
+    request_id = generate_config.get("request_id")
+    request_id = new_request_id() if request_id is None else check_request_id(request_id)
+    return request_id, TextToImageBody.model_validate(payload)
+
+
 def prompt_payload(prompt: str | list[int]) -> dict[str, Any]:
     if isinstance(prompt, str):
         return {"prompt": prompt}
@@ -134,8 +147,8 @@ def prompt_payload(prompt: str | list[int]) -> dict[str, Any]:
 
 
 def enqueue_args(request_id: str, task: TaskKind, body: Body, max_queue_len: int, deadline_ms: int | None,
-                 owner_ttl_s: int = DEFAULT_RESULT_TTL_S) -> list[str]:
-    fields = encode_request(request_id, task, body, deadline_ms=deadline_ms)
+                 owner_ttl_s: int = DEFAULT_RESULT_TTL_S, user: str | None = None) -> list[str]:
+    fields = encode_request(request_id, task, body, deadline_ms=deadline_ms, user=user)
     args: list[str] = [str(max_queue_len), str(owner_ttl_s)]
     for name, value in fields.items():
         args += [name, value]
