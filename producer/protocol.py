@@ -313,6 +313,14 @@ class Request(_Strict):
     def generate_config(self) -> GenerateConfig:
         return getattr(self.body, "generate_config", GenerateConfig())
 
+    @property
+    def is_streamed(self) -> bool:
+        """Whether events come before the terminal one: generate/chat follow `stream`; an image request
+        always publishes its progress and image events (it has no generate_config)."""
+        if isinstance(self.body, TextToImageBody):
+            return True
+        return self.generate_config.stream
+
 
 class BadEntry(Exception):
     """A stream entry that cannot become a Request. `request_id` is set when it was readable."""

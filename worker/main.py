@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from producer.connection import connect
 from worker.config import WorkerConfig
@@ -14,15 +15,38 @@ EXIT_ENGINE_FAILED = 75  # EX_TEMPFAIL: steps kept failing, the requests are han
 def build_worker(config: WorkerConfig):
     import torch
 
-    from worker.engines.llm import LLMEngine, LLMEngineConfig
     from worker.loop import Worker
-    from worker.models.loading import load_llm
     from worker.streams import WorkerStreams
 
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
+    engine = build_engine(config)
+    client = connect(config.redis_url, health_check_interval=30)
+    return Worker(config, engine, WorkerStreams(client, config))
+
+
+def build_engine(config: WorkerConfig):
+    """The engine for the worker's task: --task, or what the model directory holds (a diffusers
+    pipeline has a model_index.json; anything else is loaded as a causal LM)."""
+    if resolve_task(config) == "text_to_image":
+        from worker.models.loading import ModelLoadError
+
+        raise ModelLoadError(f"{config.model_path} is a diffusers pipeline; this worker has no text_to_image engine yet")
+    return build_llm_engine(config)
+
+
+def resolve_task(config: WorkerConfig) -> str:
+    if config.task != "auto":
+        return config.task
+    return "text_to_image" if (Path(config.model_path) / "model_index.json").is_file() else "generate"
+
+
+def build_llm_engine(config: WorkerConfig):
+    from worker.engines.llm import LLMEngine, LLMEngineConfig
+    from worker.models.loading import load_llm
+
     model, tokenizer = load_llm(config.model_path, config.device, config.dtype, config.trust_remote_code)
-    engine = LLMEngine(model, tokenizer, LLMEngineConfig(
+    return LLMEngine(model, tokenizer, LLMEngineConfig(
         max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
         max_model_len=config.max_model_len, max_tokens_limit=config.max_tokens_limit,
         max_cached_tokens=config.kv_cache_tokens, block_size=config.block_size,
@@ -30,8 +54,6 @@ def build_worker(config: WorkerConfig):
         attention_backend=config.attention_backend,
         tool_parser=config.tool_parser,
     ))
-    client = connect(config.redis_url, health_check_interval=30)
-    return Worker(config, engine, WorkerStreams(client, config))
 
 
 def run_worker(config: WorkerConfig, burst: bool = False) -> int:
