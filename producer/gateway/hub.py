@@ -24,7 +24,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from producer.errors import RequestTimeout
 from producer.keys import Keys
 from producer.protocol import Event, decode_event
-from producer.submit import READ_BLOCK_MS, READ_COUNT, RECONNECT_DELAY_S
+from producer.results import READ_BLOCK_MS, READ_COUNT
+from producer.submit import RECONNECT_DELAY_S
 
 log = logging.getLogger(__name__)
 
