@@ -35,6 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which engine serves the model: generate/chat = an LLM, text_to_image = a diffusers "
                         "pipeline; auto: text_to_image when the model directory has a model_index.json")
     w.add_argument("--max-num-seqs", type=int, default=16, help="requests in flight (images, for text_to_image)")
+    img = w.add_argument_group("text_to_image")
+    img.add_argument("--image-sizes", default=None,
+                     help="comma-separated W*H sizes this worker serves (e.g. 1024*1024,768*1344); others get "
+                          "invalid_request. Default: any size the model takes")
+    img.add_argument("--max-images-per-request", type=int, default=4, help="the largest n")
+    img.add_argument("--max-inference-steps", type=int, default=100)
+    img.add_argument("--progress-every-steps", type=int, default=5, help="a progress event every N steps (0: none)")
+    img.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens per prompt")
+    img.add_argument("--image-output-dir", default=None, help="also write each image here (<request_id>-<index>.png)")
+    img.add_argument("--cpu-offload", action="store_true",
+                     help="CUDA: diffusers' model CPU offload (one component on the GPU at a time) for a model "
+                          "that does not fit")
     w.add_argument("--max-num-batched-tokens", type=int, default=2048)
     w.add_argument("--max-model-len", type=int, default=None)
     w.add_argument("--kv-cache-tokens", type=int, default=None,
@@ -167,6 +179,10 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_consecutive_step_failures=args.max_consecutive_step_failures, tool_parser=args.tool_parser,
         metrics_port=args.metrics_port, health_file=args.health_file, task=args.task,
+        image_sizes=tuple(s.strip() for s in args.image_sizes.split(",")) if args.image_sizes else None,
+        max_images_per_request=args.max_images_per_request, max_inference_steps=args.max_inference_steps,
+        progress_every_steps=args.progress_every_steps, max_sequence_length=args.max_sequence_length,
+        image_output_dir=args.image_output_dir, cpu_offload=args.cpu_offload,
     )
     if args.worker_id:
         options["worker_id"] = args.worker_id

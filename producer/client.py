@@ -14,7 +14,7 @@ from producer.errors import RequestTimeout
 from producer.connection import connect
 from producer.keys import DEFAULT_PREFIX, Keys
 from producer.protocol import TERMINAL_EVENTS, Event, TaskKind, decode_event
-from producer.results import Shaper
+from producer.results import Shaper, image_list
 from producer.submit import (
     DEFAULT_RESULT_TTL_S,
     ENQUEUE_LUA,
@@ -27,6 +27,7 @@ from producer.submit import (
     enqueue_args,
     enqueue_error,
     handle_live_workers,
+    image_payload,
     model_key_name,
     prompt_payload,
     request_key_id,
@@ -144,6 +145,27 @@ class Model:
             payload["tool_choice"] = tool_choice
         return self._run(TaskKind.CHAT, payload, generate_config, timeout_s, deadline_ms)
 
+    def text_to_image(
+        self,
+        prompt: str,
+        n: int = 1,
+        size: str = "1024*1024",
+        response_format: str = "b64_json",
+        *,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int | None = None,
+        negative_prompt: str | None = None,
+        request_id: str | None = None,
+        timeout_s: float | None = None,
+        deadline_ms: int | None = None,
+    ) -> dict[str, Any]:
+        """Xinference's shape: {"created": unix s, "data": [{"b64_json": ...} | {"url": ...}, ...]}."""
+        payload = image_payload(prompt, n, size, response_format, num_inference_steps=num_inference_steps,
+                                guidance_scale=guidance_scale, seed=seed, negative_prompt=negative_prompt)
+        request_id = self.submit(TaskKind.TEXT_TO_IMAGE, payload, request_id=request_id, deadline_ms=deadline_ms)
+        return image_list(request_id, list(self.client.events(request_id, timeout_s=timeout_s)))
+
     def submit(
         self,
         task: TaskKind,
@@ -151,10 +173,11 @@ class Model:
         generate_config: dict[str, Any] | None = None,
         *,
         deadline_ms: int | None = None,
+        request_id: str | None = None,
     ) -> str:
-        """Enqueue one request and return its id without waiting."""
+        """Enqueue one request and return its id without waiting (request_id: text_to_image's id)."""
         self.info.check_task(task)
-        request_id, body = build_body(task, payload, generate_config)
+        request_id, body = build_body(task, payload, generate_config, request_id)
         args = enqueue_args(request_id, task, body, self.info.max_queue_len, deadline_ms, self.client.result_ttl_s)
         keys = self.client.keys
         if self.client.on_no_live_worker != "ignore":

@@ -27,6 +27,7 @@ from producer.protocol import (  # noqa: F401 - the TTL defaults are re-exported
     GenerateConfig,
     ModelRegistration,
     TaskKind,
+    TextToImageBody,
     encode_request,
 )
 
@@ -111,9 +112,15 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-def build_body(task: TaskKind, payload: dict[str, Any], generate_config: dict[str, Any] | None) -> tuple[str, Body]:
-    """Validate a call's arguments into a wire body; returns (request_id, body)."""
+def build_body(task: TaskKind, payload: dict[str, Any], generate_config: dict[str, Any] | None,
+               request_id: str | None = None) -> tuple[str, Body]:
+    """Validate a call's arguments into a wire body; returns (request_id, body). A text_to_image body has
+    no generate_config: its id comes from `request_id`."""
     try:
+        if task == TaskKind.TEXT_TO_IMAGE:
+            if generate_config:
+                raise InvalidRequest("text_to_image takes no generate_config")
+            return (request_key_id(request_id) if request_id else new_request_id()), TextToImageBody.model_validate(payload)
         config = GenerateConfig.model_validate(generate_config or {})
         request_id = config.request_id or new_request_id()
         if task == TaskKind.GENERATE:
@@ -125,6 +132,12 @@ def build_body(task: TaskKind, payload: dict[str, Any], generate_config: dict[st
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         raise InvalidRequest(str(exc)) from None
     return request_id, body
+
+
+def image_payload(prompt: str, n: int, size: str, response_format: str, **options: Any) -> dict[str, Any]:
+    """A text_to_image body from Xinference-style arguments (options left None are left out)."""
+    return {"prompt": prompt, "n": n, "size": size, "response_format": response_format,
+            **{k: v for k, v in options.items() if v is not None}}
 
 
 def prompt_payload(prompt: str | list[int]) -> dict[str, Any]:

@@ -57,6 +57,15 @@ class WorkerConfig(BaseModel):
     metrics_port: int | None = Field(None, ge=0, le=65535)  # serve Prometheus metrics on this port (0: any free)
     health_file: str | None = None  # write loop/heartbeat times here for `redbatch worker --health` probes
 
+    # text_to_image (the image engine)
+    cpu_offload: bool = False  # diffusers' model CPU offload: one component on the GPU at a time (CUDA only)
+    image_sizes: tuple[str, ...] | None = None  # the "W*H" sizes served; None: any valid size
+    max_images_per_request: int = Field(4, ge=1, le=16)
+    max_inference_steps: int = Field(100, ge=1, le=1000)
+    progress_every_steps: int = Field(5, ge=0)  # a progress event every this many denoising steps (0: none)
+    max_sequence_length: int = Field(512, ge=1, le=512)  # T5 tokens per prompt
+    image_output_dir: str | None = None  # also write each image here as <request_id>-<index>.png
+
     @field_validator("model_name")
     @classmethod
     def _check_name(cls, value: str) -> str:
