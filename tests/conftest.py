@@ -271,7 +271,7 @@ def build_image_worker_thread(server_url: str, prefix: str, pipe, model_path, mo
     config = WorkerConfig(**options)
     engine = ImageEngine(pipe, ImageEngineConfig(
         max_num_seqs=config.max_num_seqs, max_images_per_request=config.max_images_per_request,
-        max_inference_steps=config.max_inference_steps, allowed_sizes=config.image_sizes,
+        max_inference_steps=config.max_inference_steps, allowed_sizes=config.allowed_image_sizes,
         progress_every_steps=config.progress_every_steps, max_sequence_length=config.max_sequence_length,
         output_dir=config.image_output_dir))
     streams = WorkerStreams(redis.Redis.from_url(config.redis_url), config)

@@ -169,7 +169,7 @@ def test_bad_image_requests_each_get_one_invalid_request_and_good_ones_still_fin
 
     rng = random.Random(99)
     keys = Keys(prefix)
-    handle = image_worker_factory("dev", image_sizes=("32*32", "48*32"), max_images_per_request=2,
+    handle = image_worker_factory("dev", image_sizes="32*32,48*32", max_images_per_request=2,
                                   max_inference_steps=8).start()
     stream = keys.requests("flux")
     bad_ids, good_ids = [], []

@@ -32,7 +32,7 @@ def _png_size(b64: str) -> tuple[int, int]:
 
 
 def test_text_to_image_returns_the_xinference_shape_with_seeded_reproducible_images(image_worker_factory, client):
-    image_worker_factory("dev", image_sizes=("32*32", "48*32")).start()
+    image_worker_factory("dev", image_sizes="32*32,48*32").start()
     model = client.get_model("flux")
     out = model.text_to_image("a red cat", n=2, size="48*32", num_inference_steps=3, seed=5)
     assert set(out) == {"created", "data"} and isinstance(out["created"], int)
@@ -103,7 +103,7 @@ def test_abort_mid_denoising_publishes_no_image_and_others_finish(image_worker_f
 
 
 def test_bad_image_requests_fail_alone_with_invalid_request(image_worker_factory, client):
-    image_worker_factory("dev", image_sizes=("32*32",), max_images_per_request=2, max_inference_steps=8).start()
+    image_worker_factory("dev", image_sizes="32*32", max_images_per_request=2, max_inference_steps=8).start()
     model = client.get_model("flux")
     cases = {"size 1024x1024": {"size": "1024x1024"}, "size not allowed": {"size": "48*32"},
              "n above the limit": {"n": 3}, "steps above the limit": {"num_inference_steps": 9},

@@ -301,6 +301,6 @@ def build_image_engine(config) -> ImageEngine:
     pipe = load_diffusers(config.model_path, config.device, config.dtype, config.cpu_offload)
     return ImageEngine(pipe, ImageEngineConfig(
         max_num_seqs=config.max_num_seqs, max_images_per_request=config.max_images_per_request,
-        max_inference_steps=config.max_inference_steps, allowed_sizes=config.image_sizes,
+        max_inference_steps=config.max_inference_steps, allowed_sizes=config.allowed_image_sizes,
         progress_every_steps=config.progress_every_steps, max_sequence_length=config.max_sequence_length,
         output_dir=config.image_output_dir))
