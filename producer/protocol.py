@@ -286,7 +286,7 @@ class TextToImageBody(_Strict):
     guidance_scale: float | None = Field(None, ge=0.0, le=100.0)
     seed: int | None = Field(None, ge=0, lt=2**63)
     negative_prompt: str | None = None
-    response_format: Literal["b64_json", "png"] = "b64_json"
+    response_format: Literal["b64_json", "png", "url"] = "b64_json"  # url: a worker with an image output dir
 
 
 Body = Union[GenerateBody, ChatBody, TextToImageBody]
@@ -480,6 +480,7 @@ class Event(BaseModel):
     format: str | None = None
     data: bytes | None = None
     b64: str | None = None
+    url: str | None = None
     step: int | None = None
     total: int | None = None
 

@@ -127,9 +127,10 @@ class Submission:
     @classmethod
     def prepare(cls, keys: Keys, info: ModelInfo, task: TaskKind, payload: dict[str, Any],
                 generate_config: dict[str, Any] | None, deadline_ms: int | None, owner_ttl_s: int,
-                user: str | None = None) -> "Submission":
+                request_id: str | None = None, user: str | None = None) -> "Submission":
+        """request_id: a text_to_image request's id (generate/chat carry theirs in generate_config)."""
         info.check_task(task)
-        request_id, body = build_body(task, payload, generate_config)
+        request_id, body = build_body(task, payload, generate_config, request_id)
         return cls(model=info.name, request_id=request_id,
                    script_keys=[keys.requests(info.name), keys.request_owner(info.name, request_id)],
                    script_args=enqueue_args(request_id, task, body, info.max_queue_len, deadline_ms, owner_ttl_s, user),
@@ -164,11 +165,15 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-def build_body(task: TaskKind, payload: dict[str, Any], generate_config: dict[str, Any] | None) -> tuple[str, Body]:
-    """Validate a call's arguments into a wire body; returns (request_id, body)."""
+def build_body(task: TaskKind, payload: dict[str, Any], generate_config: dict[str, Any] | None,
+               request_id: str | None = None) -> tuple[str, Body]:
+    """Validate a call's arguments into a wire body; returns (request_id, body). A text_to_image body has
+    no generate_config: its id comes from `request_id`."""
     try:
         if task == TaskKind.TEXT_TO_IMAGE:
-            return _image_body(payload, generate_config or {})
+            if generate_config:
+                raise InvalidRequest("text_to_image takes no generate_config")
+            return (request_key_id(request_id) if request_id else new_request_id()), TextToImageBody.model_validate(payload)
         config = GenerateConfig.model_validate(generate_config or {})
         request_id = config.request_id or new_request_id()
         if task == TaskKind.GENERATE:
@@ -182,14 +187,10 @@ def build_body(task: TaskKind, payload: dict[str, Any], generate_config: dict[st
     return request_id, body
 
 
-def _image_body(payload: dict[str, Any], generate_config: dict[str, Any]) -> tuple[str, Body]:
-    """An image request has no generate_config; of its keys only `request_id` (the entry's id) applies."""
-    if set(generate_config) - {"request_id"}:
-        raise InvalidRequest(f"a text_to_image request takes no generate_config keys but request_id, "
-                             f"got {sorted(set(generate_config) - {'request_id'})}")
-    request_id = generate_config.get("request_id")
-    request_id = new_request_id() if request_id is None else check_request_id(request_id)
-    return request_id, TextToImageBody.model_validate(payload)
+def image_payload(prompt: str, n: int, size: str, response_format: str, **options: Any) -> dict[str, Any]:
+    """A text_to_image body from Xinference-style arguments (options left None are left out)."""
+    return {"prompt": prompt, "n": n, "size": size, "response_format": response_format,
+            **{k: v for k, v in options.items() if v is not None}}
 
 
 def prompt_payload(prompt: str | list[int]) -> dict[str, Any]:

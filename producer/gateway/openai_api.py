@@ -173,8 +173,7 @@ class ImageBody(_Body):
         request_id = self.request_id or extra.pop("request_id", None)
         if extra:
             raise HTTPError(400, f"Unrecognized request argument supplied: kwargs.{sorted(extra)[0]}", param="kwargs")
-        config = {"request_id": request_id} if request_id else {}
-        return Translated(TaskKind.TEXT_TO_IMAGE, self.model, payload, config, self)
+        return Translated(TaskKind.TEXT_TO_IMAGE, self.model, payload, None, self, image_request_id=request_id)
 
 
 def _image_kwargs(raw: str | dict[str, Any] | None) -> dict[str, Any]:
@@ -197,8 +196,14 @@ class Translated:
     task: TaskKind
     model: str
     payload: dict[str, Any]
-    generate_config: dict[str, Any]
+    generate_config: dict[str, Any] | None
     body: Any = field(repr=False)
+    image_request_id: str | None = None  # a text_to_image body has no generate_config to carry its id
+
+    @property
+    def request_id(self) -> str | None:
+        """The id the client chose, if any."""
+        return self.image_request_id or (self.generate_config or {}).get("request_id")
 
     @property
     def is_stream(self) -> bool:

@@ -126,9 +126,10 @@ class Gateway:
         if deadline_ms is None and self.config.max_queue_wait_s is not None:
             deadline_ms = now_ms() + int(self.config.max_queue_wait_s * 1000)
         try:
-            return await model.submit(req.task, req.payload, req.generate_config, deadline_ms=deadline_ms, user=req.user)
+            return await model.submit(req.task, req.payload, req.generate_config, deadline_ms=deadline_ms,
+                                      request_id=req.image_request_id, user=req.user)
         except DuplicateRequest:
-            return req.generate_config["request_id"]  # a retry: follow the request already there
+            return req.request_id  # a retry: follow the request already there
         except RedbatchError as exc:
             raise from_redbatch(exc, model.name, self.config.retry_after_s) from None
 
