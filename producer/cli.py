@@ -9,6 +9,7 @@ import sys
 
 from producer.errors import RedbatchError
 from producer.keys import DEFAULT_PREFIX
+from worker.cli_args import add_worker_arguments, config_from_args
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 
@@ -28,53 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("worker", help="serve one model from its request stream")
     _add_common(w)
-    w.add_argument("--model-name", default=None, help="required unless probing with --health / --ready")
-    w.add_argument("--model-path", default=None, help="local directory or hub id")
-    w.add_argument("--max-num-seqs", type=int, default=16)
-    w.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    w.add_argument("--max-model-len", type=int, default=None)
-    w.add_argument("--kv-cache-tokens", type=int, default=None,
-                   help="KV cache budget in tokens (default: max-num-seqs x max-model-len, on CUDA what "
-                        "--gpu-memory-utilization leaves); the newest request is preempted and recomputed under pressure")
-    w.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                   help="CUDA: share of device memory for weights, activations and the KV cache")
-    w.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
-    w.add_argument("--no-prefix-cache", action="store_true", help="never reuse KV blocks across requests")
-    w.add_argument("--attention-backend", choices=["auto", "sdpa", "flex"], default="auto",
-                   help="paged attention kernel: sdpa (one call per row group), flex (one flex_attention call per "
-                        "layer; compiled on CUDA, eager reference elsewhere); auto: flex on CUDA when it compiles")
-    w.add_argument("--max-queue-len", type=int, default=10_000)
-    w.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    w.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    w.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    w.add_argument("--grace-s", type=float, default=30.0)
-    w.add_argument("--lease-s", type=float, default=30.0, help="entries idle this long are reclaimed by another worker")
-    w.add_argument("--max-deliveries", type=int, default=3)
-    w.add_argument("--max-consecutive-step-failures", type=int, default=3,
-                   help="after this many failed steps in a row, hand the requests back and exit with status 75")
-    w.add_argument("--max-body-bytes", type=int, default=1 << 20)
-    w.add_argument("--max-tokens-limit", type=int, default=32768)
-    w.add_argument("--worker-id", default=None)
-    w.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    add_worker_arguments(w)  # one flag per WorkerConfig field, with its default and help
     w.add_argument("--burst", action="store_true", help="exit once the stream is empty and nothing runs")
-    w.add_argument("--health-file", default=os.environ.get("REDBATCH_HEALTH_FILE"),
-                   help="the worker writes its loop and heartbeat times here; probes read it (env REDBATCH_HEALTH_FILE)")
     w.add_argument("--health", action="store_true",
                    help="probe, do not serve: exit 0 if the worker's loop turned within --health-max-age-s (liveness)")
     w.add_argument("--ready", action="store_true",
                    help="probe, do not serve: exit 0 if it also heartbeated to Redis recently and is not draining")
     w.add_argument("--health-max-age-s", type=float, default=30.0)
-    w.add_argument("--trust-remote-code", action="store_true")
-    w.add_argument("--tool-parser", default="auto",
-                   help="tool-call format: auto (detected from the chat template), none, hermes, llama3_json, "
-                        "mistral or glm4")
-    w.add_argument("--allow-image-urls", action="store_true",
-                   help="vision models: fetch http(s) image URLs (default: only data: URIs)")
-    w.add_argument("--allow-image-files", action="store_true",
-                   help="vision models: read image parts that name a local path or a file:// URL")
-    w.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024, help="cap on one encoded image")
-    w.add_argument("--max-image-pixels", type=int, default=16 * 1024 * 1024, help="cap on one image's width x height")
-    w.add_argument("--image-fetch-timeout-s", type=float, default=10.0)
 
     for name in ("generate", "chat"):
         g = sub.add_parser(name, help=f"send one {name} request and stream the answer")
@@ -109,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--once", action="store_true", help="print one frame and exit (same as --iterations 1)")
 
     _add_bulk(sub)
+    _add_gateway(sub)
 
     acl = sub.add_parser("acl", help="print a minimal Redis ACL file line for a role")
     acl.add_argument("role", choices=["producer", "worker"])
@@ -128,6 +90,26 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-num-seqs", type=int, default=8)
     d.add_argument("--threads", type=int, default=2)
     return parser
+
+
+def _add_gateway(sub) -> None:
+    gw = sub.add_parser("gateway", help="OpenAI-compatible HTTP gateway (and Xinference's client endpoints)")
+    _add_common(gw)
+    gw.add_argument("--host", default="127.0.0.1")
+    gw.add_argument("--port", type=int, default=8000)
+    gw.add_argument("--api-key", action="append", default=[], metavar="KEY[=MODEL,...]",
+                    help="accept this Bearer key (for the listed models only); repeatable. No key: no authentication")
+    gw.add_argument("--api-keys-file", default=os.environ.get("REDBATCH_GATEWAY_API_KEYS_FILE"),
+                    help='JSON {"KEY": ["model", ...] or "*"} (env REDBATCH_GATEWAY_API_KEYS_FILE)')
+    gw.add_argument("--event-readers", type=int, default=1, help="shared XREAD loops for all open requests")
+    gw.add_argument("--request-timeout-s", type=float, default=600.0,
+                    help="longest wait for a request's next event; then 504 and the request is aborted")
+    gw.add_argument("--max-queue-wait-s", type=float, default=None,
+                    help="default deadline: a request no worker started within this is answered 504")
+    gw.add_argument("--retry-after-s", type=int, default=1, help="Retry-After of a 429 (queue full) or 503")
+    gw.add_argument("--grace-s", type=float, default=30.0, help="on SIGTERM, open requests get this long to finish")
+    gw.add_argument("--no-status-page", action="store_true", help="serve no status page at / and /status.json")
+    gw.add_argument("--log-level", default="info")
 
 
 def _add_bulk(sub) -> None:
@@ -154,27 +136,16 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         print("error: redbatch worker needs --model-name and --model-path", file=sys.stderr)
         return 2
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported
-    from worker.config import WorkerConfig
+    from pydantic import ValidationError
+
     from worker.main import run_worker
 
-    options = dict(
-        model_name=args.model_name, model_path=args.model_path, redis_url=_redis_url(args), prefix=args.prefix,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len, kv_cache_tokens=args.kv_cache_tokens, max_queue_len=args.max_queue_len, device=args.device, dtype=args.dtype,
-        num_threads=args.threads, grace_s=args.grace_s, trust_remote_code=args.trust_remote_code,
-        lease_s=args.lease_s, max_deliveries=args.max_deliveries, max_body_bytes=args.max_body_bytes,
-        max_tokens_limit=args.max_tokens_limit, block_size=args.block_size,
-        enable_prefix_caching=not args.no_prefix_cache, attention_backend=args.attention_backend,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        max_consecutive_step_failures=args.max_consecutive_step_failures, tool_parser=args.tool_parser,
-        metrics_port=args.metrics_port, health_file=args.health_file,
-        allow_image_urls=args.allow_image_urls, allow_image_files=args.allow_image_files,
-        max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
-        image_fetch_timeout_s=args.image_fetch_timeout_s,
-    )
-    if args.worker_id:
-        options["worker_id"] = args.worker_id
-    return run_worker(WorkerConfig(**options), burst=args.burst)
+    try:
+        config = config_from_args(args, redis_url=_redis_url(args))
+    except ValidationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return run_worker(config, burst=args.burst)
 
 
 def _probe_worker(args: argparse.Namespace) -> int:
@@ -297,6 +268,21 @@ def _cmd_top(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_gateway(args: argparse.Namespace) -> int:
+    try:
+        from producer.gateway.config import GatewayConfig, load_api_keys
+        from producer.gateway.serve import run_gateway
+    except ImportError as exc:
+        print(f"error: the gateway needs its extra: pip install 'redbatch[gateway]' ({exc})", file=sys.stderr)
+        return 2
+    config = GatewayConfig(
+        redis_url=_redis_url(args), prefix=args.prefix, host=args.host, port=args.port,
+        api_keys=load_api_keys(args.api_key, args.api_keys_file), num_event_readers=args.event_readers,
+        request_timeout_s=args.request_timeout_s, max_queue_wait_s=args.max_queue_wait_s,
+        retry_after_s=args.retry_after_s, grace_s=args.grace_s, status_page=not args.no_status_page)
+    return run_gateway(config, log_level=args.log_level)
+
+
 def _cmd_bulk(args: argparse.Namespace) -> int:
     from producer.bulk_cli import run_bulk_command
 
@@ -333,7 +319,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 _COMMANDS = {
     "worker": _cmd_worker, "generate": _cmd_request, "chat": _cmd_request, "abort": _cmd_abort,
     "make-tiny-model": _cmd_make_tiny_model, "demo": _cmd_demo, "dead": _cmd_dead, "acl": _cmd_acl,
-    "status": _cmd_status, "top": _cmd_top, "bulk": _cmd_bulk,
+    "status": _cmd_status, "top": _cmd_top, "bulk": _cmd_bulk, "gateway": _cmd_gateway,
 }
 
 if __name__ == "__main__":

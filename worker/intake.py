@@ -26,7 +26,8 @@ from producer.protocol import BadEntry, ErrorCode, Event, EventType, Request, de
 from worker.config import WorkerConfig
 from worker.engines.base import Engine, RequestRejected
 from worker.models.images import ImageError, ImageFetcher
-from worker.request import Resume, StepOutput
+from worker.out_events import Output
+from worker.request import Resume
 from worker.outbox import Outbox
 from worker.streams import EntryState, WorkerStreams
 
@@ -69,7 +70,7 @@ class Intake:
     def __init__(self, config: WorkerConfig, engine: Engine):
         self.config = config
         self.engine = engine
-        self._finished_on_resume: list[StepOutput] = []  # resumed requests that were already complete
+        self._finished_on_resume: list[Output] = []  # resumed requests that were already complete
         policy = config.image_policy
         self.fetcher = ImageFetcher(policy) if policy.allow_urls or policy.allow_files else None
         self.parked: list[Parked] = []
@@ -97,7 +98,7 @@ class Intake:
                 log.exception("unexpected error admitting entry %s", entry.entry_id)
                 self._reject(entry, ErrorCode.INVALID_REQUEST, f"{type(exc).__name__}: {exc}", outbox, 0)
 
-    def take_finished_on_resume(self) -> list[StepOutput]:
+    def take_finished_on_resume(self) -> list[Output]:
         done, self._finished_on_resume = self._finished_on_resume, []
         return done
 
@@ -148,14 +149,14 @@ class Intake:
         if may_park and self.fetcher is not None and self.fetcher.needs_fetch(request):
             self.parked.append(Parked(entry, request, state, self.fetcher.submit(request)))
             return
-        resume = resume_from(state.events) if request.generate_config.stream else None
+        resume = resume_from(state.events) if request.is_streamed else None
         try:
             seq = self.engine.add(request, resume)
         except RequestRejected as exc:
             self._reject(entry, exc.code, exc.message, outbox, state.next_seq)
             return
-        seq.meta.update(entry_id=entry.entry_id, deliveries=entry.deliveries, next_seq=state.next_seq,
-                        stream=request.generate_config.stream, task=request.task.value)
+        seq.entry_id, seq.num_deliveries, seq.next_seq = entry.entry_id, entry.deliveries, state.next_seq
+        seq.is_stream, seq.task = request.is_streamed, request.task.value
         if resume is not None:
             log.info("resuming request %s after %d published tokens", request.id, len(resume.output_ids))
             done = self.engine.finish_if_complete(seq)
@@ -182,9 +183,11 @@ class Intake:
 
 
 def resume_from(events: list[Event]) -> Resume | None:
-    """What a reclaimed request had published: its tokens, their text, and the next seq."""
+    """What a reclaimed request had published: its tokens, their text, its images, and the next seq."""
     tokens = [e for e in events if e.type == EventType.TOKEN]
-    if not tokens:
+    num_images = sum(1 for e in events if e.type == EventType.IMAGE)
+    if not tokens and not num_images:
         return None
     return Resume(output_ids=[t for e in tokens for t in (e.token_ids or [])], text="".join(e.text or "" for e in tokens),
-                  next_seq=len(events), tool_calls=[d for e in tokens for d in (e.tool_calls or [])])
+                  next_seq=len(events), tool_calls=[d for e in tokens for d in (e.tool_calls or [])],
+                  num_images=num_images)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from producer.connection import connect
 from worker.config import WorkerConfig
@@ -14,21 +15,44 @@ EXIT_ENGINE_FAILED = 75  # EX_TEMPFAIL: steps kept failing, the requests are han
 def build_worker(config: WorkerConfig):
     import torch
 
-    from worker.engines.llm import LLMEngine, LLMEngineConfig
-    from worker.engines.vision import VisionModel
     from worker.loop import Worker
-    from worker.models.loading import load_model
     from worker.streams import WorkerStreams
 
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
+    engine = build_engine(config)
+    client = connect(config.redis_url, health_check_interval=30)
+    return Worker(config, engine, WorkerStreams(client, config))
+
+
+def build_engine(config: WorkerConfig):
+    """The engine for the worker's task: --task, or what the model directory holds (a diffusers
+    pipeline has a model_index.json; anything else is loaded as a causal LM)."""
+    if resolve_task(config) == "text_to_image":
+        from worker.engines.image import build_image_engine
+
+        return build_image_engine(config)
+    return build_llm_engine(config)
+
+
+def resolve_task(config: WorkerConfig) -> str:
+    if config.task != "auto":
+        return config.task
+    return "text_to_image" if (Path(config.model_path) / "model_index.json").is_file() else "generate"
+
+
+def build_llm_engine(config: WorkerConfig):
+    from worker.engines.llm import LLMEngine, LLMEngineConfig
+    from worker.engines.vision import VisionModel
+    from worker.models.loading import load_model
+
     model, tokenizer, image_processor = load_model(config.model_path, config.device, config.dtype,
                                                    config.trust_remote_code)
     vision = None
-    if image_processor is not None:
+    if image_processor is not None:  # a vision-language model: chat requests may carry images
         vision = VisionModel(model, tokenizer, image_processor, config.image_policy)
         log.info("vision model: chat requests may carry images")
-    engine = LLMEngine(model, tokenizer, vision=vision, config=LLMEngineConfig(
+    return LLMEngine(model, tokenizer, vision=vision, config=LLMEngineConfig(
         max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
         max_model_len=config.max_model_len, max_tokens_limit=config.max_tokens_limit,
         max_cached_tokens=config.kv_cache_tokens, block_size=config.block_size,
@@ -36,8 +60,6 @@ def build_worker(config: WorkerConfig):
         attention_backend=config.attention_backend,
         tool_parser=config.tool_parser,
     ))
-    client = connect(config.redis_url, health_check_interval=30)
-    return Worker(config, engine, WorkerStreams(client, config))
 
 
 def run_worker(config: WorkerConfig, burst: bool = False) -> int:
