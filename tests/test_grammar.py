@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import jsonschema
@@ -426,4 +427,38 @@ def test_enforced_tool_choice_through_a_worker(worker_factory, redis_server_url,
         (call,) = done.tool_calls
         assert call["function"]["name"] == "get_weather"
         jsonschema.validate(json.loads(call["function"]["arguments"]), WEATHER)
+    client.redis.close()
+
+
+@pytest.mark.redis
+def test_logprobs_with_enforced_tool_calls_and_schemas_through_a_worker(worker_factory, redis_server_url, prefix):
+    """logprobs keep working under a grammar: streamed per token beside the tool-call deltas, and whole in
+    `done` when not streamed; every alternative is one the grammar allows (a finite logprob)."""
+    from producer import Client
+
+    worker_factory(max_num_seqs=4, tool_parser="hermes").start()
+    client = Client(redis_server_url, prefix=prefix)
+    model = client.get_model("tiny")
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    cfg = {"max_tokens": 300, "temperature": 0, "logprobs": 3}
+    body = {"messages": [{"role": "user", "content": PROMPTS[0]}], "tools": TOOLS, "tool_choice": named}
+    streamed = model.submit(TaskKind.CHAT, body, cfg)
+    whole = model.submit(TaskKind.CHAT, body, {**cfg, "stream": False})
+    schema = model.submit(TaskKind.GENERATE, {"prompt": PROMPTS[1]},
+                          {**cfg, "stream": False, "response_format": schema_format(WEATHER, "weather")})
+    events = list(client.events(streamed, timeout_s=60))
+    done = events[-1]
+    assert done.finish_reason.value == "tool_calls" and any(e.tool_calls for e in events[:-1])
+    rows = [row for e in events[:-1] for row in e.logprobs or []]
+    assert len(rows) == sum(len(e.token_ids or []) for e in events[:-1]) == done.usage.completion_tokens
+    for request_id, finish in ((whole, "tool_calls"), (schema, "stop")):
+        final = client.wait(request_id, timeout_s=60)
+        assert final.finish_reason.value == finish and len(final.logprobs) == final.usage.completion_tokens
+        rows += final.logprobs
+    functions = [[c["function"] for c in final.tool_calls] for final in (client.wait(whole, timeout_s=1), done)]
+    assert functions[0] == functions[1]  # the same call either way (ids follow the request id)
+    for row in rows:
+        assert math.isfinite(row["logprob"]) and 1 <= len(row["top_logprobs"]) <= 3
+        assert all(math.isfinite(t["logprob"]) and t["logprob"] <= 0 for t in row["top_logprobs"])
+    jsonschema.validate(json.loads(client.wait(schema, timeout_s=1).text), WEATHER)
     client.redis.close()

@@ -194,6 +194,33 @@ def test_decode_steps_mix_images_of_different_sizes_and_text(vlm):
         assert outputs[request_id] == reference(vlm, parts, max_tokens), request_id
 
 
+def test_resume_after_published_tokens_continues_exactly(vlm):
+    """A request reclaimed from a dead worker is re-admitted with the tokens already published: its image is
+    encoded again and the output goes on as if never interrupted."""
+    from worker.request import Resume
+
+    parts = ["two", make_image(4, 80, 50), "and", make_image(5, 30, 70), "is"]
+    expected = reference(vlm, parts, 12)
+    _, tokenizer, _ = vlm
+    engine = make_engine(vlm)
+    engine.add(chat_request("r", parts, 12), Resume(output_ids=expected[:5], text=tokenizer.decode(expected[:5]),
+                                                     next_seq=5))
+    outputs, _ = run_engine(engine, [])
+    assert expected[:5] + outputs["r"] == expected
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+def test_flex_attention_backend_serves_images_too(family, tmp_path, torch_threads):
+    from worker.models.loading import load_model
+    from worker.models.tiny_vlm import make_tiny_vlm
+
+    vlm = load_model(str(make_tiny_vlm(tmp_path, family, seed=0)))
+    work = _workload()[:4]
+    outputs, _ = run_engine(make_engine(vlm, attention_backend="flex"), work)
+    for request_id, parts, max_tokens, _ in work:
+        assert outputs[request_id] == reference(vlm, parts, max_tokens), request_id
+
+
 # ---------------------------------------------------------------- bad images fail alone
 
 
@@ -308,6 +335,7 @@ def _content(parts):
             for p in parts]
 
 
+@pytest.mark.redis
 def test_vision_chat_through_a_worker(tmp_path, redis_server_url, prefix, rds, torch_threads):
     """Image requests (data: URI, http URL, local file), text requests and bad images in one worker: the good
     ones equal generate, each bad one is an invalid_request alone, a slow URL never stalls the others."""
