@@ -44,7 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="paged attention kernel: sdpa (one call per row group), flex (one flex_attention call per "
                         "layer; compiled on CUDA, eager reference elsewhere); auto: flex on CUDA when it compiles")
     w.add_argument("--max-queue-len", type=int, default=10_000)
-    w.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    w.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (a model on one device)")
+    w.add_argument("--device-map", default=None,
+                   help="split the model over devices with accelerate: auto | balanced | balanced_low_0 | "
+                        "sequential, or a JSON object {module: device} (inline or a file); device: GPU index, "
+                        "cpu or disk (offloaded, run on the main GPU)")
+    w.add_argument("--max-memory", default=None,
+                   help="with --device-map: per-device caps for the placement, e.g. 0=70GiB,1=70GiB,cpu=200GiB")
+    w.add_argument("--offload-folder", default=None, help="with --device-map: where modules mapped to disk are kept")
+    w.add_argument("--tp-size", type=int, default=1,
+                   help="tensor parallel over N processes (transformers' tp_plan): launch with "
+                        "torchrun --nproc-per-node N --no-python redbatch worker --tp-size N ...")
     w.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     w.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     w.add_argument("--grace-s", type=float, default=30.0)
@@ -161,6 +171,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_consecutive_step_failures=args.max_consecutive_step_failures, tool_parser=args.tool_parser,
         metrics_port=args.metrics_port, health_file=args.health_file,
+        device_map=args.device_map, max_memory=args.max_memory, offload_folder=args.offload_folder,
+        tp_size=args.tp_size,
     )
     if args.worker_id:
         options["worker_id"] = args.worker_id

@@ -2,15 +2,51 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from producer.keys import DEFAULT_PREFIX, check_model_name
 from producer.protocol import DEFAULT_HEARTBEAT_TTL_S, DEFAULT_MAX_BODY_BYTES, DEFAULT_RESULT_TTL_S
+
+
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def parse_device_map(text: str) -> str | dict[str, int | str]:
+    """An accelerate strategy name, a JSON object {module name: device} inline, or a path to a JSON file
+    holding one (devices: a GPU index, "cuda:N", "cpu" or "disk")."""
+    if text in DEVICE_MAP_STRATEGIES:
+        return text
+    if not text.lstrip().startswith("{"):
+        if not os.path.isfile(text):
+            raise ValueError(f"device_map must be one of {', '.join(DEVICE_MAP_STRATEGIES)}, a JSON object or a "
+                             f"JSON file, not {text!r}")
+        with open(text, encoding="utf-8") as f:
+            text = f.read()
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"device_map is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict) or not all(isinstance(d, (int, str)) for d in value.values()):
+        raise ValueError("a device_map must map module names to devices (an int GPU index or a string)")
+    return value
+
+
+def parse_max_memory(text: str) -> dict[int | str, str]:
+    """"0=70GiB,1=70GiB,cpu=200GiB" -> {0: "70GiB", 1: "70GiB", "cpu": "200GiB"}."""
+    caps: dict[int | str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        device, sep, size = part.partition("=")
+        if not sep or not device.strip() or not size.strip():
+            raise ValueError(f"max_memory entries are DEVICE=SIZE (e.g. 0=70GiB,cpu=200GiB), not {part!r}")
+        device = device.strip()
+        caps[int(device) if device.isdigit() else device] = size.strip()
+    return caps
 
 
 def default_worker_id() -> str:
@@ -30,6 +66,11 @@ class WorkerConfig(BaseModel):
     dtype: str = "auto"
     num_threads: int | None = Field(None, ge=1)
     trust_remote_code: bool = False
+    # a model bigger than one device: accelerate's placement, or tensor parallelism (torchrun); see docs/operations.md
+    device_map: str | dict[str, int | str] | None = None  # auto|balanced|balanced_low_0|sequential, or {module: device}
+    max_memory: dict[int | str, str] | None = None  # with device_map: per-device caps, e.g. {0: "70GiB", "cpu": "200GiB"}
+    offload_folder: str | None = None  # with device_map: where modules mapped to "disk" are kept
+    tp_size: int = Field(1, ge=1)  # > 1: tensor parallel over this many processes started by torchrun
 
     max_num_seqs: int = Field(16, ge=1, le=4096)
     max_num_batched_tokens: int = Field(2048, ge=1)
@@ -68,6 +109,24 @@ class WorkerConfig(BaseModel):
         if value not in ("auto", "none", *FORMATS):
             raise ValueError(f"tool_parser must be auto, none or one of {', '.join(FORMATS)}")
         return value
+
+    @field_validator("device_map", mode="before")
+    @classmethod
+    def _parse_device_map(cls, value):
+        return parse_device_map(value) if isinstance(value, str) else value
+
+    @field_validator("max_memory", mode="before")
+    @classmethod
+    def _parse_max_memory(cls, value):
+        return parse_max_memory(value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one_way_to_shard(self) -> "WorkerConfig":
+        if self.tp_size > 1 and self.device_map is not None:
+            raise ValueError("device_map and tp_size > 1 are two ways to shard a model: choose one")
+        if self.device_map is None and (self.max_memory is not None or self.offload_folder is not None):
+            raise ValueError("max_memory and offload_folder only apply with a device_map")
+        return self
 
     @field_validator("device")
     @classmethod
