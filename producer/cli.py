@@ -9,6 +9,7 @@ import sys
 
 from producer.errors import RedbatchError
 from producer.keys import DEFAULT_PREFIX
+from worker.cli_args import add_worker_arguments, config_from_args
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 
@@ -28,56 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("worker", help="serve one model from its request stream")
     _add_common(w)
-    w.add_argument("--model-name", default=None, help="required unless probing with --health / --ready")
-    w.add_argument("--model-path", default=None, help="local directory or hub id")
-    w.add_argument("--max-num-seqs", type=int, default=16)
-    w.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    w.add_argument("--max-model-len", type=int, default=None)
-    w.add_argument("--kv-cache-tokens", type=int, default=None,
-                   help="KV cache budget in tokens (default: max-num-seqs x max-model-len, on CUDA what "
-                        "--gpu-memory-utilization leaves); the newest request is preempted and recomputed under pressure")
-    w.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                   help="CUDA: share of device memory for weights, activations and the KV cache")
-    w.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
-    w.add_argument("--no-prefix-cache", action="store_true", help="never reuse KV blocks across requests")
-    w.add_argument("--attention-backend", choices=["auto", "sdpa", "flex"], default="auto",
-                   help="paged attention kernel: sdpa (one call per row group), flex (one flex_attention call per "
-                        "layer; compiled on CUDA, eager reference elsewhere); auto: flex on CUDA when it compiles")
-    w.add_argument("--max-queue-len", type=int, default=10_000)
-    w.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (a model on one device)")
-    w.add_argument("--device-map", default=None,
-                   help="split the model over devices with accelerate: auto | balanced | balanced_low_0 | "
-                        "sequential, or a JSON object {module: device} (inline or a file); device: GPU index, "
-                        "cpu or disk (offloaded, run on the main GPU)")
-    w.add_argument("--max-memory", default=None,
-                   help="with --device-map: per-device caps for the placement, e.g. 0=70GiB,1=70GiB,cpu=200GiB")
-    w.add_argument("--offload-folder", default=None, help="with --device-map: where modules mapped to disk are kept")
-    w.add_argument("--tp-size", type=int, default=1,
-                   help="tensor parallel over N processes (transformers' tp_plan): launch with "
-                        "torchrun --nproc-per-node N --no-python redbatch worker --tp-size N ...")
-    w.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    w.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    w.add_argument("--grace-s", type=float, default=30.0)
-    w.add_argument("--lease-s", type=float, default=30.0, help="entries idle this long are reclaimed by another worker")
-    w.add_argument("--max-deliveries", type=int, default=3)
-    w.add_argument("--max-consecutive-step-failures", type=int, default=3,
-                   help="after this many failed steps in a row, hand the requests back and exit with status 75")
-    w.add_argument("--max-body-bytes", type=int, default=1 << 20)
-    w.add_argument("--max-tokens-limit", type=int, default=32768)
-    w.add_argument("--worker-id", default=None)
-    w.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    add_worker_arguments(w)  # one flag per WorkerConfig field, with its default and help
     w.add_argument("--burst", action="store_true", help="exit once the stream is empty and nothing runs")
-    w.add_argument("--health-file", default=os.environ.get("REDBATCH_HEALTH_FILE"),
-                   help="the worker writes its loop and heartbeat times here; probes read it (env REDBATCH_HEALTH_FILE)")
     w.add_argument("--health", action="store_true",
                    help="probe, do not serve: exit 0 if the worker's loop turned within --health-max-age-s (liveness)")
     w.add_argument("--ready", action="store_true",
                    help="probe, do not serve: exit 0 if it also heartbeated to Redis recently and is not draining")
     w.add_argument("--health-max-age-s", type=float, default=30.0)
-    w.add_argument("--trust-remote-code", action="store_true")
-    w.add_argument("--tool-parser", default="auto",
-                   help="tool-call format: auto (detected from the chat template), none, hermes, llama3_json, "
-                        "mistral or glm4")
 
     for name in ("generate", "chat"):
         g = sub.add_parser(name, help=f"send one {name} request and stream the answer")
@@ -157,26 +115,16 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         print("error: redbatch worker needs --model-name and --model-path", file=sys.stderr)
         return 2
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported
-    from worker.config import WorkerConfig
+    from pydantic import ValidationError
+
     from worker.main import run_worker
 
-    options = dict(
-        model_name=args.model_name, model_path=args.model_path, redis_url=_redis_url(args), prefix=args.prefix,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len, kv_cache_tokens=args.kv_cache_tokens, max_queue_len=args.max_queue_len, device=args.device, dtype=args.dtype,
-        num_threads=args.threads, grace_s=args.grace_s, trust_remote_code=args.trust_remote_code,
-        lease_s=args.lease_s, max_deliveries=args.max_deliveries, max_body_bytes=args.max_body_bytes,
-        max_tokens_limit=args.max_tokens_limit, block_size=args.block_size,
-        enable_prefix_caching=not args.no_prefix_cache, attention_backend=args.attention_backend,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        max_consecutive_step_failures=args.max_consecutive_step_failures, tool_parser=args.tool_parser,
-        metrics_port=args.metrics_port, health_file=args.health_file,
-        device_map=args.device_map, max_memory=args.max_memory, offload_folder=args.offload_folder,
-        tp_size=args.tp_size,
-    )
-    if args.worker_id:
-        options["worker_id"] = args.worker_id
-    return run_worker(WorkerConfig(**options), burst=args.burst)
+    try:
+        config = config_from_args(args, redis_url=_redis_url(args))
+    except ValidationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return run_worker(config, burst=args.burst)
 
 
 def _probe_worker(args: argparse.Namespace) -> int:

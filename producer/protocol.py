@@ -285,7 +285,7 @@ class TextToImageBody(_Strict):
     guidance_scale: float | None = Field(None, ge=0.0, le=100.0)
     seed: int | None = Field(None, ge=0, lt=2**63)
     negative_prompt: str | None = None
-    response_format: Literal["b64_json", "png"] = "b64_json"
+    response_format: Literal["b64_json", "png", "url"] = "b64_json"  # url: a worker with an image output dir
 
 
 Body = Union[GenerateBody, ChatBody, TextToImageBody]
@@ -311,6 +311,14 @@ class Request(_Strict):
     @property
     def generate_config(self) -> GenerateConfig:
         return getattr(self.body, "generate_config", GenerateConfig())
+
+    @property
+    def is_streamed(self) -> bool:
+        """Whether events come before the terminal one: generate/chat follow `stream`; an image request
+        always publishes its progress and image events (it has no generate_config)."""
+        if isinstance(self.body, TextToImageBody):
+            return True
+        return self.generate_config.stream
 
 
 class BadEntry(Exception):
@@ -466,6 +474,7 @@ class Event(BaseModel):
     format: str | None = None
     data: bytes | None = None
     b64: str | None = None
+    url: str | None = None
     step: int | None = None
     total: int | None = None
 

@@ -6,10 +6,14 @@ Pure functions shared by the sync and async clients.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
-from producer.errors import RequestAborted, error_from_event
-from producer.protocol import Event, EventType, TaskKind
+from producer.errors import RequestAborted, RequestTimeout, error_from_event
+from producer.protocol import TERMINAL_EVENTS, Event, EventType, TaskKind, decode_event
+
+READ_BLOCK_MS = 1000
+READ_COUNT = 256
 
 
 class Shaper:
@@ -99,3 +103,55 @@ def check_terminal(event: Event, request_id: str) -> None:
         raise error_from_event(event.code, event.message, request_id)
     if event.type == EventType.ABORTED:
         raise RequestAborted(request_id)
+
+
+def image_list(request_id: str, events: list[Event]) -> dict[str, Any]:
+    """Xinference's text_to_image result from a request's events: {"created", "data": [{"b64_json" | "url"}]},
+    images in index order (raw PNG bytes are base64-encoded). Raises on error/abort."""
+    import base64
+
+    check_terminal(events[-1], request_id)
+    data = []
+    for event in sorted((e for e in events if e.type == EventType.IMAGE), key=lambda e: e.index or 0):
+        if event.url is not None:
+            data.append({"url": event.url})
+        else:
+            data.append({"b64_json": event.b64 if event.b64 is not None else base64.b64encode(event.data or b"").decode()})
+    return {"created": int(time.time()), "data": data}
+
+
+class EventCursor:
+    """Where a reader of one request's events stream is: both clients run XREAD key after COUNT
+    READ_COUNT BLOCK block_ms() in a loop and pass each reply to take(), until `is_done`."""
+
+    def __init__(self, key: str, request_id: str, timeout_s: float | None, after: str = "0-0"):
+        self.key = key
+        self.request_id = request_id
+        self.after = after
+        self.timeout_s = timeout_s
+        self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self.is_done = False
+
+    def block_ms(self) -> int:
+        if self.deadline is None:
+            return READ_BLOCK_MS
+        return max(1, min(READ_BLOCK_MS, int((self.deadline - time.monotonic()) * 1000)))
+
+    def take(self, reply: Any) -> Iterator[Event]:
+        """The events of one XREAD reply, in order, up to and including the terminal one.
+        Raises RequestTimeout when the deadline passed without a terminal event."""
+        for _, entries in reply or []:
+            for entry_id, fields in entries:
+                self.after = entry_id
+                event = decode_event(fields)
+                yield event
+                if event.type in TERMINAL_EVENTS:
+                    self.is_done = True
+                    return
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise RequestTimeout(f"no result for request {self.request_id} within {self.timeout_s} s")
+
+
+def has_finished(last_events: list[Any]) -> bool:
+    """Whether the request's last event (XREVRANGE events COUNT 1) is terminal: nothing left to abort."""
+    return bool(last_events) and decode_event(last_events[0][1]).is_terminal

@@ -1,7 +1,13 @@
-"""What the sync and async clients share: building entries and the enqueue script."""
+"""What the sync and async clients share: building entries and the enqueue script.
+
+Everything here is free of I/O: a client prepares a Submission, runs its two Redis calls (the
+live-worker count, the enqueue script) with its own connection, sync or async, and hands the
+replies back to the helpers here.
+"""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 import warnings
@@ -17,7 +23,7 @@ from producer.errors import (
     UnknownModel,
     UnsupportedTask,
 )
-from producer.keys import check_model_name, check_request_id
+from producer.keys import Keys, check_model_name, check_request_id
 from producer.protocol import (  # noqa: F401 - the TTL defaults are re-exported for the clients
     DEFAULT_HEARTBEAT_TTL_S,
     DEFAULT_RESULT_TTL_S,
@@ -27,12 +33,11 @@ from producer.protocol import (  # noqa: F401 - the TTL defaults are re-exported
     GenerateConfig,
     ModelRegistration,
     TaskKind,
+    TextToImageBody,
     encode_request,
 )
 
-READ_BLOCK_MS = 1000
-READ_COUNT = 256
-RECONNECT_DELAY_S = 0.25
+RECONNECT_DELAY_S = 0.25  # a reader's wait before it asks a Redis that went away again
 NO_LIVE_WORKER_POLICIES = ("error", "warn", "ignore")
 
 # Enqueue in one atomic step: refuse an id that is queued, running or finished within the result
@@ -107,13 +112,68 @@ def handle_live_workers(policy: str, model: str, live: int) -> None:
     warnings.warn(message, NoLiveWorkerWarning, stacklevel=4)
 
 
+@dataclass(frozen=True)
+class Submission:
+    """One request ready to enqueue: the enqueue script's keys and arguments, and where to count live workers."""
+
+    model: str
+    request_id: str
+    script_keys: list[str]
+    script_args: list[str]
+    workers_key: str  # the model's workers zset: ZCOUNT workers_key live_since +inf = live workers
+    live_since_ms: int
+    max_queue_len: int
+
+    @classmethod
+    def prepare(cls, keys: Keys, info: ModelInfo, task: TaskKind, payload: dict[str, Any],
+                generate_config: dict[str, Any] | None, deadline_ms: int | None, owner_ttl_s: int,
+                request_id: str | None = None) -> "Submission":
+        """request_id: a text_to_image request's id (generate/chat carry theirs in generate_config)."""
+        info.check_task(task)
+        request_id, body = build_body(task, payload, generate_config, request_id)
+        return cls(model=info.name, request_id=request_id,
+                   script_keys=[keys.requests(info.name), keys.request_owner(info.name, request_id)],
+                   script_args=enqueue_args(request_id, task, body, info.max_queue_len, deadline_ms, owner_ttl_s),
+                   workers_key=keys.model_workers(info.name), live_since_ms=info.live_since_ms(),
+                   max_queue_len=info.max_queue_len)
+
+    def refusal(self, exc: Exception) -> Exception:
+        """The typed error for the enqueue script's refusal `exc` (or `exc` itself)."""
+        return enqueue_error(exc, self.model, self.request_id, self.max_queue_len)
+
+
+def chat_payload(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                 tool_choice: str | dict[str, Any] | None) -> dict[str, Any]:
+    payload: dict[str, Any] = {"messages": messages}
+    if tools is not None:
+        payload["tools"] = tools
+    if tool_choice is not None:
+        payload["tool_choice"] = tool_choice
+    return payload
+
+
+def wants_stream(generate_config: dict[str, Any] | None) -> bool:
+    return (generate_config or {}).get("stream", True) is not False
+
+
+def decode_models(raw: dict[bytes, bytes]) -> dict[str, dict[str, Any]]:
+    """The models hash (HGETALL Keys.models()) as name -> registration dict."""
+    return {k.decode(): json.loads(v) for k, v in raw.items()}
+
+
 def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-def build_body(task: TaskKind, payload: dict[str, Any], generate_config: dict[str, Any] | None) -> tuple[str, Body]:
-    """Validate a call's arguments into a wire body; returns (request_id, body)."""
+def build_body(task: TaskKind, payload: dict[str, Any], generate_config: dict[str, Any] | None,
+               request_id: str | None = None) -> tuple[str, Body]:
+    """Validate a call's arguments into a wire body; returns (request_id, body). A text_to_image body has
+    no generate_config: its id comes from `request_id`."""
     try:
+        if task == TaskKind.TEXT_TO_IMAGE:
+            if generate_config:
+                raise InvalidRequest("text_to_image takes no generate_config")
+            return (request_key_id(request_id) if request_id else new_request_id()), TextToImageBody.model_validate(payload)
         config = GenerateConfig.model_validate(generate_config or {})
         request_id = config.request_id or new_request_id()
         if task == TaskKind.GENERATE:
@@ -125,6 +185,12 @@ def build_body(task: TaskKind, payload: dict[str, Any], generate_config: dict[st
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         raise InvalidRequest(str(exc)) from None
     return request_id, body
+
+
+def image_payload(prompt: str, n: int, size: str, response_format: str, **options: Any) -> dict[str, Any]:
+    """A text_to_image body from Xinference-style arguments (options left None are left out)."""
+    return {"prompt": prompt, "n": n, "size": size, "response_format": response_format,
+            **{k: v for k, v in options.items() if v is not None}}
 
 
 def prompt_payload(prompt: str | list[int]) -> dict[str, Any]:

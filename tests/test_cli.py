@@ -156,3 +156,44 @@ def test_worker_flags_parse():
     assert args.attention_backend == "flex"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["worker", "--model-name", "m", "--model-path", "p", "--attention-backend", "x"])
+
+
+def test_worker_flags_are_generated_from_every_config_field():
+    """Each WorkerConfig field is a flag whose default is the field's: no second copy of a default in cli.py."""
+    from worker.cli_args import COMMON_FIELDS, config_from_args, flag_name
+    from worker.config import WorkerConfig
+
+    parser = build_parser()
+    worker_parser = parser._subparsers._group_actions[0].choices["worker"]
+    by_dest = {a.dest: a for a in worker_parser._actions}
+    for name, info in WorkerConfig.model_fields.items():
+        assert name in by_dest, f"no flag for WorkerConfig.{name}"
+        action = by_dest[name]
+        if name not in COMMON_FIELDS:
+            assert action.option_strings == [flag_name(name, info)]
+            assert action.help, f"--{name} has no help text"
+        if not info.is_required() and info.default_factory is None and name not in COMMON_FIELDS + ("health_file",):
+            assert action.default == info.default, name
+    args = parser.parse_args(["worker", "--model-name", "m", "--model-path", "p"])
+    assert config_from_args(args).model_dump(exclude={"worker_id"}) == \
+        WorkerConfig(model_name="m", model_path="p").model_dump(exclude={"worker_id"})
+
+
+def test_worker_flags_keep_their_names_and_reach_the_config():
+    from worker.cli_args import config_from_args
+
+    args = build_parser().parse_args([
+        "worker", "--model-name", "m", "--model-path", "p", "--threads", "3", "--no-prefix-cache",
+        "--max-num-seqs", "5", "--kv-cache-tokens", "512", "--lease-s", "2.5", "--worker-id", "w-1",
+        "--trust-remote-code", "--tool-parser", "hermes", "--metrics-port", "0", "--heartbeat-ttl-s", "7"])
+    config = config_from_args(args, redis_url="redis://h:1/0")
+    assert (config.num_threads, config.enable_prefix_caching, config.max_num_seqs, config.kv_cache_tokens) == \
+        (3, False, 5, 512)
+    assert (config.lease_s, config.worker_id, config.trust_remote_code, config.tool_parser) == \
+        (2.5, "w-1", True, "hermes")
+    assert (config.metrics_port, config.heartbeat_ttl_s, config.redis_url) == (0, 7, "redis://h:1/0")
+
+
+def test_worker_command_reports_an_invalid_flag_value(capsys):
+    assert main(["worker", "--model-name", "m", "--model-path", "p", "--max-num-seqs", "0"]) == 2
+    assert "max_num_seqs" in capsys.readouterr().err

@@ -64,7 +64,7 @@ def run(engine, requests, resumes=None):
 
 
 def text_of(seq) -> str:
-    return seq.meta["text"]
+    return seq.text
 
 
 def is_json(text: str) -> bool:
@@ -342,7 +342,7 @@ def test_enforced_tool_choice_output_is_a_valid_call(tiny_llama, format_name):
             assert [name for name, _ in calls] == ["get_time"]
         for name, arguments in calls:
             jsonschema.validate(arguments, schemas[name])
-        parsed = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in seq.meta["tool_calls"]]
+        parsed = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in seq.tool_calls]
         assert parsed == calls  # and the worker's own parser reads the same calls
         assert text_of(seq) == ""  # no markup leaks into content
 

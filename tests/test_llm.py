@@ -47,7 +47,7 @@ def test_max_tokens_and_usage(engine):
 def test_streamed_text_equals_decode_of_the_tokens(engine, tiny_llama):
     _, tokenizer = tiny_llama
     tokens, text, _, seq = run_one(engine, max_tokens=40, ignore_eos=True)
-    assert text == tokenizer.decode(tokens, skip_special_tokens=True) == seq.meta["text"]
+    assert text == tokenizer.decode(tokens, skip_special_tokens=True) == seq.text
 
 
 def test_stop_string_is_cut_and_not_emitted(engine, tiny_llama):
@@ -112,7 +112,7 @@ def test_logprobs_are_reported_per_token(engine, tiny_llama):
         assert [e["token_id"] for e in entry["top_logprobs"]] == top.indices.tolist()
         assert [e["logprob"] for e in entry["top_logprobs"]] == pytest.approx(top.values.tolist(), abs=1e-4)
         assert entry["top_logprobs"][0]["token_id"] == entry["token_id"]  # greedy: the chosen one is the best
-    assert len(seq.meta["logprobs"]) == 4
+    assert len(seq.logprobs) == 4
 
 
 def test_chat_uses_the_chat_template(engine, tiny_llama):

@@ -195,3 +195,27 @@ def test_aborted_raises_request_aborted() -> None:
 def test_check_terminal_passes_non_error_events() -> None:
     check_terminal(token(0, "a"), "r")
     check_terminal(done(), "r")
+
+
+def test_event_cursor_stops_at_the_terminal_event_and_remembers_where_it_read() -> None:
+    from producer.protocol import encode_event
+    from producer.results import EventCursor
+
+    cursor = EventCursor("k", "req-1", timeout_s=None)
+    reply = [(b"k", [(b"0-1", encode_event(0, EventType.TOKEN, text="a", token_ids=[1])),
+                     (b"0-2", encode_event(1, EventType.ABORTED)),
+                     (b"0-3", encode_event(2, EventType.TOKEN, text="never", token_ids=[2]))])]
+    assert [e.type for e in cursor.take(reply)] == [EventType.TOKEN, EventType.ABORTED]
+    assert cursor.is_done and cursor.after == b"0-2"
+
+
+def test_event_cursor_times_out_without_a_terminal_event() -> None:
+    from producer.errors import RequestTimeout
+    from producer.results import READ_BLOCK_MS, EventCursor
+
+    assert EventCursor("k", "r", timeout_s=None).block_ms() == READ_BLOCK_MS
+    cursor = EventCursor("k", "r", timeout_s=0.0)
+    assert cursor.block_ms() == 1
+    with pytest.raises(RequestTimeout):
+        list(cursor.take(None))
+    assert not cursor.is_done

@@ -143,13 +143,14 @@ def test_device_map_with_offload_serves_the_same_greedy_tokens(placement, tiny_l
 
 def test_device_map_and_max_memory_are_parsed_and_checked(tmp_path):
     base = dict(model_name="m", model_path="p")
-    assert WorkerConfig(**base, device_map="balanced").device_map == "balanced"
+    assert WorkerConfig(**base, device_map="balanced").device_map_value == "balanced"
     inline = WorkerConfig(**base, device_map='{"model.layers.0": 0, "lm_head": "cpu"}', max_memory="0=70GiB,cpu=1TiB")
-    assert inline.device_map == {"model.layers.0": 0, "lm_head": "cpu"}
-    assert inline.max_memory == {0: "70GiB", "cpu": "1TiB"}
+    assert inline.device_map_value == {"model.layers.0": 0, "lm_head": "cpu"}
+    assert inline.max_memory_caps == {0: "70GiB", "cpu": "1TiB"}
+    assert WorkerConfig(**base).device_map_value is None and WorkerConfig(**base).max_memory_caps is None
     path = tmp_path / "map.json"
     path.write_text('{"": "disk"}')
-    assert WorkerConfig(**base, device_map=str(path)).device_map == {"": "disk"}
+    assert WorkerConfig(**base, device_map=str(path)).device_map_value == {"": "disk"}
     for bad, message in [(dict(device_map="everywhere"), "device_map must be"),
                          (dict(device_map="{not json"), "not valid JSON"),
                          (dict(device_map='{"a": [0]}'), "module names to devices"),
@@ -173,7 +174,7 @@ def test_worker_cli_passes_the_sharding_flags(monkeypatch):
     monkeypatch.setattr("worker.main.run_worker", lambda config, burst: seen.setdefault("config", config) and 0)
     cli.main(["worker", "--model-name", "m", "--model-path", "p", "--device-map", "sequential",
               "--max-memory", "0=10GiB", "--offload-folder", "/tmp/off"])
-    assert (seen["config"].device_map, seen["config"].max_memory, seen["config"].offload_folder) == (
+    assert (seen["config"].device_map, seen["config"].max_memory_caps, seen["config"].offload_folder) == (
         "sequential", {0: "10GiB"}, "/tmp/off")
     seen.clear()
     cli.main(["worker", "--model-name", "m", "--model-path", "p", "--tp-size", "4"])

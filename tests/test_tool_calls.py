@@ -355,4 +355,4 @@ def test_a_resumed_request_whose_published_tokens_end_it_finishes_with_its_calls
     out = engine.finish_if_complete(seq)
     assert out is not None and out.finish_reason.value == "tool_calls"
     assert out.text == "Done soon." and [d["index"] for d in out.tool_calls] == [1]  # only what was still owed
-    assert names_args(seq.meta["tool_calls"]) == EXPECTED_CALLS and seq.meta["text"] == "Let me check.Done soon."
+    assert names_args(seq.tool_calls) == EXPECTED_CALLS and seq.text == "Let me check.Done soon."

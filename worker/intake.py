@@ -23,7 +23,8 @@ from typing import Any
 from producer.protocol import BadEntry, ErrorCode, Event, EventType, Request, decode_request, now_ms, read_request_id
 from worker.config import WorkerConfig
 from worker.engines.base import Engine, RequestRejected
-from worker.request import Resume, StepOutput
+from worker.out_events import Output
+from worker.request import Resume
 from worker.outbox import Outbox
 from worker.streams import EntryState, WorkerStreams
 
@@ -56,7 +57,7 @@ class Intake:
     def __init__(self, config: WorkerConfig, engine: Engine):
         self.config = config
         self.engine = engine
-        self._finished_on_resume: list[StepOutput] = []  # resumed requests that were already complete
+        self._finished_on_resume: list[Output] = []  # resumed requests that were already complete
 
     def admit(self, taken: list[tuple[Entry, EntryState | None]], outbox: Outbox) -> None:
         for entry, state in taken:
@@ -66,7 +67,7 @@ class Intake:
                 log.exception("unexpected error admitting entry %s", entry.entry_id)
                 self._reject(entry, ErrorCode.INVALID_REQUEST, f"{type(exc).__name__}: {exc}", outbox, 0)
 
-    def take_finished_on_resume(self) -> list[StepOutput]:
+    def take_finished_on_resume(self) -> list[Output]:
         done, self._finished_on_resume = self._finished_on_resume, []
         return done
 
@@ -106,14 +107,14 @@ class Intake:
             self._add(entry, request, state, outbox)
 
     def _add(self, entry: Entry, request: Request, state: EntryState, outbox: Outbox) -> None:
-        resume = resume_from(state.events) if request.generate_config.stream else None
+        resume = resume_from(state.events) if request.is_streamed else None
         try:
             seq = self.engine.add(request, resume)
         except RequestRejected as exc:
             self._reject(entry, exc.code, exc.message, outbox, state.next_seq)
             return
-        seq.meta.update(entry_id=entry.entry_id, deliveries=entry.deliveries, next_seq=state.next_seq,
-                        stream=request.generate_config.stream, task=request.task.value)
+        seq.entry_id, seq.num_deliveries, seq.next_seq = entry.entry_id, entry.deliveries, state.next_seq
+        seq.is_stream, seq.task = request.is_streamed, request.task.value
         if resume is not None:
             log.info("resuming request %s after %d published tokens", request.id, len(resume.output_ids))
             done = self.engine.finish_if_complete(seq)
@@ -140,9 +141,11 @@ class Intake:
 
 
 def resume_from(events: list[Event]) -> Resume | None:
-    """What a reclaimed request had published: its tokens, their text, and the next seq."""
+    """What a reclaimed request had published: its tokens, their text, its images, and the next seq."""
     tokens = [e for e in events if e.type == EventType.TOKEN]
-    if not tokens:
+    num_images = sum(1 for e in events if e.type == EventType.IMAGE)
+    if not tokens and not num_images:
         return None
     return Resume(output_ids=[t for e in tokens for t in (e.token_ids or [])], text="".join(e.text or "" for e in tokens),
-                  next_seq=len(events), tool_calls=[d for e in tokens for d in (e.tool_calls or [])])
+                  next_seq=len(events), tool_calls=[d for e in tokens for d in (e.tool_calls or [])],
+                  num_images=num_images)

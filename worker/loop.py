@@ -15,12 +15,12 @@ from typing import Any
 
 import redis
 
-from producer.protocol import ErrorCode, EventType, Usage
+from producer.protocol import ErrorCode, EventType
 from worker.config import WorkerConfig
 from worker.engines.base import Engine
 from worker.intake import Entry, Intake
 from worker.io_thread import Held, RedisIO, Round
-from worker.request import Sequence, StepOutput
+from worker.out_events import Output, Tracked
 from worker.outbox import Outbox
 from worker.streams import WorkerStreams, is_transient
 
@@ -133,7 +133,7 @@ class Worker:
         self.io.submit(self._round(outbox, burst))
         return is_idle
 
-    def _step(self, outbox: Outbox) -> list[StepOutput]:
+    def _step(self, outbox: Outbox) -> list[Output]:
         """One engine step. A failed step fails its running requests; too many in a row stop the worker."""
         if self.engine.num_active == 0:
             return []
@@ -147,14 +147,14 @@ class Worker:
                                    f"{type(exc).__name__}: {exc}") from exc
             log.exception("model error; failing the running requests")
             for seq in self.engine.fail_running():
-                outbox.fail(seq.request_id, seq.meta["entry_id"], self._next_seq(seq), ErrorCode.MODEL_ERROR,
+                outbox.fail(seq.request_id, seq.entry_id, self._next_seq(seq), ErrorCode.MODEL_ERROR,
                             f"{type(exc).__name__}: {exc}")
             return []
         self._num_failed_steps = 0
         self._record_step(started, outputs)
         return outputs
 
-    def _drop(self, request_ids: set[str], outputs: list[StepOutput], outbox: Outbox) -> list[StepOutput]:
+    def _drop(self, request_ids: set[str], outputs: list[Output], outbox: Outbox) -> list[Output]:
         """Requests whose `aborted` event is written, or that another worker owns: gone from the engine,
         and nothing more of them is published (not this step's tokens, nor its model_error)."""
         for request_id in request_ids:
@@ -162,26 +162,23 @@ class Worker:
         outbox.discard(request_ids)
         return [o for o in outputs if o.seq.request_id not in request_ids]
 
-    def _emit(self, out: StepOutput, outbox: Outbox) -> None:
-        seq = out.seq
-        if out.error is not None:  # this request failed alone; its batch mates go on
-            outbox.fail(seq.request_id, seq.meta["entry_id"], self._next_seq(seq), ErrorCode.MODEL_ERROR, out.error)
-            return
-        if seq.meta["stream"] and (out.token_ids or out.text or out.tool_calls):
-            outbox.event(seq.request_id, self._next_seq(seq), EventType.TOKEN, text=out.text, token_ids=out.token_ids,
-                         logprobs=out.logprobs, tool_calls=out.tool_calls)
-        if out.is_finished:
-            usage = Usage(prompt_tokens=seq.num_prompt_tokens, completion_tokens=seq.num_output_tokens,
-                          total_tokens=seq.num_tokens)
-            outbox.event(seq.request_id, self._next_seq(seq), EventType.DONE, finish_reason=out.finish_reason,
-                         text=seq.meta.get("text", ""), usage=usage, tool_calls=seq.meta.get("tool_calls"),
-                         logprobs=None if seq.meta["stream"] else seq.meta.get("logprobs"))
-            outbox.ack(seq.meta["entry_id"], seq.request_id)
-            self.stats.num_finished += 1
+    def _emit(self, out: Output, outbox: Outbox) -> None:
+        """Publish the output's events in order; a terminal one ends the request and lets its entry be acked."""
+        job = out.seq
+        for event in out.events():
+            if event.type == EventType.ERROR:  # this request failed alone; its batch mates go on
+                outbox.fail(job.request_id, job.entry_id, self._next_seq(job),
+                            event.fields.get("code", ErrorCode.MODEL_ERROR), event.fields["message"])
+                return
+            outbox.event(job.request_id, self._next_seq(job), event.type, **event.fields)
+            if event.is_terminal:
+                outbox.ack(job.entry_id, job.request_id)
+                self.stats.num_finished += 1
+                return
 
     def _round(self, outbox: Outbox, burst: bool) -> Round:
         """The Redis work this iteration leaves for the I/O thread, with a snapshot of what the engine holds."""
-        held = [Held(s.request_id, s.meta["entry_id"], s.meta["next_seq"]) for s in self.engine.sequences()]
+        held = [Held(s.request_id, s.entry_id, s.next_seq) for s in self.engine.sequences()]
         is_idle = self.engine.num_active == 0
         block_ms = (BURST_BLOCK_MS if burst else self.config.read_block_ms) if is_idle else None
         return Round(outbox, held, is_reading=not self._stop.is_set(),
@@ -207,7 +204,7 @@ class Worker:
         After a clean stop the hand-back does not count as a delivery; after a crash (or a broken
         engine) it does, so a request that kills workers still reaches the dead letters. Entries
         read but never admitted did not run here: they never count."""
-        unfinished = [(s.meta["entry_id"], s.meta.get("deliveries", 1)) for s in self.engine.sequences()]
+        unfinished = [(s.entry_id, s.num_deliveries) for s in self.engine.sequences()]
         never_run = [(e.entry_id, e.deliveries) for e in unadmitted]
         if unfinished or never_run:
             log.info("handing back %d unfinished requests for another worker to resume", len(unfinished + never_run))
@@ -217,15 +214,15 @@ class Worker:
     # ------------------------------------------------------------ helpers
 
     @staticmethod
-    def _next_seq(seq: Sequence) -> int:
-        value = seq.meta["next_seq"]
-        seq.meta["next_seq"] = value + 1
+    def _next_seq(seq: Tracked) -> int:
+        value = seq.next_seq
+        seq.next_seq = value + 1
         return value
 
-    def _record_step(self, started: float, outputs: list[StepOutput]) -> None:
+    def _record_step(self, started: float, outputs: list[Output]) -> None:
         if outputs:
             self.stats.num_steps += 1
-            self.stats.num_tokens += sum(len(o.token_ids) for o in outputs)
+            self.stats.num_tokens += sum(o.num_tokens for o in outputs)
             self.stats.step_ms_total += (time.monotonic() - started) * 1000
         if self.metrics is not None:
             self.metrics.on_step(time.monotonic() - started, outputs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 from producer.connection import connect
 from worker.config import WorkerConfig
@@ -12,10 +13,43 @@ log = logging.getLogger("redbatch.worker")
 EXIT_ENGINE_FAILED = 75  # EX_TEMPFAIL: steps kept failing, the requests are handed back; restart the process
 
 
-def build_engine(config: WorkerConfig, peers=None):
-    """Load the model (sharded when the config says so) and build the LLM engine over it. Under tensor
-    parallelism every rank calls this, in step, and passes its StepChannel as `peers` (None: the channel is
-    made here, once loading has created the process group)."""
+def build_worker(config: WorkerConfig, engine=None):
+    """`engine`: already built (a tensor-parallel rank 0 builds it before it knows it is rank 0)."""
+    import torch
+
+    from worker.loop import Worker
+    from worker.streams import WorkerStreams
+
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    engine = engine if engine is not None else build_engine(config)
+    client = connect(config.redis_url, health_check_interval=30)
+    return Worker(config, engine, WorkerStreams(client, config))
+
+
+def build_engine(config: WorkerConfig):
+    """The engine for the worker's task: --task, or what the model directory holds (a diffusers
+    pipeline has a model_index.json; anything else is loaded as a causal LM)."""
+    if resolve_task(config) == "text_to_image":
+        from worker.engines.image import build_image_engine
+
+        if config.device_map is not None or config.tp_size > 1:
+            raise ValueError("--device-map and --tp-size shard LLMs; a diffusers pipeline that does not fit uses "
+                             "--cpu-offload")
+
+        return build_image_engine(config)
+    return build_llm_engine(config)
+
+
+def resolve_task(config: WorkerConfig) -> str:
+    if config.task != "auto":
+        return config.task
+    return "text_to_image" if (Path(config.model_path) / "model_index.json").is_file() else "generate"
+
+
+def build_llm_engine(config: WorkerConfig):
+    """The LLM engine, its model sharded when the config says so. Under tensor parallelism every rank builds
+    it, in step (loading creates the process group; the StepChannel is made after it)."""
     import torch
 
     from worker.engines.llm import LLMEngine, LLMEngineConfig
@@ -23,10 +57,11 @@ def build_engine(config: WorkerConfig, peers=None):
 
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    sharding = Sharding(device_map=config.device_map, max_memory=config.max_memory,
+    sharding = Sharding(device_map=config.device_map_value, max_memory=config.max_memory_caps,
                         offload_folder=config.offload_folder, tp_size=config.tp_size)
     model, tokenizer = load_llm(config.model_path, config.device, config.dtype, config.trust_remote_code, sharding)
-    if config.tp_size > 1 and peers is None:
+    peers = None
+    if config.tp_size > 1:
         from worker.engines.tensor_parallel import StepChannel
 
         peers = StepChannel()
@@ -40,15 +75,6 @@ def build_engine(config: WorkerConfig, peers=None):
     ), peers=peers)
 
 
-def build_worker(config: WorkerConfig, engine=None):
-    from worker.loop import Worker
-    from worker.streams import WorkerStreams
-
-    engine = engine if engine is not None else build_engine(config)
-    client = connect(config.redis_url, health_check_interval=30)
-    return Worker(config, engine, WorkerStreams(client, config))
-
-
 def run_worker(config: WorkerConfig, burst: bool = False) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if config.tp_size == 1:
@@ -56,7 +82,7 @@ def run_worker(config: WorkerConfig, burst: bool = False) -> int:
     from worker.engines.tensor_parallel import check_launch, follow
 
     check_launch(config.tp_size, os.environ.get("WORLD_SIZE"))
-    engine = build_engine(config)
+    engine = build_llm_engine(config)
     if not engine.peers.is_leader:  # a follower: no Redis, no requests; it runs the forwards rank 0 sends
         follow(engine, engine.peers)
         return 0
@@ -88,7 +114,10 @@ def _serve(worker, config: WorkerConfig, burst: bool) -> int:
 
 
 def _placement_text(engine, config: WorkerConfig) -> str:
-    devices = ",".join(str(d) for d in dict.fromkeys(engine.kv.layer_devices))
+    kv = getattr(engine, "kv", None)  # the LLM engine's paged cache; the image engine has none
+    if kv is None:
+        return f"device={config.device}"
+    devices = ",".join(str(d) for d in kv.devices)
     if config.tp_size > 1:
         return f"tensor parallel x{config.tp_size}, rank 0 on {devices}"
     if config.device_map is not None:

@@ -66,15 +66,15 @@ class WorkerMetrics:
     def on_step(self, seconds: float, outputs: list[Any]) -> None:
         self.step_seconds.observe(seconds)
         self.batch_size.observe(len(outputs))
-        self.tokens.inc(sum(len(o.token_ids) for o in outputs))
+        self.tokens.inc(sum(o.num_tokens for o in outputs))
         now = time.monotonic()
         for out in outputs:
             if out.error is None and not out.is_finished:
                 continue
             seq = out.seq
             outcome = "model_error" if out.error is not None else f"done_{_reason(out.finish_reason)}"
-            self.requests.labels(model=self._model, task=seq.meta.get("task", "unknown"), outcome=outcome).inc()
-            if seq.first_token_s is not None and seq.num_resumed_tokens == 0:
+            self.requests.labels(model=self._model, task=seq.task, outcome=outcome).inc()
+            if getattr(seq, "first_token_s", None) is not None and seq.num_resumed_tokens == 0:  # LLM requests
                 self.ttft.observe(max(0.0, seq.first_token_s - seq.arrival_s))
                 num_new = len(seq.output_ids) - 1
                 if num_new > 0:

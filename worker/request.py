@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, Iterator
 
-from producer.protocol import FinishReason, GenerateConfig
+from producer.protocol import EventType, FinishReason, GenerateConfig, Usage
+from worker.out_events import OutEvent, error_event, token_event
 
 
 class SeqStatus(str, Enum):
@@ -41,7 +42,16 @@ class Sequence:
     first_token_s: float | None = None
     num_resumed_tokens: int = 0  # output tokens carried over from an earlier worker
     num_preemptions: int = 0
-    meta: dict[str, Any] = field(default_factory=dict)  # owner's bookkeeping (e.g. stream entry id)
+    # The owner's bookkeeping (the worker loop sets these at admission; the engine never reads them).
+    entry_id: str = ""  # the request-stream entry that carries it, acked once its terminal event is written
+    num_deliveries: int = 1  # times the stream delivered that entry (a crash hand-back counts one more)
+    next_seq: int = 0  # seq of the request's next event
+    is_stream: bool = True  # token events as they come; False: only the terminal event, with the whole output
+    task: str = "unknown"  # the request's task kind (a metrics label)
+    # The whole output, set by the engine when the request finishes (for the `done` event).
+    text: str = ""
+    tool_calls: list[dict[str, Any]] | None = None
+    logprobs: list[dict[str, Any]] | None = None  # every output token's row, when the request asked for them
 
     @property
     def all_ids(self) -> list[int]:
@@ -83,6 +93,7 @@ class Resume:
     text: str
     next_seq: int
     tool_calls: list[dict[str, Any]] = field(default_factory=list)  # the tool-call deltas published, in order
+    num_images: int = 0  # image events published (text_to_image: those images are not sent again)
 
 
 @dataclass
@@ -100,3 +111,24 @@ class StepOutput:
     @property
     def is_finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    def events(self) -> Iterator[OutEvent]:
+        """`token` (when the request streams and there is something to say), then `done` at the end;
+        `error` alone when the request failed in this step."""
+        seq = self.seq
+        if self.error is not None:
+            yield error_event(self.error)
+            return
+        is_stream = seq.is_stream
+        if is_stream and (self.token_ids or self.text or self.tool_calls):
+            yield token_event(self.text, self.token_ids, self.logprobs, self.tool_calls)
+        if self.is_finished:
+            usage = Usage(prompt_tokens=seq.num_prompt_tokens, completion_tokens=seq.num_output_tokens,
+                          total_tokens=seq.num_tokens)
+            yield OutEvent(EventType.DONE, {
+                "finish_reason": self.finish_reason, "text": seq.text, "usage": usage, "tool_calls": seq.tool_calls,
+                "logprobs": None if is_stream else seq.logprobs})

@@ -60,7 +60,7 @@ class OutputState:
         raw = "" if self.stops.is_stopped else self.stops.feed(self.detok.flush()) + self.stops.finish()
         text, deltas = self._parse(raw, is_final=True)
         finish = self._end(seq, finish)
-        seq.meta["logprobs"] = None
+        seq.logprobs = None
         return StepOutput(seq=seq, token_ids=[], text=text, finish_reason=finish, tool_calls=deltas)
 
     def advance(self, seq: Sequence, token: int, logprob: dict | None) -> StepOutput:
@@ -86,7 +86,7 @@ class OutputState:
         text, deltas = self._parse(text, is_final=finish is not None)
         if finish is not None:
             finish = self._end(seq, finish)
-            seq.meta["logprobs"] = self.logprobs or None
+            seq.logprobs = self.logprobs or None
         return StepOutput(seq=seq, token_ids=[token], text=text, finish_reason=finish,
                           logprobs=[logprob] if logprob is not None else None, tool_calls=deltas)
 
@@ -109,8 +109,8 @@ class OutputState:
         if calls:
             finish = FinishReason.TOOL_CALLS
         seq.finish_reason = finish
-        seq.meta["text"] = self.tools.content if self.tools is not None else self.stops.text
-        seq.meta["tool_calls"] = [dict(c) for c in calls] or None
+        seq.text = self.tools.content if self.tools is not None else self.stops.text
+        seq.tool_calls = [dict(c) for c in calls] or None
         return finish
 
     def _is_stop_token(self, seq: Sequence, token: int) -> bool:
