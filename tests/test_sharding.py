@@ -161,6 +161,13 @@ def test_device_map_and_max_memory_are_parsed_and_checked(tmp_path):
             WorkerConfig(**base, **bad)
 
 
+def test_tp_size_must_split_heads_whole(tiny_llama):
+    config = tiny_llama[0].config  # 4 attention heads, 2 KV heads
+    tensor_parallel.check_heads(config, 2)
+    with pytest.raises(ValueError, match="--tp-size 4 must divide the model's 4 attention heads and 2 KV heads"):
+        tensor_parallel.check_heads(config, 4)
+
+
 def test_tp_size_outside_torchrun_says_how_to_launch():
     with pytest.raises(RuntimeError, match="torchrun --nproc-per-node 2 --no-python redbatch worker --tp-size 2"):
         tensor_parallel.check_launch(2, None)
@@ -207,7 +214,7 @@ class FakePeers:
     """A StepChannel without other ranks."""
 
     def __init__(self):
-        self.sent, self.is_diverged, self.is_leader, self.rank = [], False, True, 0
+        self.sent, self.is_diverged, self.is_leader, self.rank, self.world_size = [], False, True, 0, 2
 
     def send(self, chunks):
         self.sent.append(tensor_parallel.encode(chunks))

@@ -23,7 +23,7 @@ from worker.engines.kv_cache import KVShape, PagedKVCache, num_blocks_for_budget
 from worker.engines.outputs import OutputState, logprob_row
 from worker.engines.prompts import check_lengths, prompt_ids
 from worker.engines.sampler import HostSample, SamplingTensors, request_seed, sample
-from worker.engines.tensor_parallel import RanksDiverged, StepChannel
+from worker.engines.tensor_parallel import RanksDiverged, StepChannel, check_heads
 from worker.engines.text import IncrementalDetokenizer, StopStringMatcher
 from worker.models.tool_parsers import ToolCalling
 from worker.request import Resume, Sequence, StepOutput
@@ -63,6 +63,8 @@ class LLMEngine:
         self.peers = peers
         self.max_num_seqs = config.max_num_seqs
         mc = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        if peers is not None:
+            check_heads(mc, peers.world_size)
         self.placement = placement.probe(model, mc.num_hidden_layers)  # where each layer, the head, the logits are
         self.device = self.placement.output_device  # sampling, grammar masks, penalty rows
         self.dtype = self.placement.dtype

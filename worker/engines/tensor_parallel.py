@@ -47,6 +47,15 @@ def check_launch(tp_size: int, world_size: str | None) -> None:
             f"torchrun --nproc-per-node {tp_size} --no-python redbatch worker --tp-size {tp_size} ...")
 
 
+def check_heads(text_config, tp_size: int) -> None:
+    """Each rank must hold whole attention and KV heads (a split head has no meaning to attention)."""
+    num_heads = text_config.num_attention_heads
+    num_kv_heads = getattr(text_config, "num_key_value_heads", None) or num_heads
+    if num_heads % tp_size or num_kv_heads % tp_size:
+        raise ValueError(f"--tp-size {tp_size} must divide the model's {num_heads} attention heads and "
+                         f"{num_kv_heads} KV heads")
+
+
 @dataclass
 class SeqView:
     """What build_step reads of a Sequence, as rank 0 sent it: the chunk's tokens and the block table."""
