@@ -114,7 +114,17 @@ class Bench:
             return _cli("bulk", "worker", "--redis-url", self.url, "--burst", "--simple", stdout=f,
                         stderr=subprocess.STDOUT, start_new_session=True)
 
-    def run(self, job_id: str, bulk: subprocess.Popen, kill_at: int | None = None) -> dict:
+    def capture(self, job_id: str) -> str:
+        """What `redbatch top --once` and `redbatch bulk status` print at this moment (text, 120 columns)."""
+        env = dict(child_env(1), COLUMNS="120", TERM="dumb")
+        top = subprocess.run([sys.executable, "-m", "producer.cli", "top", "--once", "--redis-url", self.url,
+                              "--prefix", self.args.prefix], env=env, cwd=ROOT, capture_output=True, text=True, check=False)
+        status = subprocess.run([sys.executable, "-m", "producer.cli", "bulk", "status", job_id, "--redis-url", self.url],
+                                env=env, cwd=ROOT, capture_output=True, text=True, check=False)
+        return f"$ redbatch top --once\n{top.stdout}\n$ redbatch bulk status {job_id}\n{status.stdout}"
+
+    def run(self, job_id: str, bulk: subprocess.Popen, kill_at: int | None = None,
+            capture_top: Path | None = None) -> dict:
         """Watch a job until it stops (or until `kill_at` lines are done: then kill -9 its bulk worker)."""
         import producer.bulk as pb
 
@@ -130,6 +140,9 @@ class Bench:
                     pass
                 if bulk_cpu_at_start is None and info["status"] == "started":
                     bulk_cpu_at_start = bulk_cpu  # after the process started and imported rq: the job's own CPU from here
+            if capture_top is not None and info.get("total") and info.get("done", 0) >= info["total"] // 2:
+                capture_top.write_text(self.capture(job_id))
+                capture_top = None
             if kill_at is not None and info.get("done", 0) >= kill_at:
                 kill_session(bulk.pid)
                 bulk.wait(10)
@@ -183,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--redis-url", default=None, help="default: start redis-server on a free port")
     p.add_argument("--prefix", default="bench")
     p.add_argument("--json", default=None, help="also write the figures here")
+    p.add_argument("--top-capture", default=None, help="write what `redbatch top --once` and `redbatch bulk status` "
+                   "show half-way through the clean run to this file")
     args = p.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="rb-bulk-bench-"))
     bench = Bench(args, workdir)
@@ -193,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         write_input(input_path, args.lines, args.max_tokens)
         clean_out = workdir / "clean.jsonl"
         job = bench.submit(input_path, clean_out)
-        report["clean"] = bench.run(job, bench.bulk_worker(workdir / "bulk-clean.log"))
+        report["clean"] = bench.run(job, bench.bulk_worker(workdir / "bulk-clean.log"),
+                                    capture_top=Path(args.top_capture) if args.top_capture else None)
         print("clean run:", json.dumps(report["clean"]), flush=True)
         if not args.no_kill:
             report["killed"] = _killed_run(bench, input_path, workdir, int(args.lines * args.kill_at))
