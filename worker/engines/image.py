@@ -14,6 +14,7 @@ generator, num_images_per_prompt=n)` up to float rounding of batched matmuls.
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import random
@@ -62,6 +63,10 @@ class ImageEngine:
         self.max_images = min(config.max_images_per_request, config.max_num_seqs)
         self.allowed_sizes = None if config.allowed_sizes is None else {
             parse_size(s, self.size_multiple) for s in config.allowed_sizes}
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        # each job gets a deep copy (from_config per request costs ~2 ms of config handling)
+        self._scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
         self.waiting: list[ImageJob] = []
         self.running: list[ImageJob] = []
         self.num_steps = 0
@@ -193,10 +198,9 @@ class ImageEngine:
 
     def _schedule(self, job: ImageJob, num_image_tokens: int):
         """The job's own scheduler with the stock pipeline's timesteps for its step count and size."""
-        from diffusers import FlowMatchEulerDiscreteScheduler
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
+        scheduler = copy.deepcopy(self._scheduler)
         cfg = scheduler.config
         sigmas = None if cfg.get("use_flow_sigmas") else np.linspace(1.0, 1 / job.num_steps, job.num_steps)
         mu = calculate_shift(num_image_tokens, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
