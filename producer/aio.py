@@ -120,10 +120,11 @@ class AsyncModel:
         return image_list(request_id, [e async for e in self.client.events(request_id, timeout_s=timeout_s)])
 
     async def submit(self, task: TaskKind, payload: dict[str, Any], generate_config: dict[str, Any] | None = None, *,
-                     deadline_ms: int | None = None, request_id: str | None = None) -> str:
+                     deadline_ms: int | None = None, request_id: str | None = None,
+                     user: str | None = None) -> str:
         client = self.client
         sub = Submission.prepare(client.keys, self.info, task, payload, generate_config, deadline_ms,
-                                 client.result_ttl_s, request_id)
+                                 client.result_ttl_s, request_id, user)
         if client.on_no_live_worker != "ignore":
             live = await client.redis.zcount(sub.workers_key, sub.live_since_ms, "+inf")
             handle_live_workers(client.on_no_live_worker, self.name, int(live))

@@ -161,11 +161,12 @@ class Model:
         *,
         deadline_ms: int | None = None,
         request_id: str | None = None,
+        user: str | None = None,
     ) -> str:
         """Enqueue one request and return its id without waiting."""
         client = self.client
         sub = Submission.prepare(client.keys, self.info, task, payload, generate_config, deadline_ms,
-                                 client.result_ttl_s, request_id)
+                                 client.result_ttl_s, request_id, user)
         if client.on_no_live_worker != "ignore":
             live = client.redis.zcount(sub.workers_key, sub.live_since_ms, "+inf")
             handle_live_workers(client.on_no_live_worker, self.name, int(live))

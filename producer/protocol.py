@@ -26,6 +26,7 @@ DEFAULT_HEARTBEAT_TTL_S = 15  # a worker whose heartbeat is older is gone (also 
 _INT_RE = re.compile(r"-?[0-9]{1,19}")  # ASCII digits only; "--5" or "+5" must be a BadEntry, not a crash
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
+MAX_USER_CHARS = 256  # the optional `user` entry field: who asked (OpenAI's `user`), for accounting; workers ignore it
 
 
 class TaskKind(str, Enum):
@@ -341,6 +342,7 @@ def encode_request(
     *,
     created_ms: int | None = None,
     deadline_ms: int | None = None,
+    user: str | None = None,
 ) -> dict[str, str]:
     fields = {
         "v": PROTOCOL_VERSION,
@@ -351,6 +353,10 @@ def encode_request(
     }
     if deadline_ms is not None:
         fields["deadline"] = str(deadline_ms)
+    if user is not None:
+        if len(user) > MAX_USER_CHARS:
+            raise ValueError(f"user must be at most {MAX_USER_CHARS} characters")
+        fields["user"] = user
     return fields
 
 

@@ -127,13 +127,13 @@ class Submission:
     @classmethod
     def prepare(cls, keys: Keys, info: ModelInfo, task: TaskKind, payload: dict[str, Any],
                 generate_config: dict[str, Any] | None, deadline_ms: int | None, owner_ttl_s: int,
-                request_id: str | None = None) -> "Submission":
+                request_id: str | None = None, user: str | None = None) -> "Submission":
         """request_id: a text_to_image request's id (generate/chat carry theirs in generate_config)."""
         info.check_task(task)
         request_id, body = build_body(task, payload, generate_config, request_id)
         return cls(model=info.name, request_id=request_id,
                    script_keys=[keys.requests(info.name), keys.request_owner(info.name, request_id)],
-                   script_args=enqueue_args(request_id, task, body, info.max_queue_len, deadline_ms, owner_ttl_s),
+                   script_args=enqueue_args(request_id, task, body, info.max_queue_len, deadline_ms, owner_ttl_s, user),
                    workers_key=keys.model_workers(info.name), live_since_ms=info.live_since_ms(),
                    max_queue_len=info.max_queue_len)
 
@@ -200,8 +200,8 @@ def prompt_payload(prompt: str | list[int]) -> dict[str, Any]:
 
 
 def enqueue_args(request_id: str, task: TaskKind, body: Body, max_queue_len: int, deadline_ms: int | None,
-                 owner_ttl_s: int = DEFAULT_RESULT_TTL_S) -> list[str]:
-    fields = encode_request(request_id, task, body, deadline_ms=deadline_ms)
+                 owner_ttl_s: int = DEFAULT_RESULT_TTL_S, user: str | None = None) -> list[str]:
+    fields = encode_request(request_id, task, body, deadline_ms=deadline_ms, user=user)
     args: list[str] = [str(max_queue_len), str(owner_ttl_s)]
     for name, value in fields.items():
         args += [name, value]

@@ -293,3 +293,59 @@ def image_worker_factory(redis_server_url, prefix, rds, tiny_flux_pipes, tiny_fl
     for handle in made:
         if handle.is_alive:
             handle.stop()
+
+
+# ---------------------------------------------------------------- the HTTP gateway, in a thread
+
+
+class GatewayThread:
+    """`redbatch gateway`'s app under a real uvicorn server on a free port, in a thread of the test process."""
+
+    def __init__(self, config):
+        import uvicorn
+
+        from producer.gateway import create_app
+
+        self.app = create_app(config)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=config.port, log_level="warning",
+                                                    lifespan="on", timeout_graceful_shutdown=2))
+        self.url = f"http://127.0.0.1:{config.port}"
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def gateway(self):
+        return self.app.state.gateway
+
+    def start(self) -> "GatewayThread":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "gateway did not start"
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+        assert not self.thread.is_alive(), "gateway did not stop"
+
+
+@pytest.fixture
+def gateway_factory(redis_server_url, prefix, rds):
+    """Start gateways on this test's prefix: gateway_factory(api_keys={...}) -> GatewayThread (started)."""
+    pytest.importorskip("fastapi", reason="the gateway extra is not installed")
+    from producer.gateway import GatewayConfig
+
+    made: list[GatewayThread] = []
+
+    def make(**overrides) -> GatewayThread:
+        options = dict(redis_url=redis_server_url, prefix=prefix, port=_free_port(), model_info_ttl_s=0)
+        options.update(overrides)
+        handle = GatewayThread(GatewayConfig(**options)).start()
+        made.append(handle)
+        return handle
+
+    yield make
+    for handle in made:
+        if handle.thread.is_alive():
+            handle.stop()
