@@ -38,7 +38,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.redbatch_runs import RedisForBench, _watched  # noqa: E402
+from bench.procs import RedisServer, child_env  # noqa: E402
+from bench.redbatch_runs import _watched  # noqa: E402
 from producer.aio import AsyncClient  # noqa: E402
 from producer.protocol import EventType, TaskKind  # noqa: E402
 
@@ -233,13 +234,13 @@ def _sleep_until(t0: float, offset_s: float) -> None:
 
 def run_redbatch(args, path: Path, requests: list[ImageRequest]) -> tuple[list[Result], float]:
     """(e): returns the results and the worker's forward seconds during the run."""
-    server = RedisForBench(args.redis_url)
+    server = RedisServer(args.redis_url)
     log_path = Path(tempfile.mkdtemp(prefix="redbatch-bench-image-")) / "worker.log"
     cmd = [sys.executable, "-m", "producer.cli", "worker", "--model-name", MODEL, "--model-path", str(path),
            "--redis-url", server.url, "--prefix", PREFIX, "--threads", str(args.threads),
            "--max-num-seqs", str(args.max_num_seqs), "--max-sequence-length", str(TOKENS),
            "--progress-every-steps", "0", "--max-queue-len", "0", "--grace-s", "5", "--heartbeat-interval-s", "0.2"]
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = child_env(args.threads)
     with open(log_path, "wb") as log_file:
         worker = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
     try:

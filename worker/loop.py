@@ -182,7 +182,7 @@ class Worker:
         is_idle = self.engine.num_active == 0
         block_ms = (BURST_BLOCK_MS if burst else self.config.read_block_ms) if is_idle else None
         return Round(outbox, held, is_reading=not self._stop.is_set(),
-                     num_free=self.engine.max_num_seqs - self.engine.num_active, block_ms=block_ms,
+                     num_free=self.engine.num_free, block_ms=block_ms,
                      heartbeat=self._heartbeat_fields())
 
     # ------------------------------------------------------------ exit
