@@ -187,8 +187,8 @@ class Worker:
         block_ms = (BURST_BLOCK_MS if burst else self.config.read_block_ms) if is_idle else None
         if is_idle and self.intake.parked:  # images are being fetched: come back soon to admit them
             block_ms = BURST_BLOCK_MS
-        num_free = self.engine.max_num_seqs - self.engine.num_active - len(self.intake.parked)
-        return Round(outbox, held, is_reading=not self._stop.is_set(), num_free=max(0, num_free), block_ms=block_ms,
+        num_free = max(0, self.engine.num_free - len(self.intake.parked))  # parked entries will take slots
+        return Round(outbox, held, is_reading=not self._stop.is_set(), num_free=num_free, block_ms=block_ms,
                      heartbeat=self._heartbeat_fields())
 
     # ------------------------------------------------------------ exit
