@@ -110,7 +110,8 @@ def order_chunks(chunks: list[ScheduledChunk]) -> list[list[ScheduledChunk]]:
 def build_step(chunks: list[ScheduledChunk], cache: PagedKVCache, sliding_window: int | None,
                staging: Staging | None = None,
                add_extra: Callable[[Staging, list[ScheduledChunk]], None] | None = None,
-               flex_blocks: tuple[int, int] | None = None, placement: Placement | None = None, mrope: bool = False) -> StepInputs:
+               flex_blocks: tuple[int, int] | None = None, placement: Placement | None = None,
+               mrope: bool = False) -> StepInputs:
     """`add_extra(staging, sampled)` stages more per-sampled-row arrays (sampling parameters) into the same copy.
     `flex_blocks`: build the flex-attention layout with these BlockMask (query, key) block sizes instead of the
     SDPA groups. `placement`: where the model's inputs, LM head and logits are (default: the cache's first

@@ -65,6 +65,7 @@ class SeqView:
     num_tokens: int
     block_table: list[int]
     chunk_ids: list[int]
+    image_spans: tuple = ()  # vision models are not served under tensor parallelism: never any images
 
     def token_slice(self, start: int, end: int) -> list[int]:
         return self.chunk_ids[start - self.num_computed : end - self.num_computed]
