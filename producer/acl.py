@@ -21,14 +21,15 @@ def acl_rules(keys: Keys, role: str) -> str:
             f"+zcount +zrange %R~{k['workers']}",  # the live-worker check on submit
             f"+xread +xrange +xrevrange %R~{k['events']}",
             f"+set %W~{k['abort']}",
-            f"+xadd +xlen ~{k['requests']}",
+            f"+xadd +xlen ~{k['requests']} ~{k['requests_level']}",
             f"+exists +set ~{k['owner']}",
-            f"+evalsha +eval ~{k['requests']} ~{k['owner']}",
+            f"+evalsha +eval ~{k['requests']} ~{k['requests_level']} ~{k['owner']}",
         ]
     elif role == "worker":
         connection += " +info"  # INFO server: uptime, so reclaim waits out a lease after a Redis restart
         selectors = [
-            f"+xgroup|create +xreadgroup +xack +xdel +xclaim +xautoclaim +xpending ~{k['requests']}",
+            f"+xgroup|create +xreadgroup +xack +xdel +xclaim +xautoclaim +xpending ~{k['requests']} "
+            f"~{k['requests_level']}",
             f"+xadd ~{k['dead']}",
             f"+xadd +xrange +expire +evalsha ~{k['events']}",  # evalsha: the fenced event writes (one key each)
             f"+exists %R~{k['abort']}",

@@ -13,7 +13,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer.connection import connect_async
 from producer.errors import RequestTimeout
-from producer.keys import DEFAULT_PREFIX, Keys
+from producer.keys import DEFAULT_PREFIX, DEFAULT_PRIORITY, Keys, Priority
 from producer.protocol import Event, TaskKind
 from producer.results import READ_COUNT, EventCursor, Shaper, has_finished
 from producer.submit import (
@@ -99,20 +99,23 @@ class AsyncModel:
         self.name = info.name
 
     async def generate(self, prompt: str | list[int], generate_config: dict[str, Any] | None = None, *,
-                       timeout_s: float | None = None, deadline_ms: int | None = None):
-        return await self._run(TaskKind.GENERATE, prompt_payload(prompt), generate_config, timeout_s, deadline_ms)
+                       timeout_s: float | None = None, deadline_ms: int | None = None,
+                       priority: Priority | str = DEFAULT_PRIORITY):
+        return await self._run(TaskKind.GENERATE, prompt_payload(prompt), generate_config, timeout_s, deadline_ms, priority)
 
     async def chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
                    generate_config: dict[str, Any] | None = None, *, tool_choice: str | dict[str, Any] | None = None,
-                   timeout_s: float | None = None, deadline_ms: int | None = None):
+                   timeout_s: float | None = None, deadline_ms: int | None = None,
+                       priority: Priority | str = DEFAULT_PRIORITY):
         payload = chat_payload(messages, tools, tool_choice)
-        return await self._run(TaskKind.CHAT, payload, generate_config, timeout_s, deadline_ms)
+        return await self._run(TaskKind.CHAT, payload, generate_config, timeout_s, deadline_ms, priority)
 
     async def submit(self, task: TaskKind, payload: dict[str, Any], generate_config: dict[str, Any] | None = None, *,
-                     deadline_ms: int | None = None) -> str:
+                     deadline_ms: int | None = None,
+                     priority: Priority | str = DEFAULT_PRIORITY) -> str:
         client = self.client
         sub = Submission.prepare(client.keys, self.info, task, payload, generate_config, deadline_ms,
-                                 client.result_ttl_s)
+                                 client.result_ttl_s, priority)
         if client.on_no_live_worker != "ignore":
             live = await client.redis.zcount(sub.workers_key, sub.live_since_ms, "+inf")
             handle_live_workers(client.on_no_live_worker, self.name, int(live))
@@ -125,9 +128,9 @@ class AsyncModel:
     async def abort(self, request_id: str) -> bool:
         return await self.client.abort_request(self.name, request_id)
 
-    async def _run(self, task, payload, generate_config, timeout_s, deadline_ms):
+    async def _run(self, task, payload, generate_config, timeout_s, deadline_ms, priority):
         """A completion dict, or (with stream) an async iterator of chunks."""
-        request_id = await self.submit(task, payload, generate_config, deadline_ms=deadline_ms)
+        request_id = await self.submit(task, payload, generate_config, deadline_ms=deadline_ms, priority=priority)
         shaper = Shaper(request_id, self.name, task)
         if wants_stream(generate_config):
             return self._stream(request_id, shaper, timeout_s)

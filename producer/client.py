@@ -15,7 +15,7 @@ from redis.exceptions import ResponseError
 
 from producer.connection import connect
 from producer.errors import RequestTimeout
-from producer.keys import DEFAULT_PREFIX, Keys
+from producer.keys import DEFAULT_PREFIX, DEFAULT_PRIORITY, Keys, Priority
 from producer.protocol import Event, TaskKind
 from producer.results import READ_COUNT, EventCursor, Shaper, has_finished
 from producer.submit import (
@@ -115,8 +115,9 @@ class Model:
         *,
         timeout_s: float | None = None,
         deadline_ms: int | None = None,
+        priority: Priority | str = DEFAULT_PRIORITY,
     ) -> dict[str, Any] | Iterator[dict[str, Any]]:
-        return self._run(TaskKind.GENERATE, prompt_payload(prompt), generate_config, timeout_s, deadline_ms)
+        return self._run(TaskKind.GENERATE, prompt_payload(prompt), generate_config, timeout_s, deadline_ms, priority)
 
     def chat(
         self,
@@ -127,9 +128,10 @@ class Model:
         tool_choice: str | dict[str, Any] | None = None,
         timeout_s: float | None = None,
         deadline_ms: int | None = None,
+        priority: Priority | str = DEFAULT_PRIORITY,
     ) -> dict[str, Any] | Iterator[dict[str, Any]]:
         payload = chat_payload(messages, tools, tool_choice)
-        return self._run(TaskKind.CHAT, payload, generate_config, timeout_s, deadline_ms)
+        return self._run(TaskKind.CHAT, payload, generate_config, timeout_s, deadline_ms, priority)
 
     def submit(
         self,
@@ -138,11 +140,12 @@ class Model:
         generate_config: dict[str, Any] | None = None,
         *,
         deadline_ms: int | None = None,
+        priority: Priority | str = DEFAULT_PRIORITY,
     ) -> str:
         """Enqueue one request and return its id without waiting."""
         client = self.client
         sub = Submission.prepare(client.keys, self.info, task, payload, generate_config, deadline_ms,
-                                 client.result_ttl_s)
+                                 client.result_ttl_s, priority)
         if client.on_no_live_worker != "ignore":
             live = client.redis.zcount(sub.workers_key, sub.live_since_ms, "+inf")
             handle_live_workers(client.on_no_live_worker, self.name, int(live))
@@ -155,8 +158,8 @@ class Model:
     def abort(self, request_id: str) -> bool:
         return self.client.abort_request(self.name, request_id)
 
-    def _run(self, task, payload, generate_config, timeout_s, deadline_ms):
-        request_id = self.submit(task, payload, generate_config, deadline_ms=deadline_ms)
+    def _run(self, task, payload, generate_config, timeout_s, deadline_ms, priority):
+        request_id = self.submit(task, payload, generate_config, deadline_ms=deadline_ms, priority=priority)
         shaper = Shaper(request_id, self.name, task)
         if wants_stream(generate_config):
             return self._stream(request_id, shaper, timeout_s)
