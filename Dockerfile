@@ -7,5 +7,5 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY producer ./producer
 COPY worker ./worker
-RUN pip install --no-cache-dir ${TORCH_SPEC} && pip install --no-cache-dir ".[worker]"
+RUN pip install --no-cache-dir ${TORCH_SPEC} && pip install --no-cache-dir ".[worker,image]"
 ENTRYPOINT ["redbatch"]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create (or reuse) the project's virtualenv with the worker, dev and bulk extras.
+# Create (or reuse) the project's virtualenv with the worker, dev, bulk, image and gateway extras.
 # torch: the CPU build by default (REDBATCH_TORCH_SPEC overrides, e.g. for a CUDA machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +12,7 @@ fi
 if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
     "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
 fi
-"$VENV/bin/python" -m pip install -q -e ".[worker,dev,bulk]"
+"$VENV/bin/python" -m pip install -q -e ".[worker,dev,bulk,image,gateway]"
 # promtool (tests/test_metrics.py checks ops/monitoring with it where present): apt-get install prometheus
 # xgrammar for structured output (the `structured` extra). On a CPU machine without triton, install it
 # without its dependencies (triton is only its CUDA kernel) plus the one it really needs besides ours.

@@ -24,6 +24,10 @@ def acl_rules(keys: Keys, role: str) -> str:
             f"+xadd +xlen ~{k['requests']} ~{k['requests_level']}",
             f"+exists +set ~{k['owner']}",
             f"+evalsha +eval ~{k['requests']} ~{k['requests_level']} ~{k['owner']}",
+            # the HTTP gateway: one XREAD over many events streams and its own wake stream (one selector: all keys of
+            # a command must match the same one), and the wake-up XADD
+            f"+xread %R~{k['events']} %R~{k['gateway_wake']}",
+            f"+xadd +expire ~{k['gateway_wake']}",
         ]
     elif role == "worker":
         connection += " +info"  # INFO server: uptime, so reclaim waits out a lease after a Redis restart

@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--once", action="store_true", help="print one frame and exit (same as --iterations 1)")
 
     _add_bulk(sub)
+    _add_gateway(sub)
 
     acl = sub.add_parser("acl", help="print a minimal Redis ACL file line for a role")
     acl.add_argument("role", choices=["producer", "worker"])
@@ -89,6 +90,26 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-num-seqs", type=int, default=8)
     d.add_argument("--threads", type=int, default=2)
     return parser
+
+
+def _add_gateway(sub) -> None:
+    gw = sub.add_parser("gateway", help="OpenAI-compatible HTTP gateway (and Xinference's client endpoints)")
+    _add_common(gw)
+    gw.add_argument("--host", default="127.0.0.1")
+    gw.add_argument("--port", type=int, default=8000)
+    gw.add_argument("--api-key", action="append", default=[], metavar="KEY[=MODEL,...]",
+                    help="accept this Bearer key (for the listed models only); repeatable. No key: no authentication")
+    gw.add_argument("--api-keys-file", default=os.environ.get("REDBATCH_GATEWAY_API_KEYS_FILE"),
+                    help='JSON {"KEY": ["model", ...] or "*"} (env REDBATCH_GATEWAY_API_KEYS_FILE)')
+    gw.add_argument("--event-readers", type=int, default=1, help="shared XREAD loops for all open requests")
+    gw.add_argument("--request-timeout-s", type=float, default=600.0,
+                    help="longest wait for a request's next event; then 504 and the request is aborted")
+    gw.add_argument("--max-queue-wait-s", type=float, default=None,
+                    help="default deadline: a request no worker started within this is answered 504")
+    gw.add_argument("--retry-after-s", type=int, default=1, help="Retry-After of a 429 (queue full) or 503")
+    gw.add_argument("--grace-s", type=float, default=30.0, help="on SIGTERM, open requests get this long to finish")
+    gw.add_argument("--no-status-page", action="store_true", help="serve no status page at / and /status.json")
+    gw.add_argument("--log-level", default="info")
 
 
 def _add_bulk(sub) -> None:
@@ -247,6 +268,21 @@ def _cmd_top(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_gateway(args: argparse.Namespace) -> int:
+    try:
+        from producer.gateway.config import GatewayConfig, load_api_keys
+        from producer.gateway.serve import run_gateway
+    except ImportError as exc:
+        print(f"error: the gateway needs its extra: pip install 'redbatch[gateway]' ({exc})", file=sys.stderr)
+        return 2
+    config = GatewayConfig(
+        redis_url=_redis_url(args), prefix=args.prefix, host=args.host, port=args.port,
+        api_keys=load_api_keys(args.api_key, args.api_keys_file), num_event_readers=args.event_readers,
+        request_timeout_s=args.request_timeout_s, max_queue_wait_s=args.max_queue_wait_s,
+        retry_after_s=args.retry_after_s, grace_s=args.grace_s, status_page=not args.no_status_page)
+    return run_gateway(config, log_level=args.log_level)
+
+
 def _cmd_bulk(args: argparse.Namespace) -> int:
     from producer.bulk_cli import run_bulk_command
 
@@ -283,7 +319,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 _COMMANDS = {
     "worker": _cmd_worker, "generate": _cmd_request, "chat": _cmd_request, "abort": _cmd_abort,
     "make-tiny-model": _cmd_make_tiny_model, "demo": _cmd_demo, "dead": _cmd_dead, "acl": _cmd_acl,
-    "status": _cmd_status, "top": _cmd_top, "bulk": _cmd_bulk,
+    "status": _cmd_status, "top": _cmd_top, "bulk": _cmd_bulk, "gateway": _cmd_gateway,
 }
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from producer.connection import connect
 from producer.errors import RequestTimeout
 from producer.keys import DEFAULT_PREFIX, DEFAULT_PRIORITY, Keys, Priority
 from producer.protocol import Event, TaskKind
-from producer.results import READ_COUNT, EventCursor, Shaper, has_finished
+from producer.results import READ_COUNT, EventCursor, Shaper, has_finished, image_list
 from producer.submit import (
     DEFAULT_RESULT_TTL_S,
     ENQUEUE_LUA,
@@ -28,6 +28,7 @@ from producer.submit import (
     check_no_live_worker_policy,
     decode_models,
     handle_live_workers,
+    image_payload,
     model_key_name,
     prompt_payload,
     request_key_id,
@@ -133,6 +134,29 @@ class Model:
         payload = chat_payload(messages, tools, tool_choice)
         return self._run(TaskKind.CHAT, payload, generate_config, timeout_s, deadline_ms, priority)
 
+    def text_to_image(
+        self,
+        prompt: str,
+        n: int = 1,
+        size: str = "1024*1024",
+        response_format: str = "b64_json",
+        *,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int | None = None,
+        negative_prompt: str | None = None,
+        request_id: str | None = None,
+        timeout_s: float | None = None,
+        deadline_ms: int | None = None,
+        priority: Priority | str = DEFAULT_PRIORITY,
+    ) -> dict[str, Any]:
+        """Xinference's shape: {"created": unix s, "data": [{"b64_json": ...} | {"url": ...}, ...]}."""
+        payload = image_payload(prompt, n, size, response_format, num_inference_steps=num_inference_steps,
+                                guidance_scale=guidance_scale, seed=seed, negative_prompt=negative_prompt)
+        request_id = self.submit(TaskKind.TEXT_TO_IMAGE, payload, request_id=request_id, deadline_ms=deadline_ms,
+                                 priority=priority)
+        return image_list(request_id, list(self.client.events(request_id, timeout_s=timeout_s)))
+
     def submit(
         self,
         task: TaskKind,
@@ -140,12 +164,14 @@ class Model:
         generate_config: dict[str, Any] | None = None,
         *,
         deadline_ms: int | None = None,
+        request_id: str | None = None,
+        user: str | None = None,
         priority: Priority | str = DEFAULT_PRIORITY,
     ) -> str:
         """Enqueue one request and return its id without waiting."""
         client = self.client
         sub = Submission.prepare(client.keys, self.info, task, payload, generate_config, deadline_ms,
-                                 client.result_ttl_s, priority)
+                                 client.result_ttl_s, request_id, user, priority)
         if client.on_no_live_worker != "ignore":
             live = client.redis.zcount(sub.workers_key, sub.live_since_ms, "+inf")
             handle_live_workers(client.on_no_live_worker, self.name, int(live))

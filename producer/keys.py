@@ -112,6 +112,7 @@ class Keys:
             "models": self.models(), "worker": self._worker_key("*"),
             "events": self._request_key("*", "events"), "abort": self._request_key("*", "abort"),
             "bulk_lease": self._bulk_key("*", "lease"), "bulk_cancel": self._bulk_key("*", "cancel"),
+            "gateway_wake": self._gateway_key("*", "wake"),
         }
 
     def bulk_lease(self, job_id: str) -> str:
@@ -121,6 +122,12 @@ class Keys:
     def bulk_cancel(self, job_id: str) -> str:
         """string, TTL: present = the bulk job stops submitting and aborts what it has in flight."""
         return self._bulk_key(check_bulk_job_id(job_id), "cancel")
+
+    def gateway_wake(self, gateway_id: str) -> str:
+        """stream, TTL: a gateway's own wake-up entries; its shared event reader blocks on it beside the events streams."""
+        if not WORKER_ID_RE.fullmatch(gateway_id):
+            raise ValueError(f"invalid gateway id {gateway_id!r}")
+        return self._gateway_key(gateway_id, "wake")
 
     def _model_key(self, model: str, suffix: str) -> str:
         return f"{self.prefix}:{{{model}}}:{suffix}"
@@ -133,3 +140,6 @@ class Keys:
 
     def _bulk_key(self, job_id: str, suffix: str) -> str:
         return f"{self.prefix}:bulk:{job_id}:{suffix}"
+
+    def _gateway_key(self, gateway_id: str, suffix: str) -> str:
+        return f"{self.prefix}:gateway:{gateway_id}:{suffix}"

@@ -26,6 +26,7 @@ DEFAULT_HEARTBEAT_TTL_S = 15  # a worker whose heartbeat is older is gone (also 
 _INT_RE = re.compile(r"-?[0-9]{1,19}")  # ASCII digits only; "--5" or "+5" must be a BadEntry, not a crash
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
+MAX_USER_CHARS = 256  # the optional `user` entry field: who asked (OpenAI's `user`), for accounting; workers ignore it
 
 
 class TaskKind(str, Enum):
@@ -286,7 +287,7 @@ class TextToImageBody(_Strict):
     guidance_scale: float | None = Field(None, ge=0.0, le=100.0)
     seed: int | None = Field(None, ge=0, lt=2**63)
     negative_prompt: str | None = None
-    response_format: Literal["b64_json", "png"] = "b64_json"
+    response_format: Literal["b64_json", "png", "url"] = "b64_json"  # url: a worker with an image output dir
 
 
 Body = Union[GenerateBody, ChatBody, TextToImageBody]
@@ -343,6 +344,7 @@ def encode_request(
     *,
     created_ms: int | None = None,
     deadline_ms: int | None = None,
+    user: str | None = None,
 ) -> dict[str, str]:
     fields = {
         "v": PROTOCOL_VERSION,
@@ -353,6 +355,10 @@ def encode_request(
     }
     if deadline_ms is not None:
         fields["deadline"] = str(deadline_ms)
+    if user is not None:
+        if len(user) > MAX_USER_CHARS:
+            raise ValueError(f"user must be at most {MAX_USER_CHARS} characters")
+        fields["user"] = user
     return fields
 
 
@@ -478,6 +484,7 @@ class Event(BaseModel):
     format: str | None = None
     data: bytes | None = None
     b64: str | None = None
+    url: str | None = None
     step: int | None = None
     total: int | None = None
 

@@ -105,6 +105,21 @@ def check_terminal(event: Event, request_id: str) -> None:
         raise RequestAborted(request_id)
 
 
+def image_list(request_id: str, events: list[Event]) -> dict[str, Any]:
+    """Xinference's text_to_image result from a request's events: {"created", "data": [{"b64_json" | "url"}]},
+    images in index order (raw PNG bytes are base64-encoded). Raises on error/abort."""
+    import base64
+
+    check_terminal(events[-1], request_id)
+    data = []
+    for event in sorted((e for e in events if e.type == EventType.IMAGE), key=lambda e: e.index or 0):
+        if event.url is not None:
+            data.append({"url": event.url})
+        else:
+            data.append({"b64_json": event.b64 if event.b64 is not None else base64.b64encode(event.data or b"").decode()})
+    return {"created": int(time.time()), "data": data}
+
+
 class EventCursor:
     """Where a reader of one request's events stream is: both clients run XREAD key after COUNT
     READ_COUNT BLOCK block_ms() in a loop and pass each reply to take(), until `is_done`."""

@@ -33,6 +33,7 @@ from producer.protocol import (  # noqa: F401 - the TTL defaults are re-exported
     GenerateConfig,
     ModelRegistration,
     TaskKind,
+    TextToImageBody,
     encode_request,
 )
 
@@ -126,13 +127,15 @@ class Submission:
     @classmethod
     def prepare(cls, keys: Keys, info: ModelInfo, task: TaskKind, payload: dict[str, Any],
                 generate_config: dict[str, Any] | None, deadline_ms: int | None, owner_ttl_s: int,
+                request_id: str | None = None, user: str | None = None,
                 priority: Priority | str = DEFAULT_PRIORITY) -> "Submission":
+        """request_id: a text_to_image request's id (generate/chat carry theirs in generate_config)."""
         info.check_task(task)
         priority = request_priority(priority)
-        request_id, body = build_body(task, payload, generate_config)
+        request_id, body = build_body(task, payload, generate_config, request_id)
         return cls(model=info.name, request_id=request_id,
                    script_keys=[keys.requests(info.name, priority), keys.request_owner(info.name, request_id)],
-                   script_args=enqueue_args(request_id, task, body, info.max_queue_len, deadline_ms, owner_ttl_s),
+                   script_args=enqueue_args(request_id, task, body, info.max_queue_len, deadline_ms, owner_ttl_s, user),
                    workers_key=keys.model_workers(info.name), live_since_ms=info.live_since_ms(),
                    max_queue_len=info.max_queue_len)
 
@@ -164,9 +167,15 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-def build_body(task: TaskKind, payload: dict[str, Any], generate_config: dict[str, Any] | None) -> tuple[str, Body]:
-    """Validate a call's arguments into a wire body; returns (request_id, body)."""
+def build_body(task: TaskKind, payload: dict[str, Any], generate_config: dict[str, Any] | None,
+               request_id: str | None = None) -> tuple[str, Body]:
+    """Validate a call's arguments into a wire body; returns (request_id, body). A text_to_image body has
+    no generate_config: its id comes from `request_id`."""
     try:
+        if task == TaskKind.TEXT_TO_IMAGE:
+            if generate_config:
+                raise InvalidRequest("text_to_image takes no generate_config")
+            return (request_key_id(request_id) if request_id else new_request_id()), TextToImageBody.model_validate(payload)
         config = GenerateConfig.model_validate(generate_config or {})
         request_id = config.request_id or new_request_id()
         if task == TaskKind.GENERATE:
@@ -180,6 +189,12 @@ def build_body(task: TaskKind, payload: dict[str, Any], generate_config: dict[st
     return request_id, body
 
 
+def image_payload(prompt: str, n: int, size: str, response_format: str, **options: Any) -> dict[str, Any]:
+    """A text_to_image body from Xinference-style arguments (options left None are left out)."""
+    return {"prompt": prompt, "n": n, "size": size, "response_format": response_format,
+            **{k: v for k, v in options.items() if v is not None}}
+
+
 def prompt_payload(prompt: str | list[int]) -> dict[str, Any]:
     if isinstance(prompt, str):
         return {"prompt": prompt}
@@ -187,8 +202,8 @@ def prompt_payload(prompt: str | list[int]) -> dict[str, Any]:
 
 
 def enqueue_args(request_id: str, task: TaskKind, body: Body, max_queue_len: int, deadline_ms: int | None,
-                 owner_ttl_s: int = DEFAULT_RESULT_TTL_S) -> list[str]:
-    fields = encode_request(request_id, task, body, deadline_ms=deadline_ms)
+                 owner_ttl_s: int = DEFAULT_RESULT_TTL_S, user: str | None = None) -> list[str]:
+    fields = encode_request(request_id, task, body, deadline_ms=deadline_ms, user=user)
     args: list[str] = [str(max_queue_len), str(owner_ttl_s)]
     for name, value in fields.items():
         args += [name, value]

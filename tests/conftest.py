@@ -232,3 +232,120 @@ def worker_factory(redis_server_url, prefix, rds, tiny_llama, tiny_llama_path):
     for handle in made:
         if handle.is_alive:
             handle.stop()
+
+
+# ---------------------------------------------------------------- tiny FLUX
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_paths(tmp_path_factory, torch_threads) -> dict[str, Path]:
+    """Tiny random FLUX.1-dev-like (guidance embedding) and schnell-like (none) pipelines, saved to disk."""
+    pytest.importorskip("diffusers", reason="the image extra (diffusers) is not installed")
+    from worker.models.tiny_flux import make_tiny_flux
+
+    root = tmp_path_factory.mktemp("tiny-flux")
+    return {"dev": make_tiny_flux(root / "dev", guidance=True, seed=0),
+            "schnell": make_tiny_flux(root / "schnell", guidance=False, seed=1)}
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_pipes(tiny_flux_paths):
+    """The two tiny pipelines loaded with from_pretrained (fp32, CPU), shared read-only by tests."""
+    from worker.models.loading import load_diffusers
+
+    return {kind: load_diffusers(str(path)) for kind, path in tiny_flux_paths.items()}
+
+
+def build_image_worker_thread(server_url: str, prefix: str, pipe, model_path, model_name: str = "flux",
+                              **overrides) -> WorkerThread:
+    """A worker serving a tiny FLUX pipeline (already loaded) through the image engine, not started."""
+    from worker.config import WorkerConfig
+    from worker.engines.image import ImageEngine, ImageEngineConfig
+    from worker.loop import Worker
+    from worker.streams import WorkerStreams
+
+    options = dict(model_name=model_name, model_path=str(model_path), redis_url=server_url, prefix=prefix,
+                   read_block_ms=100, heartbeat_interval_s=0.2, grace_s=5.0, task="text_to_image",
+                   max_sequence_length=64, max_num_seqs=8)
+    options.update(overrides)
+    config = WorkerConfig(**options)
+    engine = ImageEngine(pipe, ImageEngineConfig(
+        max_num_seqs=config.max_num_seqs, max_images_per_request=config.max_images_per_request,
+        max_inference_steps=config.max_inference_steps, allowed_sizes=config.allowed_image_sizes,
+        progress_every_steps=config.progress_every_steps, max_sequence_length=config.max_sequence_length,
+        output_dir=config.image_output_dir))
+    streams = WorkerStreams(redis.Redis.from_url(config.redis_url), config)
+    return WorkerThread(Worker(config, engine, streams))
+
+
+@pytest.fixture
+def image_worker_factory(redis_server_url, prefix, rds, tiny_flux_pipes, tiny_flux_paths):
+    """Build (not start) workers on a tiny FLUX: image_worker_factory("dev" | "schnell", **config) -> WorkerThread."""
+    made: list[WorkerThread] = []
+
+    def make(kind: str = "dev", **overrides) -> WorkerThread:
+        handle = build_image_worker_thread(redis_server_url, prefix, tiny_flux_pipes[kind], tiny_flux_paths[kind],
+                                           **overrides)
+        made.append(handle)
+        return handle
+
+    yield make
+    for handle in made:
+        if handle.is_alive:
+            handle.stop()
+
+
+# ---------------------------------------------------------------- the HTTP gateway, in a thread
+
+
+class GatewayThread:
+    """`redbatch gateway`'s app under a real uvicorn server on a free port, in a thread of the test process."""
+
+    def __init__(self, config):
+        import uvicorn
+
+        from producer.gateway import create_app
+
+        self.app = create_app(config)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=config.port, log_level="warning",
+                                                    lifespan="on", timeout_graceful_shutdown=2))
+        self.url = f"http://127.0.0.1:{config.port}"
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def gateway(self):
+        return self.app.state.gateway
+
+    def start(self) -> "GatewayThread":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "gateway did not start"
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+        assert not self.thread.is_alive(), "gateway did not stop"
+
+
+@pytest.fixture
+def gateway_factory(redis_server_url, prefix, rds):
+    """Start gateways on this test's prefix: gateway_factory(api_keys={...}) -> GatewayThread (started)."""
+    pytest.importorskip("fastapi", reason="the gateway extra is not installed")
+    from producer.gateway import GatewayConfig
+
+    made: list[GatewayThread] = []
+
+    def make(**overrides) -> GatewayThread:
+        options = dict(redis_url=redis_server_url, prefix=prefix, port=_free_port(), model_info_ttl_s=0)
+        options.update(overrides)
+        handle = GatewayThread(GatewayConfig(**options)).start()
+        made.append(handle)
+        return handle
+
+    yield make
+    for handle in made:
+        if handle.thread.is_alive():
+            handle.stop()

@@ -142,3 +142,61 @@ def test_generated_ids_are_what_the_validator_expects():
         check_request_id(request_id)
     with pytest.raises(ValueError):
         check_request_id("a b")
+
+
+def _bad_image_body(rng: random.Random) -> dict:
+    """A text_to_image body an image worker (sizes 32*32 and 48*32, n <= 2, steps <= 8) must refuse."""
+    return rng.choice([
+        {"size": rng.choice(["32x32", "32*", "*32", "0*32", "32*32*1", "-32*32", "３２*32", "32 * 32", ""])},
+        {"size": rng.choice(["64*64", "1024*1024", "16*16"])},  # valid, but not one this worker serves
+        {"size": rng.choice(["30*32", "32*33"])},  # not a multiple of the model's factor
+        {"size": "99999*99999"},
+        {"n": rng.choice([3, 16])},  # above the worker's limit
+        {"n": rng.choice([0, 17, -1, "2", 1.5])},  # outside the protocol's range
+        {"num_inference_steps": rng.choice([9, 1000])},  # above the worker's limit
+        {"num_inference_steps": rng.choice([0, 1001, "4"])},
+        {"negative_prompt": rng.choice(["blurry", ""])},  # FLUX takes none
+        {"response_format": rng.choice(["url", "jpeg", "b64"])},  # url: no output dir here
+        {"guidance_scale": rng.choice([-1, 1e9, "high"])},
+        {"seed": rng.choice([-1, 2**63, "7"])},
+        {"prompt": rng.choice([None, 5, ["a"]])},
+        {"steps": 4},  # unknown key
+    ])
+
+
+def test_bad_image_requests_each_get_one_invalid_request_and_good_ones_still_finish(image_worker_factory, rds, prefix):
+    from producer.protocol import TextToImageBody
+
+    rng = random.Random(99)
+    keys = Keys(prefix)
+    handle = image_worker_factory("dev", image_sizes="32*32,48*32", max_images_per_request=2,
+                                  max_inference_steps=8).start()
+    stream = keys.requests("flux")
+    bad_ids, good_ids = [], []
+    pipe = rds.pipeline(transaction=False)
+    for i in range(300):
+        if i % 75 == 0:
+            request_id = f"good-{i}"
+            good_ids.append(request_id)
+            body = TextToImageBody(prompt="cat", size=rng.choice(["32*32", "48*32"]), num_inference_steps=2, seed=i)
+            pipe.xadd(stream, encode_request(request_id, TaskKind.TEXT_TO_IMAGE, body))
+            continue
+        request_id = f"bad-{i}"
+        bad_ids.append(request_id)
+        body = {"prompt": "x", "size": "32*32", "num_inference_steps": 2, **_bad_image_body(rng)}
+        task = rng.choice(["text_to_image"] * 9 + ["generate"])  # an LLM body kind on an image worker too
+        pipe.xadd(stream, {"v": "1", "id": request_id, "task": task, "body": json.dumps(body), "created": "1"})
+    pipe.execute()
+
+    wait_for(lambda: rds.xlen(stream) == 0 and rds.xpending(stream, GROUP)["pending"] == 0, timeout_s=120)
+    assert handle.is_alive
+    pipe = rds.pipeline(transaction=False)
+    for request_id in bad_ids + good_ids:
+        pipe.xrange(keys.events(request_id))
+    all_events = [[decode_event(f) for _, f in entries] for entries in pipe.execute()]
+    bad_events = all_events[: len(bad_ids)]
+    assert all(len(ev) == 1 and ev[0].type == EventType.ERROR for ev in bad_events)
+    assert {ev[0].code for ev in bad_events} <= {"invalid_request", "unsupported_task"}
+    assert sum(ev[0].code == "invalid_request" for ev in bad_events) > len(bad_ids) // 2
+    for events in all_events[len(bad_ids):]:
+        assert [e.type for e in events] == [EventType.IMAGE, EventType.DONE]

@@ -145,7 +145,8 @@ def test_patterns_match_the_keys_they_stand_for() -> None:
     samples = {"requests": keys.requests("m"), "dead": keys.dead("m"), "owner": keys.request_owner("m", "r"),
                "workers": keys.model_workers("m"), "models": keys.models(), "worker": keys.worker("w:1"),
                "events": keys.events("r"), "abort": keys.abort("r"), "bulk_lease": keys.bulk_lease("j-1"),
-               "bulk_cancel": keys.bulk_cancel("j-1"), "requests_level": keys.requests("m", "bulk")}
+               "bulk_cancel": keys.bulk_cancel("j-1"), "requests_level": keys.requests("m", "bulk"),
+               "gateway_wake": keys.gateway_wake("gw-1")}
     patterns = keys.patterns()
     assert set(patterns) == set(samples)
     for kind, name in samples.items():

@@ -39,8 +39,10 @@ def test_an_output_with_an_error_is_only_that_error():
 
 
 def test_image_and_progress_events_carry_their_fields():
-    assert image_event(1, b"\x89PNG", as_b64=False).fields == {"index": 1, "format": "png", "data": b"\x89PNG"}
-    assert image_event(0, b"\x89PNG", as_b64=True).fields["b64"] == "iVBORw=="
+    assert image_event(1, b"\x89PNG", "png").fields == {"index": 1, "format": "png", "data": b"\x89PNG"}
+    assert image_event(0, b"\x89PNG", "b64_json").fields["b64"] == "iVBORw=="
+    assert image_event(0, b"\x89PNG", "url", "file:///x.png").fields == {"index": 0, "format": "png",
+                                                                          "url": "file:///x.png"}
     assert progress_event(3, 20).fields == {"step": 3, "total": 20}
     assert error_event("x").is_terminal
 

@@ -66,7 +66,7 @@ def test_key_table_matches_producer_keys():
     k = Keys()
     code = {k._model_key("<model>", "requests"), k._model_key("<model>", "dead"), k._model_key("<model>", "workers"),
             k._model_key("<model>", "id:<id>"), k.models(), k._worker_key("<worker_id>"),
-            k._request_key("<id>", "events"), k._request_key("<id>", "abort")}
+            k._request_key("<id>", "events"), k._request_key("<id>", "abort"), k._gateway_key("<gateway_id>", "wake")}
     assert set(_first_column("## 1. Keys")) == code
 
 
@@ -75,7 +75,7 @@ def test_registry_table_matches_the_wire_model():
 
 
 def test_request_entry_table_matches_encode_request():
-    fields = encode_request("r1", TaskKind.GENERATE, GenerateBody(prompt="x"), deadline_ms=1)
+    fields = encode_request("r1", TaskKind.GENERATE, GenerateBody(prompt="x"), deadline_ms=1, user="u")
     assert set(_first_column("### 4.1 Request entry")) == set(fields)
 
 

@@ -80,6 +80,25 @@ class WorkerConfig(BaseModel):
     health_file: str | None = Field(None, description=(
         "the worker writes its loop and heartbeat times here; probes read it (env REDBATCH_HEALTH_FILE)"))
 
+    # text_to_image (the image engine)
+    cpu_offload: bool = Field(False, description="CUDA: diffusers' model CPU offload (one pipeline component on the "
+                                                 "GPU at a time) for a model that does not fit; see docs/engine.md")
+    image_sizes: str | None = Field(None, description="comma-separated W*H sizes this worker serves (e.g. "
+                                                      "1024*1024,768*1344); others get invalid_request (default: any)")
+    max_images_per_request: int = Field(4, ge=1, le=16, description="the largest n of a text_to_image request")
+    max_inference_steps: int = Field(100, ge=1, le=1000, description="the largest num_inference_steps")
+    progress_every_steps: int = Field(5, ge=0, description="a progress event every this many denoising steps "
+                                                           "(0: none)")
+    max_sequence_length: int = Field(512, ge=1, le=512, description="T5 tokens per prompt (FLUX)")
+    image_output_dir: str | None = Field(None, description="also write each image here as "
+                                                           "<request_id>-<index>.png (response_format url needs it)")
+
+    @property
+    def allowed_image_sizes(self) -> tuple[str, ...] | None:
+        if self.image_sizes is None:
+            return None
+        return tuple(s.strip() for s in self.image_sizes.split(",") if s.strip())
+
     @field_validator("model_name")
     @classmethod
     def _check_name(cls, value: str) -> str:

@@ -141,9 +141,11 @@ class Intake:
 
 
 def resume_from(events: list[Event]) -> Resume | None:
-    """What a reclaimed request had published: its tokens, their text, and the next seq."""
+    """What a reclaimed request had published: its tokens, their text, its images, and the next seq."""
     tokens = [e for e in events if e.type == EventType.TOKEN]
-    if not tokens:
+    num_images = sum(1 for e in events if e.type == EventType.IMAGE)
+    if not tokens and not num_images:
         return None
     return Resume(output_ids=[t for e in tokens for t in (e.token_ids or [])], text="".join(e.text or "" for e in tokens),
-                  next_seq=len(events), tool_calls=[d for e in tokens for d in (e.tool_calls or [])])
+                  next_seq=len(events), tool_calls=[d for e in tokens for d in (e.tool_calls or [])],
+                  num_images=num_images)

@@ -29,9 +29,9 @@ def build_engine(config: WorkerConfig):
     """The engine for the worker's task: --task, or what the model directory holds (a diffusers
     pipeline has a model_index.json; anything else is loaded as a causal LM)."""
     if resolve_task(config) == "text_to_image":
-        from worker.models.loading import ModelLoadError
+        from worker.engines.image import build_image_engine
 
-        raise ModelLoadError(f"{config.model_path} is a diffusers pipeline; this worker has no text_to_image engine yet")
+        return build_image_engine(config)
     return build_llm_engine(config)
 
 

@@ -34,10 +34,16 @@ def progress_event(step: int, total: int) -> OutEvent:
     return OutEvent(EventType.PROGRESS, {"step": step, "total": total})
 
 
-def image_event(index: int, png: bytes, as_b64: bool) -> OutEvent:
+def image_event(index: int, png: bytes, response_format: str, url: str | None = None) -> OutEvent:
+    """response_format png: the bytes in `data`; b64_json: base64 in `b64`; url: only `url` (a written file)."""
     import base64
 
-    payload = {"b64": base64.b64encode(png).decode("ascii")} if as_b64 else {"data": png}
+    if response_format == "url":
+        payload: dict[str, Any] = {"url": url}
+    elif response_format == "b64_json":
+        payload = {"b64": base64.b64encode(png).decode("ascii")}
+    else:
+        payload = {"data": png}
     return OutEvent(EventType.IMAGE, {"index": index, "format": "png", **payload})
 
 

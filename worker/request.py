@@ -93,6 +93,7 @@ class Resume:
     text: str
     next_seq: int
     tool_calls: list[dict[str, Any]] = field(default_factory=list)  # the tool-call deltas published, in order
+    num_images: int = 0  # image events published (text_to_image: those images are not sent again)
 
 
 @dataclass
