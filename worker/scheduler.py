@@ -154,9 +154,16 @@ class Scheduler:
             if not self._preempt_below(seq, schedule):
                 break
         head = self.waiting[0] if self.waiting else None
-        while head is not None and self.blocks.num_free_blocks < self.blocks.blocks_for(min(head.num_tokens, limit)):
+        while head is not None and self._is_short_of_blocks(head, limit):
             if not self._preempt_below(head, schedule):
                 break
+
+    def _is_short_of_blocks(self, head: Sequence, limit: int) -> bool:
+        """Whether the free blocks fall short of the head's first chunk once this step's decodes have grown."""
+        blocks = self.blocks
+        decode_need = sum(1 for s in self.running
+                          if s.num_pending == 1 and blocks.blocks_for(s.num_tokens) > len(s.block_table))
+        return blocks.num_free_blocks < decode_need + blocks.blocks_for(min(head.num_tokens, limit))
 
     def _preempt_below(self, seq: Sequence, schedule: Schedule) -> bool:
         """Preempt the newest running sequence of the lowest level if that level is below seq's."""
