@@ -8,7 +8,7 @@ from typing import Any
 
 import redis
 
-from producer.keys import GROUP, PRIORITIES, Keys, check_request_id
+from producer.keys import DEFAULT_PRIORITY, GROUP, PRIORITIES, Keys, check_request_id
 from producer.protocol import ModelRegistration, read_request_id, split_dead_letter
 
 
@@ -19,6 +19,7 @@ class DeadLetter:
     reason: str
     worker: str
     fields: dict[str, bytes]  # the original entry's fields
+    priority: str = DEFAULT_PRIORITY.value  # the level of the stream it came from (older letters: the default)
 
     def summary(self) -> str:
         return f"{self.dead_id}  id={self.request_id or '?'}  worker={self.worker}  reason: {self.reason}"
@@ -29,14 +30,14 @@ def list_dead(client: redis.Redis, keys: Keys, model: str, count: int = 1000) ->
 
 
 def requeue_dead(client: redis.Redis, keys: Keys, model: str, dead_ids: list[str] | None = None) -> int:
-    """Put dead letters back on the request stream as fresh requests (their old events are cleared)."""
+    """Put dead letters back on the request stream of their level as fresh requests (their old events are cleared)."""
     letters = [d for d in list_dead(client, keys, model, count=100_000) if not dead_ids or d.dead_id in dead_ids]
     for letter in letters:
         pipe = client.pipeline(transaction=True)
         if letter.request_id is not None:
             pipe.delete(keys.events(letter.request_id), keys.abort(letter.request_id))
             pipe.delete(keys.request_owner(model, letter.request_id))
-        pipe.xadd(keys.requests(model), letter.fields)
+        pipe.xadd(keys.requests(model, letter.priority), letter.fields)
         pipe.xdel(keys.dead(model), letter.dead_id)
         pipe.execute()
     return len(letters)
@@ -53,7 +54,10 @@ def _parse(dead_id: str, raw: dict[bytes, bytes]) -> DeadLetter:
     request_id = read_request_id(fields)
     if request_id is not None:
         check_request_id(request_id)
-    return DeadLetter(dead_id, request_id, meta.get("reason", ""), meta.get("worker", ""), fields)
+    priority = meta.get("priority", DEFAULT_PRIORITY.value)
+    if priority not in {p.value for p in PRIORITIES}:
+        priority = DEFAULT_PRIORITY.value
+    return DeadLetter(dead_id, request_id, meta.get("reason", ""), meta.get("worker", ""), fields, priority)
 
 
 def _text(value: bytes | str) -> str:

@@ -196,3 +196,19 @@ def test_reclaim_renew_and_hand_back_work_on_every_level(server):
     other.flush(outbox)
     assert other.redis.xlen(other.request_keys[Priority.BULK]) == 0
     assert other.redis.xlen(other.requests_key) == 1  # the interactive entry is untouched
+
+
+def test_a_dead_letter_keeps_its_level_and_is_requeued_to_it(server):
+    from producer import admin
+
+    streams = make_streams(server, "w1")
+    entry = orphan(streams, Priority.BULK, "poison")
+    outbox = Outbox()
+    outbox.dead_letter(entry, {b"id": b"poison", b"v": b"1"}, "delivered too often")
+    streams.flush(outbox)
+    assert streams.redis.xlen(streams.request_keys[Priority.BULK]) == 0
+    [letter] = admin.list_dead(streams.redis, streams.keys, "m")
+    assert (letter.request_id, letter.priority) == ("poison", "bulk")
+    assert admin.requeue_dead(streams.redis, streams.keys, "m") == 1
+    assert streams.redis.xlen(streams.request_keys[Priority.BULK]) == 1
+    assert streams.redis.xlen(streams.requests_key) == 0
