@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,40 +24,21 @@ from pathlib import Path
 
 import redis
 
+from bench.procs import (
+    ROOT,
+    RedisServer,
+    child_env,
+    cpu_seconds,
+    kill_session,
+    stop_all,
+)
 from producer.connection import connect
 
-ROOT = Path(__file__).resolve().parents[1]
-WORDS = "the cat dog river stream token batch model queue light dark green blue one two three when then".split()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(threads: int) -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads),
-                OMP_WAIT_POLICY="PASSIVE", TOKENIZERS_PARALLELISM="false")
+WORDS = "the cat dog river stream token batch model queue light dark green blue one two three when then".split()  # noqa: SIM905
 
 
 def _cli(*args: str, threads: int = 1, **popen) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "producer.cli", *args], env=_env(threads), cwd=ROOT, **popen)
-
-
-def _cpu_s(pid: int) -> float:
-    """utime + stime of a live process, in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _kill_session(sid: int) -> None:
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[3]) == sid:
-                os.kill(int(stat.parent.name), signal.SIGKILL)
-        except (OSError, ValueError):
-            pass
+    return subprocess.Popen([sys.executable, "-m", "producer.cli", *args], env=child_env(threads), cwd=ROOT, **popen)
 
 
 def write_input(path: Path, num_lines: int, max_tokens: int) -> None:
@@ -82,14 +60,11 @@ class Bench:
         self.args, self.workdir = args, workdir
         self.url = args.redis_url
         self.procs: list[subprocess.Popen] = []
+        self.server: RedisServer | None = None
 
     def start(self) -> None:
-        if self.url is None:
-            port = _free_port()
-            self.procs.append(subprocess.Popen(
-                ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                 "--dir", str(self.workdir)], stdout=subprocess.DEVNULL))
-            self.url = f"redis://127.0.0.1:{port}/0"
+        self.server = RedisServer(self.url, workdir=self.workdir)
+        self.url = self.server.url
         self.rds = connect(self.url)
         for _ in range(100):
             try:
@@ -98,7 +73,7 @@ class Bench:
             except redis.ConnectionError:
                 time.sleep(0.05)
         model_dir = self.workdir / "tiny"
-        subprocess.run([sys.executable, "-m", "producer.cli", "make-tiny-model", str(model_dir)], env=_env(1), cwd=ROOT,
+        subprocess.run([sys.executable, "-m", "producer.cli", "make-tiny-model", str(model_dir)], env=child_env(1), cwd=ROOT,
                        check=True, stdout=subprocess.DEVNULL)
         self.worker = _cli("worker", "--model-name", "tiny", "--model-path", str(model_dir), "--redis-url", self.url,
                            "--prefix", self.args.prefix, "--max-num-seqs", str(self.args.max_num_seqs),
@@ -115,13 +90,9 @@ class Bench:
             time.sleep(0.2)
 
     def stop(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        stop_all(self.procs)
+        if self.server is not None:
+            self.server.close()
 
     def _heartbeat(self) -> dict[str, float]:
         members = self.rds.zrange(self.keys.model_workers("tiny"), 0, 0)
@@ -135,7 +106,7 @@ class Bench:
                                "--output", str(output), "--redis-url", self.url, "--prefix", self.args.prefix,
                                "--lease-s", "2"] + (["--max-in-flight", str(self.args.max_in_flight)]
                                                     if self.args.max_in_flight else []),
-                              env=_env(1), cwd=ROOT, capture_output=True, text=True, check=True)
+                              env=child_env(1), cwd=ROOT, capture_output=True, text=True, check=True)
         return done.stdout.strip().splitlines()[-1]
 
     def bulk_worker(self, log: Path) -> subprocess.Popen:
@@ -143,24 +114,37 @@ class Bench:
             return _cli("bulk", "worker", "--redis-url", self.url, "--burst", "--simple", stdout=f,
                         stderr=subprocess.STDOUT, start_new_session=True)
 
-    def run(self, job_id: str, bulk: subprocess.Popen, kill_at: int | None = None) -> dict:
+    def capture(self, job_id: str) -> str:
+        """What `redbatch top --once` and `redbatch bulk status` print at this moment (text, 120 columns)."""
+        env = dict(child_env(1), COLUMNS="120", TERM="dumb")
+        top = subprocess.run([sys.executable, "-m", "producer.cli", "top", "--once", "--redis-url", self.url,
+                              "--prefix", self.args.prefix], env=env, cwd=ROOT, capture_output=True, text=True, check=False)
+        status = subprocess.run([sys.executable, "-m", "producer.cli", "bulk", "status", job_id, "--redis-url", self.url],
+                                env=env, cwd=ROOT, capture_output=True, text=True, check=False)
+        return f"$ redbatch top --once\n{top.stdout}\n$ redbatch bulk status {job_id}\n{status.stdout}"
+
+    def run(self, job_id: str, bulk: subprocess.Popen, kill_at: int | None = None,
+            capture_top: Path | None = None) -> dict:
         """Watch a job until it stops (or until `kill_at` lines are done: then kill -9 its bulk worker)."""
         import producer.bulk as pb
 
-        start_hb, start_worker_cpu, t0 = self._heartbeat(), _cpu_s(self.worker.pid), time.monotonic()
+        start_hb, start_worker_cpu, t0 = self._heartbeat(), cpu_seconds(self.worker.pid), time.monotonic()
         samples, bulk_cpu, bulk_cpu_at_start = [], 0.0, None
         while True:
             info = pb.status(job_id, connection=self.rds)
             samples.append(self._heartbeat().get("active", 0.0))
             if bulk.poll() is None:
                 try:
-                    bulk_cpu = _cpu_s(bulk.pid)
+                    bulk_cpu = cpu_seconds(bulk.pid)
                 except OSError:
                     pass
                 if bulk_cpu_at_start is None and info["status"] == "started":
                     bulk_cpu_at_start = bulk_cpu  # after the process started and imported rq: the job's own CPU from here
+            if capture_top is not None and info.get("total") and info.get("done", 0) >= info["total"] // 2:
+                capture_top.write_text(self.capture(job_id))
+                capture_top = None
             if kill_at is not None and info.get("done", 0) >= kill_at:
-                _kill_session(bulk.pid)
+                kill_session(bulk.pid)
                 bulk.wait(10)
                 info["killed"] = True
                 break
@@ -168,6 +152,11 @@ class Bench:
                 break
             time.sleep(0.05 if kill_at is not None else 0.25)
         end_hb, wall_s = self._heartbeat(), time.monotonic() - t0
+        try:  # a --burst bulk worker exits on its own once its queue is empty; never leave it running
+            bulk.wait(30)
+        except subprocess.TimeoutExpired:
+            kill_session(bulk.pid)
+            bulk.wait(10)
         steps = end_hb["steps"] - start_hb["steps"]
         tokens = end_hb["tokens"] - start_hb["tokens"]
         busy = [s for s in samples if s > 0]
@@ -180,7 +169,7 @@ class Bench:
             "mean_active": round(sum(samples) / len(samples), 2) if samples else None,
             "mean_active_while_busy": round(sum(busy) / len(busy), 2) if busy else None,
             "occupancy": round(sum(samples) / len(samples) / self.args.max_num_seqs, 3) if samples else None,
-            "bulk_cpu_s": round(bulk_cpu, 2), "bulk_job_cpu_s": round(bulk_cpu - (bulk_cpu_at_start or 0.0), 2), "worker_cpu_s": round(_cpu_s(self.worker.pid) - start_worker_cpu, 2),
+            "bulk_cpu_s": round(bulk_cpu, 2), "bulk_job_cpu_s": round(bulk_cpu - (bulk_cpu_at_start or 0.0), 2), "worker_cpu_s": round(cpu_seconds(self.worker.pid) - start_worker_cpu, 2),
             "killed": info.get("killed", False),
         }
 
@@ -207,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--redis-url", default=None, help="default: start redis-server on a free port")
     p.add_argument("--prefix", default="bench")
     p.add_argument("--json", default=None, help="also write the figures here")
+    p.add_argument("--top-capture", default=None, help="write what `redbatch top --once` and `redbatch bulk status` "
+                   "show half-way through the clean run to this file")
     args = p.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="rb-bulk-bench-"))
     bench = Bench(args, workdir)
@@ -217,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         write_input(input_path, args.lines, args.max_tokens)
         clean_out = workdir / "clean.jsonl"
         job = bench.submit(input_path, clean_out)
-        report["clean"] = bench.run(job, bench.bulk_worker(workdir / "bulk-clean.log"))
+        report["clean"] = bench.run(job, bench.bulk_worker(workdir / "bulk-clean.log"),
+                                    capture_top=Path(args.top_capture) if args.top_capture else None)
         print("clean run:", json.dumps(report["clean"]), flush=True)
         if not args.no_kill:
             report["killed"] = _killed_run(bench, input_path, workdir, int(args.lines * args.kill_at))
@@ -243,7 +235,7 @@ def _killed_run(bench: Bench, input_path: Path, workdir: Path, kill_at: int) -> 
         return {"first": first, "lines_at_kill": lines_at_kill, "second": first, "finished_before_kill": True}
     t0 = time.monotonic()
     subprocess.run([sys.executable, "-m", "producer.cli", "bulk", "resume", job, "--redis-url", bench.url],
-                   env=_env(1), cwd=ROOT, check=True, capture_output=True, text=True)
+                   env=child_env(1), cwd=ROOT, check=True, capture_output=True, text=True)
     second = bench.run(job, bench.bulk_worker(workdir / "bulk-2.log"))
     second["resume_wall_s"] = round(time.monotonic() - t0, 2)
     return {"first": first, "lines_at_kill": lines_at_kill, "second": second}

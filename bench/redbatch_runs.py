@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import inspect
-import shutil
-import socket
 import os
 import subprocess
 import sys
@@ -19,11 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import redis
 
+from bench.procs import RedisServer
 from bench.workloads import FIRST_PLAIN_ID, BenchRequest, RequestResult
 from producer.aio import AsyncClient
-from producer.connection import connect
 from producer.protocol import EventType, GenerateBody, GenerateConfig, Request, TaskKind
 from worker.engines.llm import LLMEngine, LLMEngineConfig
 
@@ -131,43 +128,6 @@ def _warm_up_engine(engine: LLMEngine) -> None:
 # ---------------------------------------------------------------- end to end through Redis
 
 
-class RedisForBench:
-    """A redis-server of the benchmark's own (free port, temp dir), or the URL given."""
-
-    def __init__(self, url: str | None):
-        self.url, self.proc, self.dir = url, None, None
-        if url is None:
-            binary = shutil.which("redis-server")
-            if binary is None:
-                raise SystemExit("the end-to-end contender needs redis-server (apt-get install redis-server) or --redis-url")
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            self.dir = tempfile.mkdtemp(prefix="redbatch-bench-redis-")
-            self.proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", self.dir,
-                                          "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
-            self.url = f"redis://127.0.0.1:{port}/0"
-        _wait_ping(self.url)
-
-    def close(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-
-
-def _wait_ping(url: str, timeout_s: float = 10) -> None:
-    deadline = time.monotonic() + timeout_s
-    with connect(url) as client:
-        while True:
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-
-
 def start_worker(url: str, model_path: Path, threads: int, max_num_seqs: int, max_num_batched_tokens: int,
                  log_path: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "producer.cli", "worker", "--model-name", BENCH_MODEL, "--model-path", str(model_path),
@@ -182,7 +142,7 @@ def run_end_to_end(redis_url: str | None, model_path: Path, requests: list[Bench
                    ) -> tuple[list[RequestResult], float]:
     """(e) a worker process of its own behind Redis; submit at each arrival time, stream every request back.
     `cpu` receives the CPU seconds the worker, the benchmark's redis-server and this client spent in the run."""
-    server = RedisForBench(redis_url)
+    server = RedisServer(redis_url)
     log_path = Path(tempfile.mkdtemp(prefix="redbatch-bench-")) / "worker.log"
     worker = start_worker(server.url, model_path, threads, max_num_seqs, max_num_batched_tokens, log_path)
     try:

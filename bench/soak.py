@@ -18,9 +18,7 @@ It prints a table and PASS or FAIL (exit status 0 or 1).
 from __future__ import annotations
 
 import argparse
-import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,32 +27,14 @@ from pathlib import Path
 
 import redis
 
+from bench.procs import ROOT, RedisServer, child_env, rss_mb, stop_all
 from producer.client import Client
 from producer.connection import connect
 from producer.keys import GROUP, Keys
 from producer.protocol import TERMINAL_EVENTS, EventType, TaskKind, decode_event
 
-ROOT = Path(__file__).resolve().parents[1]
 MODEL = "soak"
 PER_REQUEST_KINDS = ("owner", "events", "abort")  # Keys.patterns() kinds created once per request
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(threads: int) -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads),
-                OMP_WAIT_POLICY="PASSIVE", TOKENIZERS_PARALLELISM="false")
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 def count_keys(rds: redis.Redis, pattern: str) -> int:
@@ -65,26 +45,17 @@ class Soak:
     def __init__(self, args: argparse.Namespace, workdir: Path):
         self.args, self.workdir = args, workdir
         self.keys = Keys(args.prefix)
-        self.procs: list[subprocess.Popen] = []
         self.workers: list[subprocess.Popen] = []
         self.logs: list = []
+        self.server: RedisServer | None = None
 
     # ------------------------------------------------------------ processes
     def start(self) -> None:
-        port = _free_port()
-        self.procs.append(subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir), "--maxmemory-policy", "noeviction"], stdout=subprocess.DEVNULL))
-        self.url = f"redis://127.0.0.1:{port}/0"
+        self.server = RedisServer(workdir=self.workdir)
+        self.url = self.server.url
         self.rds = connect(self.url)
-        for _ in range(200):
-            try:
-                self.rds.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
         model_dir = self.workdir / "tiny"
-        subprocess.run([sys.executable, "-m", "producer.cli", "make-tiny-model", str(model_dir)], env=_env(1),
+        subprocess.run([sys.executable, "-m", "producer.cli", "make-tiny-model", str(model_dir)], env=child_env(1),
                        cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
         for i in range(self.args.workers):
             log = open(self.workdir / f"worker{i}.log", "wb")  # noqa: SIM115 (closed in stop())
@@ -93,8 +64,7 @@ class Soak:
                 [sys.executable, "-m", "producer.cli", "worker", "--model-name", MODEL, "--model-path", str(model_dir),
                  "--redis-url", self.url, "--prefix", self.args.prefix, "--max-num-seqs", str(self.args.max_num_seqs),
                  "--threads", "1", "--result-ttl-s", str(self.args.result_ttl_s), "--worker-id", f"soak-{i}"],
-                env=_env(1), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-            self.procs.append(proc)
+                env=child_env(1), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
             self.workers.append(proc)
         deadline = time.monotonic() + 180
         # registered, and each heartbeat hash written: the baseline holds every long-lived key
@@ -105,15 +75,11 @@ class Soak:
             time.sleep(0.2)
 
     def stop(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        stop_all(self.workers)
         for log in self.logs:
             log.close()
+        if self.server is not None:
+            self.server.close()
 
     # ------------------------------------------------------------ measurements
     def redis_state(self) -> dict[str, float]:

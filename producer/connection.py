@@ -20,6 +20,11 @@ def connect(url: str | None = None, **options: Any) -> redis.Redis:
     return redis.Redis.from_url(url or DEFAULT_REDIS_URL, **options)
 
 
-def connect_async(url: str | None = None, **options: Any) -> aredis.Redis:
-    """An asyncio client for `url`, with the same schemes as `connect`."""
+def connect_async(url: str | None = None, *, max_connections: int | None = None, **options: Any) -> aredis.Redis:
+    """An asyncio client for `url`, with the same schemes as `connect`. With `max_connections` the pool is
+    bounded: a command waits for a free connection instead of opening one more (the HTTP gateway)."""
+    if max_connections is not None:
+        pool = aredis.BlockingConnectionPool.from_url(url or DEFAULT_REDIS_URL, max_connections=max_connections,
+                                                      **options)
+        return aredis.Redis.from_pool(pool)
     return aredis.Redis.from_url(url or DEFAULT_REDIS_URL, **options)

@@ -240,3 +240,64 @@ def test_health_and_readiness(gateway_factory):
     dead = gateway_factory(redis_url="redis://127.0.0.1:1/0")  # nothing listens on port 1
     assert httpx.get(dead.url + "/health", timeout=10).status_code == 200
     assert httpx.get(dead.url + "/ready", timeout=10).status_code == 503
+
+
+# ---------------------------------------------------------------- API keys
+
+
+def test_api_keys_gate_every_endpoint_and_map_to_models(worker_factory, gateway_factory, rds, prefix):
+    worker_factory().start()
+    gateway = gateway_factory(api_keys={"k-all": ("*",), "k-tiny": ("tiny",), "k-other": ("other",)})
+    keyless = httpx.post(gateway.url + "/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES})
+    assert keyless.status_code == 401 and keyless.json()["error"]["code"] == "invalid_api_key"  # no key, no access
+    with pytest.raises(openai.AuthenticationError):
+        sdk(gateway, api_key="wrong").models.list()
+    for key in ("k-all", "k-tiny"):
+        reply = sdk(gateway, api_key=key).chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2)
+        assert reply.usage.completion_tokens == 2
+        assert [m.id for m in sdk(gateway, api_key=key).models.list()] == ["tiny"]
+    other = sdk(gateway, api_key="k-other")
+    with pytest.raises(openai.NotFoundError):
+        other.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2)
+    assert [m.id for m in other.models.list()] == []
+    # abort: a key limited to other models cannot stop this model's requests
+    stream = sdk(gateway, api_key="k-tiny").chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=900, stream=True, extra_body={"request_id": "keyed-1",
+                                                                               "ignore_eos": True})
+    next(iter(stream))
+    denied = httpx.post(gateway.url + "/v1/requests/keyed-1/abort", headers={"Authorization": "Bearer k-other"})
+    assert denied.status_code == 404 and not rds.exists(Keys(prefix).abort("keyed-1"))
+    allowed = httpx.post(gateway.url + "/v1/requests/keyed-1/abort", headers={"Authorization": "Bearer k-tiny"})
+    assert allowed.status_code == 200 and allowed.json()["aborted"] is True
+    stream.close()
+    assert httpx.get(gateway.url + "/health").status_code == 200  # probes need no key
+
+
+# ---------------------------------------------------------------- images: the real text_to_image worker
+
+
+def test_images_through_the_sdk_equal_the_python_clients(image_worker_factory, gateway_factory, redis_server_url,
+                                                         prefix):
+    import base64
+    import io
+
+    from PIL import Image
+
+    image_worker_factory("schnell").start()
+    gateway = gateway_factory()
+    client = sdk(gateway)
+    reply = client.images.generate(model="flux", prompt="a red cat", n=2, size="32x32", response_format="b64_json",
+                                   extra_body={"num_inference_steps": 2, "seed": 5})
+    assert len(reply.data) == 2
+    images = [base64.b64decode(d.b64_json) for d in reply.data]
+    assert all(Image.open(io.BytesIO(png)).size == (32, 32) for png in images)
+    with Client(redis_server_url, prefix=prefix) as direct:
+        oracle = direct.get_model("flux").text_to_image("a red cat", n=2, size="32*32", num_inference_steps=2, seed=5)
+    assert [d.b64_json for d in reply.data] == [d["b64_json"] for d in oracle["data"]]  # same seed, same images
+    as_url = client.images.generate(model="flux", prompt="a red cat", n=2, size="32x32",
+                                    extra_body={"num_inference_steps": 2, "seed": 5})  # url: data URLs, no files
+    assert [d.url for d in as_url.data] == ["data:image/png;base64," + d.b64_json for d in reply.data]
+    with pytest.raises(openai.BadRequestError):  # a size the worker does not serve: the worker's own 400
+        client.images.generate(model="flux", prompt="x", size="33x7", extra_body={"num_inference_steps": 2})
+    with pytest.raises(openai.BadRequestError):  # a sampling key is not an image field
+        client.images.generate(model="flux", prompt="x", extra_body={"num_inference_steps": 2, "max_tokens": 3})

@@ -221,7 +221,7 @@ def test_a_step_makes_one_host_to_device_copy_and_one_transfer_back(engine, monk
         engine.add(make_request(f"t{i}", PROMPT + [i], max_tokens=3, temperature=0.8, top_k=20, seed=i, logprobs=2))
     engine.add(make_request("g", PROMPT, max_tokens=3))
     counts = {"send": 0, "to_host": 0, "item": 0, "tolist": 0}
-    real_send, real_to_host = batch.Staging.send, sampler.SampleResult.to_host
+    real_send, real_to_host = batch.Staging.send_to, sampler.SampleResult.to_host
     real_item, real_tolist = torch.Tensor.item, torch.Tensor.tolist
 
     def counted(name, fn):
@@ -230,7 +230,7 @@ def test_a_step_makes_one_host_to_device_copy_and_one_transfer_back(engine, monk
             return fn(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(batch.Staging, "send", counted("send", real_send))
+    monkeypatch.setattr(batch.Staging, "send_to", counted("send", real_send))
     monkeypatch.setattr(sampler.SampleResult, "to_host", counted("to_host", real_to_host))
     monkeypatch.setattr(torch.Tensor, "item", counted("item", real_item))
     monkeypatch.setattr(torch.Tensor, "tolist", counted("tolist", real_tolist))

@@ -2,15 +2,51 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from producer.keys import DEFAULT_PREFIX, check_model_name
 from producer.protocol import DEFAULT_HEARTBEAT_TTL_S, DEFAULT_MAX_BODY_BYTES, DEFAULT_RESULT_TTL_S
+
+
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def parse_device_map(text: str) -> str | dict[str, int | str]:
+    """An accelerate strategy name, a JSON object {module name: device} inline, or a path to a JSON file
+    holding one (devices: a GPU index, "cuda:N", "cpu" or "disk")."""
+    if text in DEVICE_MAP_STRATEGIES:
+        return text
+    if not text.lstrip().startswith("{"):
+        if not os.path.isfile(text):
+            raise ValueError(f"device_map must be one of {', '.join(DEVICE_MAP_STRATEGIES)}, a JSON object or a "
+                             f"JSON file, not {text!r}")
+        with open(text, encoding="utf-8") as f:
+            text = f.read()
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"device_map is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict) or not all(isinstance(d, (int, str)) for d in value.values()):
+        raise ValueError("a device_map must map module names to devices (an int GPU index or a string)")
+    return value
+
+
+def parse_max_memory(text: str) -> dict[int | str, str]:
+    """"0=70GiB,1=70GiB,cpu=200GiB" -> {0: "70GiB", 1: "70GiB", "cpu": "200GiB"}."""
+    caps: dict[int | str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        device, sep, size = part.partition("=")
+        if not sep or not device.strip() or not size.strip():
+            raise ValueError(f"max_memory entries are DEVICE=SIZE (e.g. 0=70GiB,cpu=200GiB), not {part!r}")
+        device = device.strip()
+        caps[int(device) if device.isdigit() else device] = size.strip()
+    return caps
 
 
 def default_worker_id() -> str:
@@ -36,6 +72,17 @@ class WorkerConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights and KV dtype")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads")
     trust_remote_code: bool = Field(False, description="let transformers run the model repository's own code")
+    # a model bigger than one device (docs/operations.md): accelerate's placement, or tensor parallelism
+    device_map: str | None = Field(None, description=(
+        "split the model over devices with accelerate: auto | balanced | balanced_low_0 | sequential, or a JSON "
+        "object {module: device} inline or in a file (device: a GPU index, cpu or disk; cpu and disk are "
+        "offloaded and run on the main GPU); --device is then unused"))
+    max_memory: str | None = Field(None, description="with --device-map: per-device caps for the placement, e.g. "
+                                                     "0=70GiB,1=70GiB,cpu=200GiB")
+    offload_folder: str | None = Field(None, description="with --device-map: where modules mapped to disk are kept")
+    tp_size: int = Field(1, ge=1, description=(
+        "tensor parallel over this many processes (transformers' tp_plan), each on its own GPU: launch as "
+        "torchrun --nproc-per-node N --no-python redbatch worker --tp-size N ..."))
     task: Literal["auto", "generate", "chat", "text_to_image"] = Field("auto", description=(
         "which engine serves the model: generate/chat = an LLM, text_to_image = a diffusers pipeline; auto: "
         "text_to_image when the model directory has a model_index.json"))
@@ -92,6 +139,37 @@ class WorkerConfig(BaseModel):
     max_sequence_length: int = Field(512, ge=1, le=512, description="T5 tokens per prompt (FLUX)")
     image_output_dir: str | None = Field(None, description="also write each image here as "
                                                            "<request_id>-<index>.png (response_format url needs it)")
+
+    @property
+    def device_map_value(self) -> str | dict[str, int | str] | None:
+        """The device map as from_pretrained takes it (a strategy name or {module name: device})."""
+        return None if self.device_map is None else parse_device_map(self.device_map)
+
+    @property
+    def max_memory_caps(self) -> dict[int | str, str] | None:
+        return None if self.max_memory is None else parse_max_memory(self.max_memory)
+
+    @field_validator("device_map")
+    @classmethod
+    def _check_device_map(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_device_map(value)
+        return value
+
+    @field_validator("max_memory")
+    @classmethod
+    def _check_max_memory(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_max_memory(value)
+        return value
+
+    @model_validator(mode="after")
+    def _one_way_to_shard(self) -> "WorkerConfig":
+        if self.tp_size > 1 and self.device_map is not None:
+            raise ValueError("device_map and tp_size > 1 are two ways to shard a model: choose one")
+        if self.device_map is None and (self.max_memory is not None or self.offload_folder is not None):
+            raise ValueError("max_memory and offload_folder only apply with a device_map")
+        return self
 
     @property
     def allowed_image_sizes(self) -> tuple[str, ...] | None:

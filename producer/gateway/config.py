@@ -24,6 +24,7 @@ class GatewayConfig(BaseModel):
     # API key -> the models it may use ("*": all). Empty: no authentication.
     api_keys: dict[str, tuple[str, ...]] = Field(default_factory=dict)
     num_event_readers: int = Field(1, ge=1, le=64)  # XREAD loops shared by all open requests
+    redis_max_connections: int = Field(32, ge=2)  # the command pool (submits, aborts, models); readers are apart
     request_timeout_s: float = Field(600.0, gt=0)  # longest wait for a request's next event, then 504 (and abort)
     max_queue_wait_s: float | None = Field(None, gt=0)  # default deadline: a request not started by then is 504
     retry_after_s: int = Field(1, ge=0)  # the Retry-After of a 429 (queue full) or 503 (no live worker)

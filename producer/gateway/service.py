@@ -24,14 +24,16 @@ from producer.gateway.config import GatewayConfig
 from producer.gateway.errors import ABORTED_STATUS, HTTPError, from_redbatch, unknown_model
 from producer.gateway.hub import EventHub, Subscription
 from producer.gateway.openai_api import Translated
-from producer.gateway.shaping import DONE_LINE, ImageCollector, StreamShaper, completion, sse
+from producer.gateway.shaping import DONE_LINE, StreamShaper, completion, sse, with_data_urls
 from producer.gateway.streaming import ClientGone, DisconnectWatcher, EventStreamResponse
 from producer.keys import Keys
 from producer.protocol import Event, ModelRegistration, TaskKind, now_ms
-from producer.results import Shaper, check_terminal
+from producer.results import Shaper, check_terminal, image_list
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+CLIENT_NAME = "redbatch-gateway"  # CLIENT LIST shows which connections are the gateway's
+READER_CLIENT_NAME = "redbatch-gateway-events"
 
 
 class Gateway:
@@ -40,11 +42,15 @@ class Gateway:
     def __init__(self, config: GatewayConfig):
         self.config = config
         self.keys = Keys(config.prefix)
-        self.redis = connect_async(config.redis_url)
+        # Commands (submit, abort, models) share a bounded pool; each event reader holds one connection of its own.
+        self.redis = connect_async(config.redis_url, max_connections=config.redis_max_connections,
+                                   client_name=CLIENT_NAME)
         self.client = AsyncClient(redis_client=self.redis, prefix=config.prefix, result_ttl_s=config.result_ttl_s)
-        self.hub = EventHub(self.redis, lambda: connect_async(config.redis_url, single_connection_client=True),
+        self.hub = EventHub(self.redis, lambda: connect_async(config.redis_url, single_connection_client=True,
+                                                              client_name=READER_CLIENT_NAME),
                             self.keys, num_lanes=config.num_event_readers)
-        self.sync_redis = connect(config.redis_url)  # producer.admin.system_status is synchronous (run in a thread)
+        # producer.admin.system_status is synchronous: the status page runs it in a thread
+        self.sync_redis = connect(config.redis_url, client_name=CLIENT_NAME)
         self._models: dict[str, tuple[float, AsyncModel]] = {}
         self._background: set[asyncio.Task] = set()
         self.num_streams = 0  # open requests (streams and waits), for readiness and the status page
@@ -148,14 +154,17 @@ class Gateway:
             raise from_redbatch(exc, model, self.config.retry_after_s) from None
 
     async def _images(self, sub, watcher, model: str, req: Translated, event: Event, headers) -> Response:
-        collector = ImageCollector(req.body.response_format or "url")
-        while True:
-            collector.add(event)
-            if event.is_terminal:
-                break
+        events = [event]
+        while not event.is_terminal:
             event = await self._next(sub, watcher, model)
-        check_terminal_http(event, sub.request_id, model, self.config.retry_after_s)
-        return JSONResponse(collector.response(), headers=headers)
+            events.append(event)
+        try:
+            images = image_list(sub.request_id, events)
+        except (RequestError, RequestAborted) as exc:
+            raise from_redbatch(exc, model, self.config.retry_after_s) from None
+        if req.body.response_format != "b64_json":
+            images = with_data_urls(images)
+        return JSONResponse(images, headers=headers)
 
     async def _sse(self, sub: Subscription, stream: StreamShaper, event: Event, model: str) -> AsyncIterator[bytes]:
         while True:

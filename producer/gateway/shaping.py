@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import base64
 import json
-import time
 from typing import Any
 
 from producer.protocol import Event, EventType, TaskKind
@@ -24,9 +22,18 @@ class StreamShaper:
     def __init__(self, shaper: Shaper, include_usage: bool):
         self.shaper = shaper
         self.include_usage = include_usage
+        self._saw_tokens = False
 
     def chunks(self, event: Event) -> list[dict[str, Any]]:
         """The chunks for one event (often one, none for an empty delta). Raises on error/aborted events."""
+        if event.type == EventType.DONE and not self._saw_tokens and event.text:
+            # a stream that follows a request sent without stream (a retry by id): the text comes whole with `done`
+            whole = Event(seq=event.seq, type=EventType.TOKEN, text=event.text)
+            return self._one(whole) + self._one(event)
+        return self._one(event)
+
+    def _one(self, event: Event) -> list[dict[str, Any]]:
+        self._saw_tokens = self._saw_tokens or event.type == EventType.TOKEN
         chunk = self.shaper.chunk(event)
         if chunk is None or _is_empty(chunk, event):
             return []
@@ -74,22 +81,7 @@ def _legacy_logprobs(choice: dict[str, Any]) -> None:
     }
 
 
-class ImageCollector:
-    """The `image` events of a text_to_image request, as OpenAI's (and Xinference's) images response."""
-
-    def __init__(self, response_format: str):
-        self.response_format = response_format  # url (a data: URL, the gateway keeps no files) | b64_json
-        self.images: dict[int, str] = {}  # index -> base64 PNG
-
-    def add(self, event: Event) -> None:
-        if event.type != EventType.IMAGE:
-            return
-        b64 = event.b64 if event.b64 is not None else base64.b64encode(event.data or b"").decode("ascii")
-        self.images[event.index or 0] = b64
-
-    def response(self) -> dict[str, Any]:
-        data = []
-        for index in sorted(self.images):
-            b64 = self.images[index]
-            data.append({"b64_json": b64} if self.response_format == "b64_json" else {"url": f"data:image/png;base64,{b64}"})
-        return {"created": int(time.time()), "data": data}
+def with_data_urls(images: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's `response_format: url` without files on the gateway: each image as a `data:` URL."""
+    data = [{"url": f"data:image/png;base64,{d['b64_json']}"} if "b64_json" in d else d for d in images["data"]]
+    return {**images, "data": data}

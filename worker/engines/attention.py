@@ -14,11 +14,15 @@ position). Every attention layer of the unmodified HF model then calls `paged_at
 No [R, T, L] mask over the whole batch exists and no token is padded: the linear layers see
 exactly N tokens. Without step metadata (e.g. `model.generate` on the same model object) the
 function is transformers' own SDPA attention, so the model behaves as if untouched.
+
+A model split over devices gets the step's metadata on every device that holds layers
+(StepAttention.on); each layer writes and reads its own device's cache tensors. Under tensor
+parallelism the function sees this process's heads only, and the cache holds just those.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +57,7 @@ class AttentionGroup:
 
 @dataclass
 class StepAttention:
+    # no method may be called `to`: accelerate's device hooks would call it on every layer's kwargs
     cache: PagedKVCache
     write_slots: torch.Tensor  # [N] cache slot of every packed token
     block_ids: torch.Tensor  # [sum of G * num_blocks] the blocks every group reads, row after row
@@ -60,6 +65,11 @@ class StepAttention:
     sliding: tuple[torch.Tensor, list[AttentionGroup]] | None = None  # same rows, keys limited to the window
     flex: flex.FlexStep | None = None  # set: the flex-attention layout replaces the SDPA groups
     flex_sliding: flex.FlexStep | None = None
+    elsewhere: dict[torch.device, StepAttention] = field(default_factory=dict)  # the same step on other devices
+
+    def on(self, device: torch.device) -> StepAttention:
+        """This step's metadata on the device of a layer's cache."""
+        return self if device == self.write_slots.device else self.elsewhere[device]
 
     def layout_for(self, sliding_window: int | None) -> tuple[torch.Tensor, list[AttentionGroup]]:
         if sliding_window and self.sliding is not None:
@@ -67,14 +77,29 @@ class StepAttention:
         return self.block_ids, self.groups
 
 
+class LayerProbe:
+    """Passed instead of a StepAttention by a probe forward (worker/engines/placement.py): notes, per layer,
+    the device its keys are computed on and their shape [1, Hkv, N, D] (Hkv: this process's share)."""
+
+    def __init__(self) -> None:
+        self.layers: dict[int, tuple[torch.device, int, int, torch.dtype]] = {}
+
+    def record(self, layer: int, key: torch.Tensor) -> None:
+        self.layers[layer] = (key.device, key.shape[1], key.shape[3], key.dtype)
+
+
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     # query: [1, H, N, D]; key, value: [1, Hkv, N, D] for the step's N packed tokens (RoPE applied)
-    step: StepAttention | None = kwargs.pop(STEP_KWARG, None)
+    step: StepAttention | LayerProbe | None = kwargs.pop(STEP_KWARG, None)
+    if isinstance(step, LayerProbe):
+        step.record(module.layer_idx, key)
+        step = None
     if step is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     layer = module.layer_idx
     k_cache, v_cache = step.cache.keys[layer], step.cache.values[layer]  # [S, Hkv, D]
+    step = step.on(k_cache.device)
     k_cache.index_copy_(0, step.write_slots, key[0].transpose(0, 1).to(k_cache.dtype))
     v_cache.index_copy_(0, step.write_slots, value[0].transpose(0, 1).to(v_cache.dtype))
     if step.flex is not None:

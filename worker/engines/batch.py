@@ -16,6 +16,7 @@ import torch
 from worker.engines import flex
 from worker.engines.attention import AttentionGroup, StepAttention
 from worker.engines.kv_cache import PagedKVCache
+from worker.engines.placement import Placement
 from worker.scheduler import ScheduledChunk
 
 DECODE_PAD_RATIO = 1.25  # a decode group's padded keys stay within this factor of its real keys
@@ -43,12 +44,18 @@ class Staging:
         self._values.extend([0] * len(values))
 
     def send(self, device: torch.device) -> dict[str, torch.Tensor]:
+        return self.send_to([device])[device]
+
+    def send_to(self, devices: list[torch.device]) -> dict[torch.device, dict[str, torch.Tensor]]:
+        """One copy to each distinct device (a model split over devices needs its metadata on each)."""
         host = torch.tensor(self._values, dtype=torch.int64)
         for offset, values in self._floats:  # float32 bits, widened to int64 without changing them
             host[offset : offset + len(values)] = torch.tensor(values, dtype=torch.float32).view(torch.int32).long()
-        if device.type == "cuda":
+        if any(d.type == "cuda" for d in devices):
             host = host.pin_memory()
-        dev = host.to(device, non_blocking=True)
+        return {device: self._views(host.to(device, non_blocking=True)) for device in dict.fromkeys(devices)}
+
+    def _views(self, dev: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {}
         for name, offset, shape, is_float in self._parts:
             size = 1
@@ -101,10 +108,11 @@ def order_chunks(chunks: list[ScheduledChunk]) -> list[list[ScheduledChunk]]:
 def build_step(chunks: list[ScheduledChunk], cache: PagedKVCache, sliding_window: int | None,
                staging: Staging | None = None,
                add_extra: Callable[[Staging, list[ScheduledChunk]], None] | None = None,
-               flex_blocks: tuple[int, int] | None = None) -> StepInputs:
+               flex_blocks: tuple[int, int] | None = None, placement: Placement | None = None) -> StepInputs:
     """`add_extra(staging, sampled)` stages more per-sampled-row arrays (sampling parameters) into the same copy.
     `flex_blocks`: build the flex-attention layout with these BlockMask (query, key) block sizes instead of the
-    SDPA groups."""
+    SDPA groups. `placement`: where the model's inputs, LM head and logits are (default: the cache's first
+    device); the staging goes once to every device the step touches."""
     staging = staging or Staging()
     block_size = cache.block_size
     grouped = order_chunks(chunks)
@@ -139,21 +147,42 @@ def build_step(chunks: list[ScheduledChunk], cache: PagedKVCache, sliding_window
             flex.stage(staging, name, flex_plans[name], row_tokens)
     if add_extra is not None:
         add_extra(staging, sampled)
-    dev = staging.send(cache.keys[0].device)
+    first = cache.devices[0]
+    where = placement or _Where(first, first, first)
+    sent = staging.send_to([where.input_device, *cache.devices, where.head_device, where.output_device])
+    attention = _attention(sent[first], cache, plans, sliding_plans, flex_plans, flex_blocks)
+    attention.elsewhere = {d: _attention(sent[d], cache, plans, sliding_plans, flex_plans, flex_blocks)
+                           for d in cache.devices[1:]}
+    inputs, out = sent[where.input_device], sent[where.output_device]
+    core = {"input_ids", "positions", "write_slots", "logits_rows"}
+    extra = {k: v for k, v in out.items() if k not in core and not k.startswith(("attn.", "flex."))}
+    return StepInputs(input_ids=inputs["input_ids"][None], position_ids=inputs["positions"][None],
+                      logits_rows=sent[where.head_device]["logits_rows"], attention=attention, chunks=ordered,
+                      sampled=sampled, extra=extra)
+
+
+@dataclass(frozen=True)
+class _Where:
+    """The fields of placement.Placement that build_step reads."""
+
+    input_device: torch.device
+    head_device: torch.device
+    output_device: torch.device
+
+
+def _attention(dev: dict[str, torch.Tensor], cache: PagedKVCache, plans: list[_GroupPlan],
+               sliding_plans: list[_GroupPlan] | None, flex_plans: dict[str, flex.FlexPlan],
+               flex_blocks: tuple[int, int] | None) -> StepAttention:
+    """The step's attention metadata on one device, from what was staged there."""
+    block_size = cache.block_size
     if flex_blocks is None:
         block_ids, groups = _device_variant(dev, "attn.full", plans, block_size)
         sliding = _device_variant(dev, "attn.sliding", sliding_plans, block_size) if sliding_plans else None
-        attention = StepAttention(cache=cache, write_slots=dev["write_slots"], block_ids=block_ids, groups=groups,
-                                  sliding=sliding)
-    else:
-        steps = {name: flex.device_step(dev, name, p, block_size, *flex_blocks) for name, p in flex_plans.items()}
-        attention = StepAttention(cache=cache, write_slots=dev["write_slots"], block_ids=steps["attn.full"].block_ids,
-                                  groups=[], flex=steps["attn.full"], flex_sliding=steps.get("attn.sliding"))
-    core = {"input_ids", "positions", "write_slots", "logits_rows"}
-    extra = {k: v for k, v in dev.items() if k not in core and not k.startswith(("attn.", "flex."))}
-    return StepInputs(input_ids=dev["input_ids"][None], position_ids=dev["positions"][None],
-                      logits_rows=dev["logits_rows"], attention=attention, chunks=ordered, sampled=sampled,
-                      extra=extra)
+        return StepAttention(cache=cache, write_slots=dev["write_slots"], block_ids=block_ids, groups=groups,
+                             sliding=sliding)
+    steps = {name: flex.device_step(dev, name, p, block_size, *flex_blocks) for name, p in flex_plans.items()}
+    return StepAttention(cache=cache, write_slots=dev["write_slots"], block_ids=steps["attn.full"].block_ids,
+                         groups=[], flex=steps["attn.full"], flex_sliding=steps.get("attn.sliding"))
 
 
 def _plans(grouped: list[list[ScheduledChunk]], window: int | None) -> list[_GroupPlan]:

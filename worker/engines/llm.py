@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from producer.protocol import Request, TaskKind
-from worker.engines import attention, flex
+from worker.engines import attention, flex, placement
 from worker.engines.batch import Staging, StepInputs, build_step
 from worker.engines.blocks import BlockManager
 from worker.engines.grammar import StepGrammars
@@ -23,6 +23,7 @@ from worker.engines.kv_cache import KVShape, PagedKVCache, num_blocks_for_budget
 from worker.engines.outputs import OutputState, logprob_row
 from worker.engines.prompts import check_lengths, prompt_ids
 from worker.engines.sampler import HostSample, SamplingTensors, request_seed, sample
+from worker.engines.tensor_parallel import RanksDiverged, StepChannel, check_heads
 from worker.engines.text import IncrementalDetokenizer, StopStringMatcher
 from worker.models.tool_parsers import ToolCalling
 from worker.request import Resume, Sequence, StepOutput
@@ -51,36 +52,47 @@ class LLMEngineConfig:
 class LLMEngine:
     tasks = (TaskKind.GENERATE, TaskKind.CHAT)
 
-    def __init__(self, model, tokenizer, config: LLMEngineConfig = LLMEngineConfig()):
+    def __init__(self, model, tokenizer, config: LLMEngineConfig = LLMEngineConfig(),
+                 peers: StepChannel | None = None):
+        """`peers`: under tensor parallelism, the channel to the other ranks (every rank builds this engine;
+        rank 0 drives it with step(), the others with forward_only())."""
         self.model = model.eval()
         self.model.set_attn_implementation(attention.register())
         self.tokenizer = tokenizer
         self.config = config
+        self.peers = peers
         self.max_num_seqs = config.max_num_seqs
-        self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
         mc = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        if peers is not None:
+            check_heads(mc, peers.world_size)
+        self.placement = placement.probe(model, mc.num_hidden_layers)  # where each layer, the head, the logits are
+        self.device = self.placement.output_device  # sampling, grammar masks, penalty rows
+        self.dtype = self.placement.dtype
         self.max_model_len = min(config.max_model_len or 8192, getattr(mc, "max_position_embeddings", 8192) or 8192)
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.eos_ids = _eos_ids(model, tokenizer)
         self.tool_calling = ToolCalling(tokenizer, config.tool_parser, model.config)
         self.sliding_window = _sliding_window(mc, self.max_model_len)
-        shape = KVShape(num_layers=mc.num_hidden_layers,
-                        num_kv_heads=getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads,
-                        head_dim=getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads,
-                        dtype=self.dtype)
-        needs_profile = self.device.type == "cuda" and config.max_cached_tokens is None
+        # the probed key shape: under tensor parallelism this rank's share of the KV heads
+        shape = KVShape(num_layers=mc.num_hidden_layers, num_kv_heads=self.placement.num_kv_heads,
+                        head_dim=self.placement.head_dim, dtype=self.dtype)
+        layer_devices = self.placement.layer_devices
+        needs_profile = any(d.type == "cuda" for d in layer_devices) and config.max_cached_tokens is None
         num_blocks = num_blocks_for_budget(shape, config.block_size, self.max_model_len, config.max_cached_tokens,
-                                           config.gpu_memory_utilization, self.device,
+                                           config.gpu_memory_utilization, layer_devices,
                                            default_tokens=config.max_num_seqs * self.max_model_len,
                                            activation_bytes=self._profile_activations() if needs_profile else 0)
-        self.kv = PagedKVCache(shape, num_blocks, config.block_size, self.device)
+        if peers is not None:  # every rank must hold every block id rank 0 hands out
+            num_blocks = peers.min_across(num_blocks)
+        self.kv = PagedKVCache(shape, num_blocks, config.block_size, layer_devices)
+        log.info("%sKV cache of %d blocks, %d KV heads per layer, layers on %s", "" if peers is None else
+                 f"rank {peers.rank}: ", num_blocks, shape.num_kv_heads, ",".join(map(str, self.kv.devices)))
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config.max_num_seqs, max(config.max_num_batched_tokens, config.max_num_seqs),
                                    self.blocks)
         self.attention_backend = self._pick_backend(config.attention_backend)
         self._flex_blocks = flex.block_sizes(self.device) if self.attention_backend == "flex" else None
-        self._no_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.device)  # skips HF's mask building
+        self._no_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.placement.input_device)  # no HF mask
         self._state: dict[Sequence, OutputState] = {}
         self._seen: torch.Tensor | None = None  # [rows + 1, V] bool repetition-penalty masks; the last row is a sink
         self._free_seen_rows: list[int] = []
@@ -113,19 +125,24 @@ class LLMEngine:
         return "flex"
 
     @torch.inference_mode()
-    def _profile_activations(self) -> int:
-        """CUDA: peak bytes a full step's forward adds over the weights (what the KV budget must leave free)."""
+    def _profile_activations(self) -> dict[torch.device, int]:
+        """CUDA: peak bytes a full step's forward adds over the weights on each device (what the KV budget must
+        leave free there). Under tensor parallelism every rank runs this forward together."""
+        devices = [d for d in self.placement.devices if d.type == "cuda"]
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(self.device)
-        before = torch.cuda.memory_allocated(self.device)
+        before = {}
+        for device in devices:
+            torch.cuda.reset_peak_memory_stats(device)
+            before[device] = torch.cuda.memory_allocated(device)
         num_tokens = max(self.config.max_num_batched_tokens, self.max_num_seqs)
-        ids = torch.zeros((1, num_tokens), dtype=torch.long, device=self.device)
+        ids = torch.zeros((1, num_tokens), dtype=torch.long, device=self.placement.input_device)
         logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=self.max_num_seqs).logits
-        peak = torch.cuda.max_memory_allocated(self.device)
+        peak = {d: int(torch.cuda.max_memory_allocated(d) - before[d]) for d in devices}
         del logits
         torch.cuda.empty_cache()
-        sampling_b = 6 * self.max_num_seqs * self.vocab_size * 4  # fp32 [S, V] temporaries of a sort + softmax
-        return int(peak - before) + sampling_b
+        if self.device in peak:
+            peak[self.device] += 6 * self.max_num_seqs * self.vocab_size * 4  # fp32 [S, V] sort + softmax temporaries
+        return peak
 
     # ------------------------------------------------------------ requests in and out
 
@@ -198,6 +215,16 @@ class LLMEngine:
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
+        if self.peers is None:
+            return self._step()
+        try:
+            return self._step()
+        except Exception as exc:
+            self.peers.is_diverged = True
+            raise RanksDiverged(f"a tensor-parallel step failed on rank 0 ({type(exc).__name__}: {exc}); "
+                                f"the other ranks cannot follow") from exc
+
+    def _step(self) -> list[StepOutput]:
         max_num_tokens = None
         for attempt in range(MAX_OOM_RETRIES + 1):
             schedule = self.scheduler.schedule(max_num_tokens)
@@ -206,7 +233,7 @@ class LLMEngine:
             try:
                 return self._run(schedule.chunks)
             except torch.OutOfMemoryError:
-                if attempt == MAX_OOM_RETRIES:
+                if attempt == MAX_OOM_RETRIES or self.peers is not None:  # the other ranks ran this step already
                     raise
                 victims = self.scheduler.preempt_newest(len(self.scheduler.running) // 2)
                 max_num_tokens = max(1, schedule.num_tokens // 2)
@@ -220,7 +247,10 @@ class LLMEngine:
         """One forward over every scheduled token. Sequences change only after the device work succeeded."""
         started = time.perf_counter()
         staging = Staging()
-        inputs = build_step(chunks, self.kv, self.sliding_window, staging, self._stage_sampling, self._flex_blocks)
+        if self.peers is not None:
+            self.peers.send(chunks)
+        inputs = build_step(chunks, self.kv, self.sliding_window, staging, self._stage_sampling, self._flex_blocks,
+                            self.placement)
         built = time.perf_counter()
         host = self._forward_and_sample(inputs)
         synced = time.perf_counter()
@@ -233,13 +263,22 @@ class LLMEngine:
         self.profile["post_s"] += time.perf_counter() - synced
         return outputs
 
+    @torch.inference_mode()
+    def forward_only(self, chunks: list[ScheduledChunk]) -> None:
+        """A tensor-parallel follower's step: rank 0's chunks, packed the same way, through the same forward."""
+        self._forward(build_step(chunks, self.kv, self.sliding_window, flex_blocks=self._flex_blocks,
+                                 placement=self.placement))
+
+    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+        return self.model(input_ids=inputs.input_ids, position_ids=inputs.position_ids, attention_mask=self._no_mask,
+                          use_cache=False, logits_to_keep=inputs.logits_rows,
+                          **{attention.STEP_KWARG: inputs.attention}).logits
+
     def _forward_and_sample(self, inputs: StepInputs) -> HostSample | None:
-        out = self.model(input_ids=inputs.input_ids, position_ids=inputs.position_ids, attention_mask=self._no_mask,
-                         use_cache=False, logits_to_keep=inputs.logits_rows,
-                         **{attention.STEP_KWARG: inputs.attention})
+        logits = self._forward(inputs)
         if not inputs.sampled:
             return None
-        logits = out.logits[0]  # [S, V]
+        logits = logits[0]  # [S, V]
         params = [c.seq.params for c in inputs.sampled]
         x = inputs.extra
         tensors = SamplingTensors(

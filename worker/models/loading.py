@@ -1,6 +1,14 @@
-"""Loading a causal LM and its tokenizer through the ordinary `from_pretrained` path."""
+"""Loading a causal LM and its tokenizer through the ordinary `from_pretrained` path.
+
+A model too big for one device is loaded sharded, by the two mechanisms transformers offers:
+accelerate's big-model placement (`device_map`: whole layers on different devices, the rest
+offloaded to CPU or disk and run on the main device) or tensor parallelism (`tp_size` > 1,
+under torchrun: every process loads its share of each layer's weights).
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -11,6 +19,18 @@ class ModelLoadError(Exception):
     """The model or tokenizer could not be loaded: a config/deployment problem that stops the worker."""
 
 
+@dataclass(frozen=True)
+class Sharding:
+    device_map: str | dict[str, int | str] | None = None  # auto | balanced | ... | {module name: device}
+    max_memory: dict[int | str, str] | None = None  # with device_map: {0: "70GiB", "cpu": "200GiB"}
+    offload_folder: str | None = None  # with device_map: where modules mapped to "disk" are kept
+    tp_size: int = 1  # > 1: tensor parallel over that many torchrun processes
+
+    @property
+    def is_sharded(self) -> bool:
+        return self.device_map is not None or self.tp_size > 1
+
+
 def resolve_dtype(name: str, device: str) -> torch.dtype | str:
     if name == "auto":
         return torch.float32 if device == "cpu" else "auto"
@@ -19,15 +39,38 @@ def resolve_dtype(name: str, device: str) -> torch.dtype | str:
     return _DTYPES[name]
 
 
-def load_llm(path: str, device: str = "cpu", dtype: str = "auto", trust_remote_code: bool = False):
+def load_llm(path: str, device: str = "cpu", dtype: str = "auto", trust_remote_code: bool = False,
+             sharding: Sharding = Sharding()):
+    """`device` is where an unsharded model goes; a sharded one is placed by its device map, or (tensor
+    parallel) on this process's accelerator (cuda:LOCAL_RANK, else the CPU)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if sharding.is_sharded:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, device),
+                                                     trust_remote_code=trust_remote_code, **_sharding_kwargs(sharding))
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"cannot load model {path!r}: {exc}") from exc
-    return model.to(device).eval(), tokenizer
+    if not sharding.is_sharded:
+        model = model.to(device)
+    return model.eval(), tokenizer
+
+
+def _sharding_kwargs(sharding: Sharding) -> dict:
+    if sharding.tp_size > 1:
+        from transformers.distributed import DistributedConfig
+
+        return {"distributed_config": DistributedConfig(tp_size=sharding.tp_size)}  # the model's own tp_plan
+    if sharding.device_map is None:
+        return {}
+    kwargs = {"device_map": sharding.device_map}
+    if sharding.max_memory is not None:
+        kwargs["max_memory"] = sharding.max_memory
+    if sharding.offload_folder is not None:
+        kwargs["offload_folder"] = sharding.offload_folder
+    return kwargs
 
 
 def load_diffusers(path: str, device: str = "cpu", dtype: str = "auto", cpu_offload: bool = False):
