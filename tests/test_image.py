@@ -136,7 +136,7 @@ def test_max_num_seqs_counts_images_and_requests_wait_for_room(tiny_flux_pipes):
     engine = engine_for(tiny_flux_pipes["schnell"], max_num_seqs=3)
     engine.add(image_request("x", prompt="x", n=2, num_inference_steps=3, seed=1))
     engine.add(image_request("y", prompt="y", n=2, num_inference_steps=3, seed=2))
-    assert engine.num_active == 4
+    assert engine.num_active == 4 and engine.num_free == 2  # room for one more batch of waiting images
     engine.step()
     assert [j.request_id for j in engine.running] == ["x"] and engine.num_waiting == 1
     while engine.running:
@@ -182,3 +182,22 @@ def test_a_resumed_request_does_not_send_the_images_already_published(tiny_flux_
     outs = run(engine, {})
     images = [e for out in outs["r"] for e in out.events() if e.type == EventType.IMAGE]
     assert [e.fields["index"] for e in images] == [2]
+
+
+def test_admission_takes_the_shortest_job_first_and_a_passed_over_job_ages_in(tiny_flux_pipes):
+    engine = engine_for(tiny_flux_pipes["schnell"], max_num_seqs=1)
+    for request_id, steps in (("long", 5), ("mid", 3), ("short", 1)):
+        engine.add(image_request(request_id, prompt=request_id, num_inference_steps=steps, seed=1))
+    finished = []
+    while engine.num_active:
+        finished += [o.seq.request_id for o in engine.step() if o.is_finished]
+    assert finished == ["short", "mid", "long"]  # added long first
+
+    engine.add(image_request("patient", prompt="p", num_inference_steps=6, seed=2))
+    num_steps = 0
+    while not any(j.request_id == "patient" for j in engine.running):
+        if not engine.running:  # a stream of short requests keeps arriving
+            engine.add(image_request(f"s{num_steps}", prompt="s", num_inference_steps=1, seed=3))
+        engine.step()
+        num_steps += 1
+        assert num_steps <= 8, "a long request waited forever behind short ones"

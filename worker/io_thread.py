@@ -60,10 +60,11 @@ class Round:
         return max(self.free.values(), default=0)
 
 
-def free_slots(max_num_seqs: int, held: list[Priority]) -> dict[Priority, int]:
-    """For each level, how many more entries of it (or higher) fit: max_num_seqs less what is held at that
-    level or above. Work held at lower levels does not count: the engine preempts it for higher work."""
-    return {level: max(0, max_num_seqs - sum(1 for p in held if p.rank <= level.rank)) for level in PRIORITIES}
+def free_slots(capacity: int, held: list[Priority]) -> dict[Priority, int]:
+    """For each level, how many more entries of it (or higher) fit: the engine's capacity (what it may hold)
+    less what is held at that level or above. Work held at lower levels does not count: the engine preempts
+    it for higher work."""
+    return {level: max(0, capacity - sum(1 for p in held if p.rank <= level.rank)) for level in PRIORITIES}
 
 
 def left_after(free: dict[Priority, int], taken: list[EntryRef]) -> dict[Priority, int]:

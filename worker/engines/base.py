@@ -32,6 +32,10 @@ class Engine(Protocol):
     @property
     def num_waiting(self) -> int: ...
 
+    @property
+    def num_free(self) -> int:
+        """How many new entries the worker may read for this engine now."""
+
     def sequences(self) -> list[Tracked]:
         """Every queued or running request."""
 

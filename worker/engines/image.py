@@ -14,6 +14,7 @@ generator, num_images_per_prompt=n)` up to float rounding of batched matmuls.
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import random
@@ -62,6 +63,10 @@ class ImageEngine:
         self.max_images = min(config.max_images_per_request, config.max_num_seqs)
         self.allowed_sizes = None if config.allowed_sizes is None else {
             parse_size(s, self.size_multiple) for s in config.allowed_sizes}
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        # each job gets a deep copy (from_config per request costs ~2 ms of config handling)
+        self._scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
         self.waiting: list[ImageJob] = []
         self.running: list[ImageJob] = []
         self.num_steps = 0
@@ -79,6 +84,12 @@ class ImageEngine:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
+    @property
+    def num_free(self) -> int:
+        """Room for one batch of requests waiting beside the running one: an image that finishes at the end
+        of a step is replaced in the next step (reads land between steps, two steps after a slot frees)."""
+        return max(0, 2 * self.max_num_seqs - self.num_active)
+
     def sequences(self) -> list[ImageJob]:
         return self.running + self.waiting
 
@@ -89,6 +100,7 @@ class ImageEngine:
         job.priority = request.priority
         if resume is not None:
             job.num_skipped_images = resume.num_images
+        job.added_at_step = self.num_steps
         self.waiting.append(job)
         return job
 
@@ -162,13 +174,17 @@ class ImageEngine:
         return [o for o in outputs if o is not None]
 
     def _admit(self) -> list[ImageJob]:
-        """Waiting jobs, oldest first, while their images fit in max_num_seqs beside the running ones."""
+        """Waiting jobs while their images fit in max_num_seqs beside the running ones, shortest first: a job's
+        rank is its step count minus the steps it has waited, so a long job passed over is not passed forever."""
         num_running = sum(j.num_images for j in self.running)
         admitted = []
-        while self.waiting and num_running + self.waiting[0].num_images <= self.max_num_seqs:
-            job = self.waiting.pop(0)
+        for job in sorted(self.waiting, key=lambda j: (j.num_steps - (self.num_steps - j.added_at_step), j.arrival_s)):
+            if num_running + job.num_images > self.max_num_seqs:
+                break
             num_running += job.num_images
             admitted.append(job)
+        for job in admitted:
+            self.waiting.remove(job)
         return admitted
 
     def _start(self, jobs: list[ImageJob]) -> None:
@@ -194,10 +210,9 @@ class ImageEngine:
 
     def _schedule(self, job: ImageJob, num_image_tokens: int):
         """The job's own scheduler with the stock pipeline's timesteps for its step count and size."""
-        from diffusers import FlowMatchEulerDiscreteScheduler
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
+        scheduler = copy.deepcopy(self._scheduler)
         cfg = scheduler.config
         sigmas = None if cfg.get("use_flow_sigmas") else np.linspace(1.0, 1 / job.num_steps, job.num_steps)
         mu = calculate_shift(num_image_tokens, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),

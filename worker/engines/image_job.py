@@ -62,6 +62,7 @@ class ImageJob:
     pooled_embeds: Any = None  # [n, P] CLIP pooled
     step_index: int = 0
     arrival_s: float = field(default_factory=time.monotonic)
+    added_at_step: int = 0  # the engine's step count when it was added (its wait, for admission order)
     started_s: float | None = None
     priority: Priority = DEFAULT_PRIORITY  # kept for the loop's free-slot count; admission here is FIFO
     # the loop's bookkeeping (out_events.Tracked); the engine never reads them

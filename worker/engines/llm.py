@@ -155,6 +155,10 @@ class LLMEngine:
         return len(self.scheduler.waiting)
 
     @property
+    def num_free(self) -> int:
+        return self.max_num_seqs - self.num_active
+
+    @property
     def num_preemptions(self) -> int:
         return self.scheduler.num_preemptions
 

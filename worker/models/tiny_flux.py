@@ -15,7 +15,7 @@ import torch
 
 from worker.models.tiny import _corpus
 
-CLIP_MAX_LEN = 32
+CLIP_MAX_LEN = 77  # as real CLIP
 T5_MAX_LEN = 64  # the tiny T5's positions; requests and the stock pipeline pass max_sequence_length <= this
 
 

@@ -1,0 +1,392 @@
+"""The text_to_image benchmark: requests arriving over time with mixed step counts and two sizes, on tiny
+seeded FLUX.1-dev-like and schnell-like pipelines, fp32 on CPU.
+
+    python -m bench.image | tee bench/results/image.txt    # ~5-10 min on a quiet 2-core machine
+    python -m bench.image --num-requests 6 --workloads schnell   # the smoke size (tests/test_bench_image.py)
+
+Contenders, on the same requests and arrival times:
+  (a) stock FluxPipeline, one request at a time, in arrival order;
+  (b) stock FluxPipeline on static batches: whenever it is free, the oldest waiting request and every
+      waiting request of the same size and step count (up to --max-num-seqs), as one call with a prompt
+      list and one CPU generator per image;
+  (e) redbatch end to end: a `redbatch worker` process behind Redis, requests submitted by the async
+      client at their arrival times, each waited for through its events.
+Reported: images/s over the run (first arrival to last image), p50/p99 latency (arrival to image), and
+forward/wall: the time spent in the transformer's forward over the run's wall time (the worker's engine
+profile for (e)). Every contender's images are compared with (a)'s (PNG pixels within 1 gray level).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from bench.procs import RedisServer, child_env  # noqa: E402
+from bench.redbatch_runs import _watched  # noqa: E402
+from producer.aio import AsyncClient  # noqa: E402
+from producer.protocol import EventType, TaskKind  # noqa: E402
+
+MODEL = "bench-image"
+PREFIX = "rbimg"
+TOKENS = 64  # T5 max_sequence_length for every contender
+WORDS = "a red cat dog river stone cloud over the mountain at night under rain green tree blue light sun".split()
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    request_id: str
+    prompt: str
+    size: str  # "W*H"
+    num_steps: int
+    seed: int
+    arrival_s: float  # after the run's start
+
+    @property
+    def width_height(self) -> tuple[int, int]:
+        width, height = self.size.split("*")
+        return int(width), int(height)
+
+
+@dataclass
+class Result:
+    request_id: str
+    latency_s: float
+    finish_s: float
+    png: bytes
+
+
+@dataclass
+class Row:
+    contender: str
+    workload: str
+    num_images: int
+    wall_s: float
+    images_per_s: float
+    p50_s: float
+    p99_s: float
+    forward_s: float
+    same_images: str  # vs (a): "yes", "no (N differ)", or "-" for (a)
+    notes: str = ""
+
+    @property
+    def forward_share(self) -> float:
+        return self.forward_s / self.wall_s if self.wall_s else 0.0
+
+
+@dataclass
+class Workload:
+    name: str
+    kind: str  # dev | schnell
+    requests: list[ImageRequest] = field(default_factory=list)
+    rate_per_s: float = 0.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.image", description=__doc__.split("\n\n")[0])
+    p.add_argument("--workloads", default="dev,schnell,mixed",
+                   help="dev (20-28 steps), schnell (4 steps on the schnell-like model), mixed (4 or 20-28 "
+                        "steps, half each, on the dev-like model)")
+    p.add_argument("--num-requests", type=int, default=32)
+    p.add_argument("--sizes", default="32*32,48*32")
+    p.add_argument("--load", type=float, default=8.0,
+                   help="arrival rate as a multiple of (a)'s service rate: high enough that every contender is "
+                        "busy (images/s measures capacity, not the arrival rate)")
+    p.add_argument("--max-num-seqs", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--redis-url", default=None)
+    p.add_argument("--json", default=None, help="also write the rows here")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- models and workloads
+
+
+def build_models(root: Path, kinds: list[str]) -> dict[str, Path]:
+    """Tiny FLUX pipelines (hidden 32, 1 double + 2 single blocks): steps of a few ms, where batching pays
+    as it does for a real model on an accelerator that one image leaves underused."""
+    from worker.models.tiny_flux import make_tiny_flux
+
+    return {k: make_tiny_flux(root / k, guidance=k == "dev", seed=7, hidden=32, num_layers=1, num_single_layers=2)
+            for k in kinds}
+
+
+MODEL_OF = {"dev": "dev", "schnell": "schnell", "mixed": "dev"}
+
+
+def make_requests(workload: str, num: int, sizes: list[str], seed: int) -> list[ImageRequest]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(num):
+        if workload == "schnell" or (workload == "mixed" and i % 2):
+            steps = 4
+        else:
+            steps = rng.randint(20, 28)
+        prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9)))
+        out.append(ImageRequest(f"{workload}-{i}", prompt, rng.choice(sizes), steps, seed=1000 + i, arrival_s=0.0))
+    return out
+
+
+def with_arrivals(requests: list[ImageRequest], rate_per_s: float, seed: int) -> list[ImageRequest]:
+    """Poisson arrivals at rate_per_s, the first at t=0."""
+    rng = random.Random(seed + 1)
+    t, out = 0.0, []
+    for i, r in enumerate(requests):
+        if i:
+            t += rng.expovariate(rate_per_s)
+        out.append(ImageRequest(r.request_id, r.prompt, r.size, r.num_steps, r.seed, round(t, 4)))
+    return out
+
+
+# ---------------------------------------------------------------- the stock pipeline
+
+
+class ForwardClock:
+    """Seconds spent inside the transformer's forward (hooks around it)."""
+
+    def __init__(self, transformer):
+        self.total_s = 0.0
+        self._start = 0.0
+        transformer.register_forward_pre_hook(lambda *_: setattr(self, "_start", time.perf_counter()))
+        transformer.register_forward_hook(lambda *_: self._stop())
+
+    def _stop(self) -> None:
+        self.total_s += time.perf_counter() - self._start
+
+
+def load_stock(path: Path):
+    from worker.models.loading import load_diffusers
+
+    pipe = load_diffusers(str(path))
+    return pipe, ForwardClock(pipe.transformer)
+
+
+def stock_call(pipe, batch: list[ImageRequest]) -> list[bytes]:
+    """One FluxPipeline call for requests of one size and step count; PNG bytes per request."""
+    width, height = batch[0].width_height
+    images = pipe([r.prompt for r in batch], height=height, width=width, num_inference_steps=batch[0].num_steps,
+                  generator=[torch.Generator("cpu").manual_seed(r.seed) for r in batch],
+                  max_sequence_length=TOKENS).images
+    out = []
+    for image in images:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        out.append(buffer.getvalue())
+    return out
+
+
+def run_sequential(pipe, requests: list[ImageRequest]) -> tuple[list[Result], float]:
+    t0 = time.perf_counter()
+    results = []
+    for r in requests:
+        _sleep_until(t0, r.arrival_s)
+        (png,) = stock_call(pipe, [r])
+        now = time.perf_counter() - t0
+        results.append(Result(r.request_id, now - r.arrival_s, now, png))
+    return results, t0
+
+
+def run_static(pipe, requests: list[ImageRequest], max_batch: int) -> tuple[list[Result], float]:
+    t0 = time.perf_counter()
+    pending = list(requests)
+    results = []
+    while pending:
+        now = time.perf_counter() - t0
+        arrived = [r for r in pending if r.arrival_s <= now]
+        if not arrived:
+            _sleep_until(t0, pending[0].arrival_s)
+            continue
+        key = (arrived[0].size, arrived[0].num_steps)
+        batch = [r for r in arrived if (r.size, r.num_steps) == key][:max_batch]
+        pngs = stock_call(pipe, batch)
+        now = time.perf_counter() - t0
+        for r, png in zip(batch, pngs):
+            results.append(Result(r.request_id, now - r.arrival_s, now, png))
+            pending.remove(r)
+    return results, t0
+
+
+def _sleep_until(t0: float, offset_s: float) -> None:
+    delay = t0 + offset_s - time.perf_counter()
+    if delay > 0:
+        time.sleep(delay)
+
+
+# ---------------------------------------------------------------- redbatch end to end
+
+
+def run_redbatch(args, path: Path, requests: list[ImageRequest]) -> tuple[list[Result], float]:
+    """(e): returns the results and the worker's forward seconds during the run."""
+    server = RedisServer(args.redis_url)
+    log_path = Path(tempfile.mkdtemp(prefix="redbatch-bench-image-")) / "worker.log"
+    cmd = [sys.executable, "-m", "producer.cli", "worker", "--model-name", MODEL, "--model-path", str(path),
+           "--redis-url", server.url, "--prefix", PREFIX, "--threads", str(args.threads),
+           "--max-num-seqs", str(args.max_num_seqs), "--max-sequence-length", str(TOKENS),
+           "--progress-every-steps", "0", "--max-queue-len", "0", "--grace-s", "5", "--heartbeat-interval-s", "0.2"]
+    env = child_env(args.threads)
+    with open(log_path, "wb") as log_file:
+        worker = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    try:
+        return asyncio.run(_produce(server.url, requests, worker, log_path))
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        server.close()
+
+
+async def _produce(url: str, requests: list[ImageRequest], worker, log_path: Path) -> tuple[list[Result], float]:
+    client = AsyncClient(url, prefix=PREFIX)
+    try:
+        model = await _watched(_wait_model(client), worker, log_path)
+        warm = ImageRequest("warm", "warm up", requests[0].size, 2, 0, 0.0)
+        await _watched(_one(model, client, warm, time.perf_counter(), "w"), worker, log_path)
+        before = await _forward_s(client)
+        t0 = time.perf_counter()
+        tag = str(int(t0 * 1000))
+        results = await _watched(asyncio.gather(*(_one(model, client, r, t0, tag) for r in requests)), worker,
+                                 log_path)
+        await asyncio.sleep(1.5)  # the next heartbeat carries the engine's profile after the last step
+        return list(results), await _forward_s(client) - before
+    finally:
+        await client.aclose()
+
+
+async def _wait_model(client: AsyncClient, timeout_s: float = 300):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if await client.redis.zcard(client.keys.model_workers(MODEL)):
+            return await client.get_model(MODEL)
+        await asyncio.sleep(0.2)
+    raise SystemExit("the benchmark's image worker did not register")
+
+
+async def _forward_s(client: AsyncClient) -> float:
+    (worker_id,) = await client.redis.zrange(client.keys.model_workers(MODEL), 0, -1)
+    raw = await client.redis.hget(client.keys.worker(worker_id.decode()), "forward_s")
+    return float(raw or 0)
+
+
+async def _one(model, client: AsyncClient, r: ImageRequest, t0: float, tag: str) -> Result:
+    await asyncio.sleep(max(0.0, t0 + r.arrival_s - time.perf_counter()))
+    body = {"prompt": r.prompt, "size": r.size, "num_inference_steps": r.num_steps, "seed": r.seed,
+            "response_format": "png"}
+    request_id = await model.submit(TaskKind.TEXT_TO_IMAGE, body, request_id=f"{r.request_id}-{tag}")
+    png = b""
+    async for event in client.events(request_id, timeout_s=3600):
+        if event.type == EventType.IMAGE:
+            png = event.data
+        elif event.is_terminal and event.type != EventType.DONE:
+            raise RuntimeError(f"{request_id} ended with {event.type.value}: {event.message}")
+    now = time.perf_counter() - t0
+    return Result(r.request_id, now - r.arrival_s, now, png)
+
+
+# ---------------------------------------------------------------- the report
+
+
+def to_row(contender: str, workload: Workload, results: list[Result], forward_s: float,
+           reference: dict[str, bytes] | None) -> Row:
+    latencies = sorted(r.latency_s for r in results)
+    wall_s = max(r.finish_s for r in results)
+    same = "-"
+    if reference is not None:
+        num_differ = sum(not _same_png(r.png, reference[r.request_id]) for r in results)
+        same = "yes" if num_differ == 0 else f"no ({num_differ} differ)"
+    return Row(contender, workload.name, len(results), round(wall_s, 3), round(len(results) / wall_s, 3),
+               round(statistics.median(latencies), 3), round(_quantile(latencies, 0.99), 3), round(forward_s, 3), same)
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def _same_png(a: bytes, b: bytes) -> bool:
+    from PIL import Image
+
+    x = np.asarray(Image.open(io.BytesIO(a)), dtype=np.int16)
+    y = np.asarray(Image.open(io.BytesIO(b)), dtype=np.int16)
+    return x.shape == y.shape and int(np.abs(x - y).max()) <= 1
+
+
+NAMES = {"a": "(a) stock, one at a time", "b": "(b) stock, static batches", "e": "(e) redbatch end to end"}
+
+
+def print_table(rows: list[Row], workloads: list[Workload], args) -> None:
+    print(f"text_to_image benchmark: {args.num_requests} requests/workload, sizes {args.sizes}, "
+          f"max_num_seqs {args.max_num_seqs}, {args.threads} threads, fp32 CPU, T5 {TOKENS} tokens")
+    for w in workloads:
+        steps = sorted({r.num_steps for r in w.requests})
+        print(f"\n## {w.name}: tiny FLUX.1-{w.kind}-like, steps {', '.join(map(str, steps))}, Poisson arrivals at "
+              f"{w.rate_per_s:.2f}/s over {w.requests[-1].arrival_s:.1f} s")
+        mine = [r for r in rows if r.workload == w.name]
+        best_peer = max((r.images_per_s for r in mine if not r.contender.startswith("(e)")), default=0.0)
+        print(f"| contender | images/s | vs best stock | p50 s | p99 s | forward/wall | same images as (a) |")
+        print("|---|---|---|---|---|---|---|")
+        for r in mine:
+            ratio = r.images_per_s / best_peer if best_peer else 0.0
+            print(f"| {r.contender} | {r.images_per_s:.2f} | {ratio:.2f}x | {r.p50_s:.2f} | {r.p99_s:.2f} | "
+                  f"{r.forward_share:.0%} | {r.same_images} |")
+
+
+def run_workload(args, w: Workload, path: Path) -> list[Row]:
+    pipe, clock = load_stock(path)
+    stock_call(pipe, [ImageRequest("warm", "warm up", w.requests[0].size, 2, 0, 0.0)])
+    calib = []  # (a)'s service time per size at the workload's mean step count
+    for size in args.sizes.split(","):
+        steps = round(statistics.mean(r.num_steps for r in w.requests))
+        started = time.perf_counter()
+        stock_call(pipe, [ImageRequest("calib", "calibrate", size, steps, 1, 0.0)])
+        calib.append(time.perf_counter() - started)
+    w.rate_per_s = args.load / statistics.mean(calib)
+    w.requests = with_arrivals(w.requests, w.rate_per_s, args.seed)
+    rows = []
+    clock.total_s = 0.0
+    results, _ = run_sequential(pipe, w.requests)
+    rows.append(to_row(NAMES["a"], w, results, clock.total_s, None))
+    reference = {r.request_id: r.png for r in results}
+    clock.total_s = 0.0
+    results, _ = run_static(pipe, w.requests, args.max_num_seqs)
+    rows.append(to_row(NAMES["b"], w, results, clock.total_s, reference))
+    del pipe
+    results, forward_s = run_redbatch(args, path, w.requests)
+    rows.append(to_row(NAMES["e"], w, results, forward_s, reference))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    names = args.workloads.split(",")
+    with tempfile.TemporaryDirectory(prefix="redbatch-bench-image-") as root:
+        paths = build_models(Path(root), sorted({MODEL_OF[n] for n in names}))
+        workloads = [Workload(n, MODEL_OF[n], make_requests(n, args.num_requests, args.sizes.split(","), args.seed))
+                     for n in names]
+        rows = [row for w in workloads for row in run_workload(args, w, paths[w.kind])]
+    print_table(rows, workloads, args)
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""bench/image.py at its smallest: every contender on a few requests; checks the report, never the speed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+pytest.importorskip("diffusers")
+
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
+
+
+def test_the_workloads_follow_their_definitions():
+    from bench.image import make_requests, with_arrivals
+
+    mixed = with_arrivals(make_requests("mixed", 40, ["32*32", "48*32"], seed=3), rate_per_s=5.0, seed=3)
+    steps = [r.num_steps for r in mixed]
+    assert steps.count(4) == 20 and all(20 <= s <= 28 for s in steps if s != 4)
+    assert {r.size for r in mixed} == {"32*32", "48*32"}
+    arrivals = [r.arrival_s for r in mixed]
+    assert arrivals[0] == 0 and arrivals == sorted(arrivals) and arrivals[-1] > 0
+    assert {r.num_steps for r in make_requests("schnell", 8, ["32*32"], seed=0)} == {4}
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+def test_the_image_bench_runs_every_contender_and_the_images_agree(tmp_path, capsys):
+    from bench.image import NAMES, main
+
+    out = tmp_path / "image.json"
+    rows = main(["--num-requests", "3", "--workloads", "schnell", "--threads", "1", "--json", str(out)])
+    assert [r.contender for r in rows] == list(NAMES.values())
+    assert all(r.num_images == 3 and r.images_per_s > 0 and r.p99_s >= r.p50_s > 0 for r in rows)
+    assert [r.same_images for r in rows] == ["-", "yes", "yes"]
+    assert "| (e) redbatch end to end |" in capsys.readouterr().out
+    assert len(json.loads(out.read_text())) == 3
