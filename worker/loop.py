@@ -19,7 +19,7 @@ from producer.protocol import ErrorCode, EventType
 from worker.config import WorkerConfig
 from worker.engines.base import Engine
 from worker.intake import Entry, Intake
-from worker.io_thread import Held, RedisIO, Round
+from worker.io_thread import Held, RedisIO, Round, free_slots
 from worker.out_events import Output, Tracked
 from worker.outbox import Outbox
 from worker.streams import WorkerStreams, is_transient
@@ -181,8 +181,10 @@ class Worker:
         held = [Held(s.request_id, s.entry_id, s.next_seq) for s in self.engine.sequences()]
         is_idle = self.engine.num_active == 0
         block_ms = (BURST_BLOCK_MS if burst else self.config.read_block_ms) if is_idle else None
-        return Round(outbox, held, is_reading=not self._stop.is_set(),
-                     num_free=self.engine.num_free, block_ms=block_ms,
+        # the engine's room for new entries, per level: work held at lower levels does not take a slot from higher
+        capacity = self.engine.num_free + self.engine.num_active
+        free = free_slots(capacity, [s.priority for s in self.engine.sequences()])
+        return Round(outbox, held, is_reading=not self._stop.is_set(), free=free, block_ms=block_ms,
                      heartbeat=self._heartbeat_fields())
 
     # ------------------------------------------------------------ exit

@@ -169,7 +169,8 @@ class LLMEngine:
         ids = prompt_ids(request, self.tokenizer, self.tasks, self.vocab_size)
         cfg = request.generate_config
         max_tokens = check_lengths(len(ids), cfg.max_tokens, self.max_model_len, self.config.max_tokens_limit)
-        seq = Sequence(request_id=request.id, prompt_ids=ids, params=cfg, max_tokens=max_tokens)
+        seq = Sequence(request_id=request.id, prompt_ids=ids, params=cfg, max_tokens=max_tokens,
+                       priority=request.priority)
         tools = self.tool_calling.parser_for(request)
         keep_ids = self.tool_calling.keep_ids if tools is not None else frozenset()
         state = OutputState(detok=IncrementalDetokenizer(self.tokenizer, keep_special_ids=keep_ids),
