@@ -21,9 +21,9 @@ def acl_rules(keys: Keys, role: str) -> str:
             f"+zcount +zrange %R~{k['workers']}",  # the live-worker check on submit
             f"+xread +xrange +xrevrange %R~{k['events']}",
             f"+set %W~{k['abort']}",
-            f"+xadd +xlen ~{k['requests']}",
+            f"+xadd +xlen ~{k['requests']} ~{k['requests_level']}",
             f"+exists +set ~{k['owner']}",
-            f"+evalsha +eval ~{k['requests']} ~{k['owner']}",
+            f"+evalsha +eval ~{k['requests']} ~{k['requests_level']} ~{k['owner']}",
             # the HTTP gateway: one XREAD over many events streams and its own wake stream (one selector: all keys of
             # a command must match the same one), and the wake-up XADD
             f"+xread %R~{k['events']} %R~{k['gateway_wake']}",
@@ -32,7 +32,8 @@ def acl_rules(keys: Keys, role: str) -> str:
     elif role == "worker":
         connection += " +info"  # INFO server: uptime, so reclaim waits out a lease after a Redis restart
         selectors = [
-            f"+xgroup|create +xreadgroup +xack +xdel +xclaim +xautoclaim +xpending ~{k['requests']}",
+            f"+xgroup|create +xreadgroup +xack +xdel +xclaim +xautoclaim +xpending ~{k['requests']} "
+            f"~{k['requests_level']}",
             f"+xadd ~{k['dead']}",
             f"+xadd +xrange +expire +evalsha ~{k['events']}",  # evalsha: the fenced event writes (one key each)
             f"+exists %R~{k['abort']}",

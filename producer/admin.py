@@ -8,7 +8,7 @@ from typing import Any
 
 import redis
 
-from producer.keys import GROUP, Keys, check_request_id
+from producer.keys import DEFAULT_PRIORITY, GROUP, PRIORITIES, Keys, check_request_id
 from producer.protocol import ModelRegistration, read_request_id, split_dead_letter
 
 
@@ -19,6 +19,7 @@ class DeadLetter:
     reason: str
     worker: str
     fields: dict[str, bytes]  # the original entry's fields
+    priority: str = DEFAULT_PRIORITY.value  # the level of the stream it came from (older letters: the default)
 
     def summary(self) -> str:
         return f"{self.dead_id}  id={self.request_id or '?'}  worker={self.worker}  reason: {self.reason}"
@@ -29,14 +30,14 @@ def list_dead(client: redis.Redis, keys: Keys, model: str, count: int = 1000) ->
 
 
 def requeue_dead(client: redis.Redis, keys: Keys, model: str, dead_ids: list[str] | None = None) -> int:
-    """Put dead letters back on the request stream as fresh requests (their old events are cleared)."""
+    """Put dead letters back on the request stream of their level as fresh requests (their old events are cleared)."""
     letters = [d for d in list_dead(client, keys, model, count=100_000) if not dead_ids or d.dead_id in dead_ids]
     for letter in letters:
         pipe = client.pipeline(transaction=True)
         if letter.request_id is not None:
             pipe.delete(keys.events(letter.request_id), keys.abort(letter.request_id))
             pipe.delete(keys.request_owner(model, letter.request_id))
-        pipe.xadd(keys.requests(model), letter.fields)
+        pipe.xadd(keys.requests(model, letter.priority), letter.fields)
         pipe.xdel(keys.dead(model), letter.dead_id)
         pipe.execute()
     return len(letters)
@@ -53,7 +54,10 @@ def _parse(dead_id: str, raw: dict[bytes, bytes]) -> DeadLetter:
     request_id = read_request_id(fields)
     if request_id is not None:
         check_request_id(request_id)
-    return DeadLetter(dead_id, request_id, meta.get("reason", ""), meta.get("worker", ""), fields)
+    priority = meta.get("priority", DEFAULT_PRIORITY.value)
+    if priority not in {p.value for p in PRIORITIES}:
+        priority = DEFAULT_PRIORITY.value
+    return DeadLetter(dead_id, request_id, meta.get("reason", ""), meta.get("worker", ""), fields, priority)
 
 
 def _text(value: bytes | str) -> str:
@@ -81,17 +85,11 @@ def system_status(client: redis.Redis, keys: Keys, now_ms: int | None = None) ->
 def _model_status(client: redis.Redis, keys: Keys, model: str, info: ModelRegistration, now: int) -> dict[str, Any]:
     ttl_ms = info.heartbeat_ttl_s * 1000
     pipe = client.pipeline(transaction=False)
-    pipe.xlen(keys.requests(model))
     pipe.xlen(keys.dead(model))
     pipe.zrange(keys.model_workers(model), 0, -1, withscores=True)
-    queue_len, dead, members = pipe.execute()
-    pending, lag = 0, None
-    try:
-        for group in client.xinfo_groups(keys.requests(model)):
-            if _text(group["name"]) == GROUP:
-                pending, lag = int(group["pending"]), group.get("lag")
-    except redis.ResponseError:  # no stream yet
-        pass
+    dead, members = pipe.execute()
+    levels = {level.value: _queue_status(client, keys.requests(model, level)) for level in PRIORITIES}
+    lags = [q["lag"] for q in levels.values()]
     pipe = client.pipeline(transaction=False)
     for worker_id, _ in members:
         pipe.hgetall(keys.worker(_text(worker_id)))
@@ -101,10 +99,24 @@ def _model_status(client: redis.Redis, keys: Keys, model: str, info: ModelRegist
         workers.append(_worker_status(_text(worker_id), int(score), raw, now, ttl_ms))
     num_live = sum(1 for w in workers if w["live"])
     return {
-        "tasks": info.tasks, "queue_len": int(queue_len), "pending": pending,
-        "lag": None if lag is None else int(lag), "dead_letters": int(dead), "live_workers": num_live,
+        "tasks": info.tasks, "queue_len": sum(q["queue_len"] for q in levels.values()),
+        "pending": sum(q["pending"] for q in levels.values()),
+        "lag": None if None in lags else sum(lags), "priorities": levels, "dead_letters": int(dead), "live_workers": num_live,
         "has_live_worker": num_live > 0, "workers": workers,
     }
+
+
+def _queue_status(client: redis.Redis, key: str) -> dict[str, Any]:
+    """One priority level's stream: its length, and its `workers` group's pending count and lag."""
+    out: dict[str, Any] = {"queue_len": int(client.xlen(key)), "pending": 0, "lag": None}
+    try:
+        for group in client.xinfo_groups(key):
+            if _text(group["name"]) == GROUP:
+                lag = group.get("lag")
+                out.update(pending=int(group["pending"]), lag=None if lag is None else int(lag))
+    except redis.ResponseError:  # no stream yet
+        pass
+    return out
 
 
 def _worker_status(worker_id: str, heartbeat_ms: int, raw: dict[bytes, bytes], now: int, ttl_ms: int) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer.connection import connect_async
 from producer.errors import RequestTimeout
-from producer.keys import DEFAULT_PREFIX, Keys
+from producer.keys import DEFAULT_PREFIX, DEFAULT_PRIORITY, Keys, Priority
 from producer.protocol import Event, TaskKind
 from producer.results import READ_COUNT, EventCursor, Shaper, has_finished, image_list
 from producer.submit import (
@@ -100,31 +100,35 @@ class AsyncModel:
         self.name = info.name
 
     async def generate(self, prompt: str | list[int], generate_config: dict[str, Any] | None = None, *,
-                       timeout_s: float | None = None, deadline_ms: int | None = None):
-        return await self._run(TaskKind.GENERATE, prompt_payload(prompt), generate_config, timeout_s, deadline_ms)
+                       timeout_s: float | None = None, deadline_ms: int | None = None,
+                       priority: Priority | str = DEFAULT_PRIORITY):
+        return await self._run(TaskKind.GENERATE, prompt_payload(prompt), generate_config, timeout_s, deadline_ms, priority)
 
     async def chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
                    generate_config: dict[str, Any] | None = None, *, tool_choice: str | dict[str, Any] | None = None,
-                   timeout_s: float | None = None, deadline_ms: int | None = None):
+                   timeout_s: float | None = None, deadline_ms: int | None = None,
+                       priority: Priority | str = DEFAULT_PRIORITY):
         payload = chat_payload(messages, tools, tool_choice)
-        return await self._run(TaskKind.CHAT, payload, generate_config, timeout_s, deadline_ms)
+        return await self._run(TaskKind.CHAT, payload, generate_config, timeout_s, deadline_ms, priority)
 
     async def text_to_image(self, prompt: str, n: int = 1, size: str = "1024*1024", response_format: str = "b64_json",
                             *, num_inference_steps: int | None = None, guidance_scale: float | None = None,
                             seed: int | None = None, negative_prompt: str | None = None, request_id: str | None = None,
-                            timeout_s: float | None = None, deadline_ms: int | None = None) -> dict[str, Any]:
+                            timeout_s: float | None = None, deadline_ms: int | None = None,
+                            priority: Priority | str = DEFAULT_PRIORITY) -> dict[str, Any]:
         """Xinference's shape: {"created": unix s, "data": [{"b64_json": ...} | {"url": ...}, ...]}."""
         payload = image_payload(prompt, n, size, response_format, num_inference_steps=num_inference_steps,
                                 guidance_scale=guidance_scale, seed=seed, negative_prompt=negative_prompt)
-        request_id = await self.submit(TaskKind.TEXT_TO_IMAGE, payload, request_id=request_id, deadline_ms=deadline_ms)
+        request_id = await self.submit(TaskKind.TEXT_TO_IMAGE, payload, request_id=request_id, deadline_ms=deadline_ms,
+                                       priority=priority)
         return image_list(request_id, [e async for e in self.client.events(request_id, timeout_s=timeout_s)])
 
     async def submit(self, task: TaskKind, payload: dict[str, Any], generate_config: dict[str, Any] | None = None, *,
                      deadline_ms: int | None = None, request_id: str | None = None,
-                     user: str | None = None) -> str:
+                     user: str | None = None, priority: Priority | str = DEFAULT_PRIORITY) -> str:
         client = self.client
         sub = Submission.prepare(client.keys, self.info, task, payload, generate_config, deadline_ms,
-                                 client.result_ttl_s, request_id, user)
+                                 client.result_ttl_s, request_id, user, priority)
         if client.on_no_live_worker != "ignore":
             live = await client.redis.zcount(sub.workers_key, sub.live_since_ms, "+inf")
             handle_live_workers(client.on_no_live_worker, self.name, int(live))
@@ -137,9 +141,9 @@ class AsyncModel:
     async def abort(self, request_id: str) -> bool:
         return await self.client.abort_request(self.name, request_id)
 
-    async def _run(self, task, payload, generate_config, timeout_s, deadline_ms):
+    async def _run(self, task, payload, generate_config, timeout_s, deadline_ms, priority):
         """A completion dict, or (with stream) an async iterator of chunks."""
-        request_id = await self.submit(task, payload, generate_config, deadline_ms=deadline_ms)
+        request_id = await self.submit(task, payload, generate_config, deadline_ms=deadline_ms, priority=priority)
         shaper = Shaper(request_id, self.name, task)
         if wants_stream(generate_config):
             return self._stream(request_id, shaper, timeout_s)

@@ -13,6 +13,7 @@ TERMINAL_RQ_STATES = ("finished", "failed", "canceled", "stopped")
 def add_bulk_parser(sub, add_common) -> None:
     from producer.bulk import BULK_QUEUE, DEFAULT_RETRIES
     from producer.bulk.state import DEFAULT_LEASE_S
+    from producer.keys import PRIORITIES, Priority
 
     bulk = sub.add_parser("bulk", help="offline bulk generation: OpenAI Batch JSONL in, JSONL out (an rq job)")
     cmds = bulk.add_subparsers(dest="bulk_command", required=True)
@@ -24,6 +25,9 @@ def add_bulk_parser(sub, add_common) -> None:
     s.add_argument("--output", required=True, help="output JSONL (a path the bulk worker can write)")
     s.add_argument("--max-in-flight", type=int, default=None,
                    help="requests enqueued at once (default: 2 x the live workers' max_num_seqs)")
+    s.add_argument("--priority", default=Priority.BULK.value, choices=[p.value for p in PRIORITIES],
+                   help="the request stream level its requests go to; interactive traffic is served before bulk, "
+                        "bulk before background")
     s.add_argument("--queue", default=BULK_QUEUE, help="rq queue")
     s.add_argument("--retries", type=int, default=DEFAULT_RETRIES, help="rq re-runs of a job whose worker died")
     s.add_argument("--lease-s", type=float, default=DEFAULT_LEASE_S,
@@ -63,7 +67,7 @@ def run_bulk_command(args: argparse.Namespace, redis_url: str) -> int:
         if command == "submit":
             job = bulk.submit(args.input, model=args.model, output_path=args.output, connection=rds,
                               max_in_flight=args.max_in_flight, prefix=args.prefix, queue=args.queue,
-                              retries=args.retries, lease_s=args.lease_s)
+                              retries=args.retries, lease_s=args.lease_s, priority=args.priority)
             print(f"queued bulk job on {args.queue}; follow it with `redbatch bulk status --follow {job.id}`")
             print(job.id)
         elif command == "worker":

@@ -15,7 +15,7 @@ from redis.exceptions import ResponseError
 
 from producer.connection import connect
 from producer.errors import RequestTimeout
-from producer.keys import DEFAULT_PREFIX, Keys
+from producer.keys import DEFAULT_PREFIX, DEFAULT_PRIORITY, Keys, Priority
 from producer.protocol import Event, TaskKind
 from producer.results import READ_COUNT, EventCursor, Shaper, has_finished, image_list
 from producer.submit import (
@@ -116,8 +116,9 @@ class Model:
         *,
         timeout_s: float | None = None,
         deadline_ms: int | None = None,
+        priority: Priority | str = DEFAULT_PRIORITY,
     ) -> dict[str, Any] | Iterator[dict[str, Any]]:
-        return self._run(TaskKind.GENERATE, prompt_payload(prompt), generate_config, timeout_s, deadline_ms)
+        return self._run(TaskKind.GENERATE, prompt_payload(prompt), generate_config, timeout_s, deadline_ms, priority)
 
     def chat(
         self,
@@ -128,9 +129,10 @@ class Model:
         tool_choice: str | dict[str, Any] | None = None,
         timeout_s: float | None = None,
         deadline_ms: int | None = None,
+        priority: Priority | str = DEFAULT_PRIORITY,
     ) -> dict[str, Any] | Iterator[dict[str, Any]]:
         payload = chat_payload(messages, tools, tool_choice)
-        return self._run(TaskKind.CHAT, payload, generate_config, timeout_s, deadline_ms)
+        return self._run(TaskKind.CHAT, payload, generate_config, timeout_s, deadline_ms, priority)
 
     def text_to_image(
         self,
@@ -146,11 +148,13 @@ class Model:
         request_id: str | None = None,
         timeout_s: float | None = None,
         deadline_ms: int | None = None,
+        priority: Priority | str = DEFAULT_PRIORITY,
     ) -> dict[str, Any]:
         """Xinference's shape: {"created": unix s, "data": [{"b64_json": ...} | {"url": ...}, ...]}."""
         payload = image_payload(prompt, n, size, response_format, num_inference_steps=num_inference_steps,
                                 guidance_scale=guidance_scale, seed=seed, negative_prompt=negative_prompt)
-        request_id = self.submit(TaskKind.TEXT_TO_IMAGE, payload, request_id=request_id, deadline_ms=deadline_ms)
+        request_id = self.submit(TaskKind.TEXT_TO_IMAGE, payload, request_id=request_id, deadline_ms=deadline_ms,
+                                 priority=priority)
         return image_list(request_id, list(self.client.events(request_id, timeout_s=timeout_s)))
 
     def submit(
@@ -162,11 +166,12 @@ class Model:
         deadline_ms: int | None = None,
         request_id: str | None = None,
         user: str | None = None,
+        priority: Priority | str = DEFAULT_PRIORITY,
     ) -> str:
         """Enqueue one request and return its id without waiting."""
         client = self.client
         sub = Submission.prepare(client.keys, self.info, task, payload, generate_config, deadline_ms,
-                                 client.result_ttl_s, request_id, user)
+                                 client.result_ttl_s, request_id, user, priority)
         if client.on_no_live_worker != "ignore":
             live = client.redis.zcount(sub.workers_key, sub.live_since_ms, "+inf")
             handle_live_workers(client.on_no_live_worker, self.name, int(live))
@@ -179,8 +184,8 @@ class Model:
     def abort(self, request_id: str) -> bool:
         return self.client.abort_request(self.name, request_id)
 
-    def _run(self, task, payload, generate_config, timeout_s, deadline_ms):
-        request_id = self.submit(task, payload, generate_config, deadline_ms=deadline_ms)
+    def _run(self, task, payload, generate_config, timeout_s, deadline_ms, priority):
+        request_id = self.submit(task, payload, generate_config, deadline_ms=deadline_ms, priority=priority)
         shaper = Shaper(request_id, self.name, task)
         if wants_stream(generate_config):
             return self._stream(request_id, shaper, timeout_s)

@@ -34,8 +34,8 @@ def render_status(status: dict[str, Any]) -> Group:
         lag = "?" if info["lag"] is None else str(info["lag"])
         live = (Text(f"{info['live_workers']} live worker(s)", style="green") if info["has_live_worker"]
                 else Text("NO LIVE WORKER", style="bold red"))
-        head = Text.assemble((model, "bold"), f"  queue {info['queue_len']}  pending {info['pending']}  lag {lag}  "
-                             f"dead {info['dead_letters']}  ", live)
+        head = Text.assemble((model, "bold"), f"  queue {info['queue_len']}{_by_level(info)}  pending {info['pending']}  "
+                             f"lag {lag}  dead {info['dead_letters']}  ", live)
         parts.append(head)
         table = Table(show_edge=False, pad_edge=False)
         for column in ("worker", "state", "active", "waiting", "steps/s", "tokens/s", "step ms", "KV use", "uptime"):
@@ -51,6 +51,16 @@ def render_status(status: dict[str, Any]) -> Group:
                           _duration(w["uptime_s"]))
         parts.append(table)
     return Group(*parts)
+
+
+def _by_level(info: dict[str, Any]) -> str:
+    """The queue per priority level, e.g. ` (interactive 2, bulk 950)`; nothing while only the default level has work."""
+    levels = info.get("priorities") or {}
+    shown = [(name, q["queue_len"] + q["pending"]) for i, (name, q) in enumerate(levels.items())
+             if i == 0 or q["queue_len"] or q["pending"]]
+    if len(shown) <= 1:
+        return ""
+    return " (" + ", ".join(f"{name} {levels[name]['queue_len']}" for name, _ in shown) + ")"
 
 
 def _duration(seconds: float | None) -> str:

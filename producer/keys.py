@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from enum import Enum
 
 DEFAULT_PREFIX = "rb"
 GROUP = "workers"
@@ -12,6 +13,32 @@ MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 WORKER_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 BULK_JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class Priority(str, Enum):
+    """A request's priority level, highest first. A request's level is the stream it is added to
+    (Keys.requests(model, priority)); a worker admits waiting work of a higher level first and
+    preempts lower-level work for it. Defined here because it is part of the key name."""
+
+    INTERACTIVE = "interactive"  # the default: chats and completions someone waits for
+    BULK = "bulk"  # offline jobs (redbatch bulk submits here by default)
+    BACKGROUND = "background"  # below bulk: work that may wait for everything else
+
+    @property
+    def rank(self) -> int:
+        """0 for the highest level; a larger rank yields to a smaller one."""
+        return PRIORITIES.index(self)
+
+
+PRIORITIES = tuple(Priority)  # highest first: the order a worker reads the streams in
+DEFAULT_PRIORITY = Priority.INTERACTIVE
+
+
+def check_priority(priority: object) -> Priority:
+    try:
+        return Priority(priority)
+    except ValueError:
+        raise ValueError(f"invalid priority {priority!r}: one of {', '.join(p.value for p in PRIORITIES)}") from None
 
 
 def check_model_name(name: object) -> str:
@@ -40,8 +67,13 @@ class Keys:
             raise ValueError(f"invalid key prefix {prefix!r}: 1-32 chars of [A-Za-z0-9._-]")
         self.prefix = prefix
 
-    def requests(self, model: str) -> str:
-        return self._model_key(check_model_name(model), "requests")
+    def requests(self, model: str, priority: Priority | str = DEFAULT_PRIORITY) -> str:
+        """stream: the model's requests of one priority level. The default level is the v1 stream itself;
+        each other level is a stream of its own beside it (same hash tag, same `workers` group)."""
+        model, priority = check_model_name(model), check_priority(priority)
+        if priority == DEFAULT_PRIORITY:
+            return self._model_key(model, "requests")
+        return self._model_key(model, f"requests:{priority.value}")
 
     def dead(self, model: str) -> str:
         return self._model_key(check_model_name(model), "dead")
@@ -74,7 +106,8 @@ class Keys:
     def patterns(self) -> dict[str, str]:
         """Glob patterns matching every key of each kind (ACL rules, SCAN): the names above with `*`."""
         return {
-            "requests": self._model_key("*", "requests"), "dead": self._model_key("*", "dead"),
+            "requests": self._model_key("*", "requests"), "requests_level": self._model_key("*", "requests:*"),
+            "dead": self._model_key("*", "dead"),
             "owner": self._model_key("*", "id:*"), "workers": self._model_key("*", "workers"),
             "models": self.models(), "worker": self._worker_key("*"),
             "events": self._request_key("*", "events"), "abort": self._request_key("*", "abort"),

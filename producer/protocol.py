@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from producer.keys import check_request_id
+from producer.keys import DEFAULT_PRIORITY, PRIORITIES, Priority, check_request_id  # noqa: F401 - re-exported
 
 PROTOCOL_VERSION = "1"
 DEFAULT_MAX_BODY_BYTES = 1 << 20
@@ -45,6 +45,7 @@ class EventType(str, Enum):
 
 
 TERMINAL_EVENTS = frozenset({EventType.DONE, EventType.ERROR, EventType.ABORTED})
+
 
 
 class FinishReason(str, Enum):
@@ -308,6 +309,7 @@ class Request(_Strict):
     body: Body
     created_ms: int
     deadline_ms: int | None = None
+    priority: Priority = DEFAULT_PRIORITY  # not a field of the entry: the level of the stream it was read from
 
     @property
     def generate_config(self) -> GenerateConfig:
@@ -392,13 +394,15 @@ def read_request_id(fields: dict[Any, Any]) -> str | None:
         return None
 
 
-def decode_request(fields: dict[Any, Any], max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Request:
-    """Validate a raw stream entry. Raises BadEntry (with the id when it is readable)."""
+def decode_request(fields: dict[Any, Any], max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                   priority: Priority = DEFAULT_PRIORITY) -> Request:
+    """Validate a raw stream entry read from the stream of level `priority`. Raises BadEntry (with the id
+    when it is readable)."""
     request_id = read_request_id(fields)
     if request_id is None:
         raise BadEntry("missing or invalid field 'id'")
     try:
-        return _decode_fields(fields, request_id, max_body_bytes)
+        return _decode_fields(fields, request_id, max_body_bytes).model_copy(update={"priority": priority})
     except BadEntry as exc:
         exc.request_id = request_id
         raise
@@ -565,16 +569,19 @@ class ModelRegistration(BaseModel):
 
 # The metadata fields a worker adds to a dead-lettered entry (its other fields are the entry's own;
 # an entry field that clashes with one of these is stored as orig_<name>).
-DEAD_LETTER_META = ("reason", "entry_id", "worker", "ts")
+DEAD_LETTER_META = ("reason", "entry_id", "worker", "ts", "priority")
 
 
-def dead_letter_fields(entry: dict[Any, Any], reason: str, entry_id: str, worker: str, ts_ms: int) -> dict[str, bytes]:
-    """The fields of a `dead` stream entry: the original entry's fields plus why, which entry, who and when."""
+def dead_letter_fields(entry: dict[Any, Any], reason: str, entry_id: str, worker: str, ts_ms: int,
+                       priority: Priority = DEFAULT_PRIORITY) -> dict[str, bytes]:
+    """The fields of a `dead` stream entry: the original entry's fields plus why, which entry (and the level
+    of its stream), who and when."""
     out: dict[str, bytes] = {}
     for key, value in entry.items():
         name = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
         out[f"orig_{name}" if name in DEAD_LETTER_META else name] = value if isinstance(value, bytes) else str(value).encode()
-    out.update(reason=reason.encode(), entry_id=entry_id.encode(), worker=worker.encode(), ts=str(ts_ms).encode())
+    out.update(reason=reason.encode(), entry_id=entry_id.encode(), worker=worker.encode(), ts=str(ts_ms).encode(),
+               priority=Priority(priority).value.encode())
     return out
 
 

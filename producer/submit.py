@@ -23,7 +23,7 @@ from producer.errors import (
     UnknownModel,
     UnsupportedTask,
 )
-from producer.keys import Keys, check_model_name, check_request_id
+from producer.keys import DEFAULT_PRIORITY, Keys, Priority, check_model_name, check_priority, check_request_id
 from producer.protocol import (  # noqa: F401 - the TTL defaults are re-exported for the clients
     DEFAULT_HEARTBEAT_TTL_S,
     DEFAULT_RESULT_TTL_S,
@@ -127,12 +127,14 @@ class Submission:
     @classmethod
     def prepare(cls, keys: Keys, info: ModelInfo, task: TaskKind, payload: dict[str, Any],
                 generate_config: dict[str, Any] | None, deadline_ms: int | None, owner_ttl_s: int,
-                request_id: str | None = None, user: str | None = None) -> "Submission":
+                request_id: str | None = None, user: str | None = None,
+                priority: Priority | str = DEFAULT_PRIORITY) -> "Submission":
         """request_id: a text_to_image request's id (generate/chat carry theirs in generate_config)."""
         info.check_task(task)
+        priority = request_priority(priority)
         request_id, body = build_body(task, payload, generate_config, request_id)
         return cls(model=info.name, request_id=request_id,
-                   script_keys=[keys.requests(info.name), keys.request_owner(info.name, request_id)],
+                   script_keys=[keys.requests(info.name, priority), keys.request_owner(info.name, request_id)],
                    script_args=enqueue_args(request_id, task, body, info.max_queue_len, deadline_ms, owner_ttl_s, user),
                    workers_key=keys.model_workers(info.name), live_since_ms=info.live_since_ms(),
                    max_queue_len=info.max_queue_len)
@@ -223,6 +225,13 @@ def enqueue_error(exc: Exception, model: str, request_id: str, max_queue_len: in
     if message.startswith("DUPLICATE"):
         return DuplicateRequest(f"request id {request_id!r} is already queued, running or recently finished")
     return exc
+
+
+def request_priority(priority: Priority | str) -> Priority:
+    try:
+        return check_priority(priority)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
 
 
 def request_key_id(request_id: str) -> str:

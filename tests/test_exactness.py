@@ -300,3 +300,35 @@ def test_an_out_of_memory_that_preempting_does_not_clear_fails_the_step(tiny_lla
     monkeypatch.undo()
     assert engine.num_preemptions >= 2  # it preempted before giving up
     assert engine.num_active == 4 and all(s.num_output_tokens == 0 for s in engine.sequences())
+
+
+def test_interactive_requests_preempt_bulk_ones_and_every_output_stays_exact(tiny_model):
+    """A saturating bulk load, then interactive requests arriving one by one: each interactive request
+    samples its first token in the step it arrives (a bulk request is preempted for it) and every
+    output, bulk ones recomputed after preemption included, equals `generate`."""
+    from producer.protocol import Priority
+
+    model, tokenizer = tiny_model
+    rng = random.Random(11)
+    bulk = [(f"b{i}", [1] + [rng.randrange(5, 500) for _ in range(rng.randrange(10, 40))], 30, 0) for i in range(8)]
+    chats = [(f"i{i}", [1] + [rng.randrange(5, 500) for _ in range(rng.randrange(4, 20))], 8, step)
+             for i, step in enumerate((3, 9, 10, 22))]
+    engine = LLMEngine(model, tokenizer, LLMEngineConfig(max_num_seqs=4, max_num_batched_tokens=64))
+    outputs: dict[str, list[int]] = {}
+    first_step: dict[str, int] = {}
+    pending = sorted(bulk + chats, key=lambda w: w[3])
+    step = 0
+    while pending or engine.num_active:
+        while pending and pending[0][3] <= step:
+            request_id, prompt, max_tokens, _ = pending.pop(0)
+            level = Priority.INTERACTIVE if request_id.startswith("i") else Priority.BULK
+            engine.add(make_request(request_id, prompt, max_tokens=max_tokens).model_copy(update={"priority": level}))
+        for out in engine.step():
+            outputs.setdefault(out.seq.request_id, []).extend(out.token_ids)
+            first_step.setdefault(out.seq.request_id, step)
+        step += 1
+        assert step < 2000, "engine made no progress"
+    assert engine.num_preemptions >= len(chats)  # the engine was full of bulk work each time a chat came
+    assert {rid: first_step[rid] - arrival for rid, _, _, arrival in chats} == {rid: 0 for rid, *_ in chats}
+    assert mismatches(model, bulk + chats, outputs) == []
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks

@@ -30,6 +30,19 @@ def test_default_key_names() -> None:
     assert keys.abort("req-1") == "rb:req:req-1:abort"
 
 
+def test_each_priority_level_has_its_stream_in_the_models_slot() -> None:
+    from producer.keys import PRIORITIES, Priority
+
+    keys = Keys()
+    assert keys.requests("m", Priority.INTERACTIVE) == keys.requests("m") == "rb:{m}:requests"
+    assert keys.requests("m", "bulk") == "rb:{m}:requests:bulk"
+    assert keys.requests("m", Priority.BACKGROUND) == "rb:{m}:requests:background"
+    assert len({keys.requests("m", p) for p in PRIORITIES}) == len(PRIORITIES) == 3
+    assert [p.rank for p in PRIORITIES] == [0, 1, 2]
+    with pytest.raises(ValueError, match="invalid priority"):
+        keys.requests("m", "urgent")
+
+
 def test_custom_prefix_is_used_everywhere() -> None:
     keys = Keys("staging.v2")
     names = [keys.requests("m"), keys.dead("m"), keys.models(), keys.worker("w"), keys.events("r"), keys.abort("r")]
@@ -132,7 +145,7 @@ def test_patterns_match_the_keys_they_stand_for() -> None:
     samples = {"requests": keys.requests("m"), "dead": keys.dead("m"), "owner": keys.request_owner("m", "r"),
                "workers": keys.model_workers("m"), "models": keys.models(), "worker": keys.worker("w:1"),
                "events": keys.events("r"), "abort": keys.abort("r"), "bulk_lease": keys.bulk_lease("j-1"),
-               "bulk_cancel": keys.bulk_cancel("j-1"),
+               "bulk_cancel": keys.bulk_cancel("j-1"), "requests_level": keys.requests("m", "bulk"),
                "gateway_wake": keys.gateway_wake("gw-1")}
     patterns = keys.patterns()
     assert set(patterns) == set(samples)

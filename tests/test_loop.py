@@ -443,3 +443,29 @@ def test_the_heartbeat_carries_the_engines_kv_gauges(worker_factory, client, rds
     assert int(fields[b"kv_blocks"]) == engine.blocks.num_blocks
     assert int(fields[b"kv_blocks_free"]) <= engine.blocks.num_blocks
     assert int(fields[b"prefix_hit_tokens"]) >= 16
+
+
+def test_an_interactive_request_is_served_while_bulk_work_fills_the_worker(worker_factory, client, rds):
+    """Bulk requests fill every slot and more wait in their stream: a chat is still read at once (its
+    level has a free slot), preempts a bulk request, and finishes while every bulk request runs on."""
+    from producer import admin
+
+    handle = worker_factory(max_num_seqs=2).start()
+    model = client.get_model("tiny")
+    bulk = [model.submit(TaskKind.GENERATE, {"prompt": f"bulk {i}"}, {"max_tokens": 400, "ignore_eos": True},
+                         priority="bulk") for i in range(5)]
+    wait_for(lambda: sum(bool(client.redis.xlen(client.keys.events(r))) for r in bulk) == 2)
+    status = admin.system_status(client.redis, client.keys)["models"]["tiny"]
+    assert status["priorities"]["bulk"]["queue_len"] == 5 and status["priorities"]["bulk"]["pending"] == 2
+    assert status["priorities"]["interactive"]["queue_len"] == 0 and status["queue_len"] == 5
+
+    reply = model.chat([{"role": "user", "content": "hi"}], generate_config={"max_tokens": 4, "stream": False},
+                       timeout_s=30)
+
+    assert reply["choices"][0]["finish_reason"] in ("stop", "length")
+    assert not any(events_of(client, r) and events_of(client, r)[-1].is_terminal for r in bulk)  # none finished
+    assert handle.worker.engine.num_preemptions >= 1
+    for request_id in bulk:
+        client.abort_request("tiny", request_id)
+    for request_id in bulk:
+        assert client.wait(request_id, timeout_s=30).type == EventType.ABORTED

@@ -72,6 +72,8 @@ def test_a_worker_serves_prometheus_metrics(redis_server_url, prefix, rds, tiny_
         assert _value(samples, "redbatch_time_to_first_token_seconds_count") == 4
         assert _value(samples, "redbatch_time_per_output_token_seconds_count") == 4
         assert _value(samples, "redbatch_queue_depth") == 0 and _value(samples, "redbatch_dead_letters") == 1
+        assert [_value(samples, "redbatch_queue_depth_by_priority", priority=p) for p in ("interactive", "bulk",
+                                                                                         "background")] == [0, 0, 0]
         assert _value(samples, "redbatch_kv_blocks") > 0 and _value(samples, "redbatch_kv_usage_ratio") >= 0
         assert _value(samples, "redbatch_active_requests") == 0
         assert _value(samples, "redbatch_reclaimed_total") == 0

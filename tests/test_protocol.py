@@ -466,10 +466,11 @@ def test_dead_letter_fields_round_trip_even_when_entry_fields_clash_with_the_met
     from producer.protocol import dead_letter_fields, split_dead_letter
 
     entry = {b"id": b"r1", b"body": b"{}", b"reason": b"mine", "worker": "w0"}
-    written = dead_letter_fields(entry, "delivered 4 times", "1-0", "worker-a", 123)
+    written = dead_letter_fields(entry, "delivered 4 times", "1-0", "worker-a", 123, priority="bulk")
     assert written["reason"] == b"delivered 4 times" and written["orig_reason"] == b"mine"
     meta, fields = split_dead_letter(written)
-    assert meta == {"reason": "delivered 4 times", "entry_id": "1-0", "worker": "worker-a", "ts": "123"}
+    assert meta == {"reason": "delivered 4 times", "entry_id": "1-0", "worker": "worker-a", "ts": "123",
+                    "priority": "bulk"}
     assert fields == {"id": b"r1", "body": b"{}", "reason": b"mine", "worker": b"w0"}
 
 

@@ -64,7 +64,8 @@ def test_the_table_reader_reads_tables():
 
 def test_key_table_matches_producer_keys():
     k = Keys()
-    code = {k._model_key("<model>", "requests"), k._model_key("<model>", "dead"), k._model_key("<model>", "workers"),
+    code = {k._model_key("<model>", "requests"), k._model_key("<model>", "requests:<priority>"),
+            k._model_key("<model>", "dead"), k._model_key("<model>", "workers"),
             k._model_key("<model>", "id:<id>"), k.models(), k._worker_key("<worker_id>"),
             k._request_key("<id>", "events"), k._request_key("<id>", "abort"), k._gateway_key("<gateway_id>", "wake")}
     assert set(_first_column("## 1. Keys")) == code
@@ -105,6 +106,15 @@ def test_event_table_matches_event_types_and_fields():
         # a field is a backticked name that a colon, a parenthesis or a comma follows
         documented |= set(re.findall(r"`(\w+)`(?=:| \(|,)", cell))
     assert documented == set(Event.model_fields) - {"seq", "type"}
+
+
+def test_priority_table_matches_the_levels_and_their_streams():
+    from producer.keys import PRIORITIES
+
+    rows = _tables_after("### 4.8 Priority levels")[0]
+    assert [re.fullmatch(r"`([^`]+)`", row[0]).group(1) for row in rows] == [p.value for p in PRIORITIES]
+    documented = [re.match(r"`([^`]+)`", row[1]).group(1) for row in rows]
+    assert documented == [Keys().requests("model", p).replace("{model}", "{<model>}") for p in PRIORITIES]
 
 
 def test_error_code_table_matches_the_enum():

@@ -475,6 +475,99 @@ def test_preempt_newest_after_an_out_of_memory_step():
     assert scheduler.num_preemptions == 3
 
 
+# ---------------------------------------------------------------- priority levels
+
+
+def prio_seq(request_id: str, num_prompt_tokens: int, priority: str) -> Sequence:
+    from producer.protocol import Priority
+
+    seq = make_seq(request_id, num_prompt_tokens)
+    seq.priority = Priority(priority)
+    return seq
+
+
+def test_a_higher_level_is_admitted_first_and_fifo_holds_within_a_level():
+    scheduler = make_scheduler(max_num_seqs=2, max_num_batched_tokens=100)
+    seqs = [prio_seq("g0", 3, "background"), prio_seq("b0", 3, "bulk"), prio_seq("i0", 3, "interactive"),
+            prio_seq("b1", 3, "bulk"), prio_seq("i1", 3, "interactive")]
+    for seq in seqs:
+        scheduler.add(seq)
+    assert [s.request_id for s in scheduler.waiting] == ["i0", "i1", "b0", "b1", "g0"]
+    assert planned(scheduler.schedule()) == [("i0", 3), ("i1", 3)]
+
+
+def test_waiting_interactive_work_preempts_the_newest_bulk_request_for_its_slot():
+    scheduler = make_scheduler(max_num_seqs=3, max_num_batched_tokens=100)
+    bulk = [prio_seq(f"b{i}", 3, "bulk") for i in range(3)]
+    for seq in bulk:
+        scheduler.add(seq)
+    run_step(scheduler, scheduler.schedule())
+    late_bulk, chat = prio_seq("b3", 3, "bulk"), prio_seq("chat", 3, "interactive")
+    scheduler.add(late_bulk)
+    scheduler.add(chat)
+
+    schedule = scheduler.schedule()
+
+    assert schedule.preempted == [bulk[2]]  # the newest bulk request gives its slot
+    assert planned(schedule) == [("b0", 1), ("b1", 1), ("chat", 3)]  # chat prefills in this very step
+    assert [s.request_id for s in scheduler.waiting] == ["b2", "b3"]  # the victim keeps its place in its level
+    assert bulk[2].output_ids == [7] and bulk[2].block_table == []  # kept output, recomputed later
+    assert_block_accounting(scheduler)
+
+
+def test_equal_or_lower_levels_never_preempt():
+    scheduler = make_scheduler(max_num_seqs=2, max_num_batched_tokens=100)
+    running = [prio_seq("i0", 3, "interactive"), prio_seq("b0", 3, "bulk")]
+    for seq in running:
+        scheduler.add(seq)
+    run_step(scheduler, scheduler.schedule())
+    scheduler.add(prio_seq("b1", 3, "bulk"))  # same level as the lowest running: waits
+    schedule = scheduler.schedule()
+    assert schedule.preempted == [] and planned(schedule) == [("i0", 1), ("b0", 1)]
+    scheduler.finish(running[1])
+    scheduler.add(prio_seq("i1", 3, "interactive"))
+    run_step(scheduler, scheduler.schedule())  # i0 decodes, i1 takes the free slot (b1 waits behind it)
+    assert [s.request_id for s in scheduler.running] == ["i0", "i1"]
+    scheduler.add(prio_seq("i2", 3, "interactive"))
+    schedule = scheduler.schedule()
+    assert schedule.preempted == []  # interactive does not preempt interactive
+    assert [s.request_id for s in scheduler.waiting] == ["i2", "b1"]
+
+
+def test_a_decode_short_of_blocks_preempts_the_lowest_level_not_the_newest():
+    scheduler = make_scheduler(max_num_seqs=4, max_num_batched_tokens=100, num_blocks=3)
+    bulk, chat_a, chat_b = prio_seq("bulk", 4, "bulk"), prio_seq("a", 4, "interactive"), prio_seq("b", 4, "interactive")
+    scheduler.add(bulk)
+    run_step(scheduler, scheduler.schedule())
+    scheduler.add(chat_a)
+    scheduler.add(chat_b)
+    run_step(scheduler, scheduler.schedule())  # bulk decodes into a 2nd block; a gets the last one, b waits
+    assert scheduler.blocks.num_free_blocks == 0
+
+    schedule = scheduler.schedule()
+
+    assert bulk in schedule.preempted and chat_a not in schedule.preempted
+    assert chat_a in [c.seq for c in schedule.chunks]
+    assert all(c.seq is not bulk for c in schedule.chunks)  # a preempted sequence keeps no planned chunk
+    assert_block_accounting(scheduler)
+
+
+def test_interactive_work_short_of_blocks_takes_them_from_bulk():
+    scheduler = make_scheduler(max_num_seqs=4, max_num_batched_tokens=100, num_blocks=4)
+    bulk = [prio_seq("b0", 8, "bulk"), prio_seq("b1", 8, "bulk")]  # two blocks each: all four taken
+    for seq in bulk:
+        scheduler.add(seq)
+    run_step(scheduler, scheduler.schedule())
+    chat = prio_seq("chat", 6, "interactive")
+    scheduler.add(chat)
+
+    schedule = scheduler.schedule()
+
+    assert schedule.preempted[0] is bulk[1]
+    assert ("chat", 6) in planned(schedule)
+    assert_block_accounting(scheduler)
+
+
 # ---------------------------------------------------------------- images are never split across chunks
 
 

@@ -7,11 +7,11 @@ import time
 import fakeredis
 import pytest
 
-from producer.keys import GROUP
+from producer.keys import DEFAULT_PRIORITY, GROUP, Priority
 from producer.protocol import EventType, decode_event, encode_event, event_stream_id
 from worker.config import WorkerConfig
 from worker.outbox import Outbox
-from worker.streams import WorkerStreams
+from worker.streams import EntryRef, WorkerStreams
 
 
 def make_streams(server, worker_id: str, lease_s: float = 0.05) -> WorkerStreams:
@@ -26,12 +26,13 @@ def server():
     return fakeredis.FakeServer()
 
 
-def orphan(streams: WorkerStreams) -> str:
+def orphan(streams: WorkerStreams, priority: Priority = DEFAULT_PRIORITY, request_id: str = "r1") -> EntryRef:
     """An entry read by a consumer that then went away."""
-    entry_id = streams.redis.xadd(streams.requests_key, {"id": "r1"}).decode()
-    streams.redis.xreadgroup(GROUP, "gone", {streams.requests_key: ">"}, count=1)
+    key = streams.request_keys[priority]
+    entry_id = streams.redis.xadd(key, {"id": request_id}).decode()
+    streams.redis.xreadgroup(GROUP, "gone", {key: ">"}, count=1)
     time.sleep(streams.config.lease_s * 2)
-    return entry_id
+    return EntryRef(priority, entry_id)
 
 
 def test_reclaim_works_where_info_is_refused(server, caplog):
@@ -65,7 +66,7 @@ def test_uptime_is_asked_again_only_after_an_error(server, monkeypatch):
 
 def test_a_crash_hand_back_counts_as_a_delivery(server):
     first, second = make_streams(server, "w1", lease_s=30), make_streams(server, "w2", lease_s=30)
-    entry_id = first.redis.xadd(first.requests_key, {"id": "r1"}).decode()
+    entry_id = EntryRef(DEFAULT_PRIORITY, first.redis.xadd(first.requests_key, {"id": "r1"}).decode())
     first.redis.xreadgroup(GROUP, "w1", {first.requests_key: ">"}, count=1)
     first.hand_back([(entry_id, 1)], is_delivery=True)
     assert [(e, n) for e, _, n in second.reclaim(4)] == [(entry_id, 2)]
@@ -73,7 +74,7 @@ def test_a_crash_hand_back_counts_as_a_delivery(server):
 
 def test_hand_back_keeps_the_delivery_count(server):
     first, second = make_streams(server, "w1", lease_s=30), make_streams(server, "w2", lease_s=30)
-    entry_id = first.redis.xadd(first.requests_key, {"id": "r1"}).decode()
+    entry_id = EntryRef(DEFAULT_PRIORITY, first.redis.xadd(first.requests_key, {"id": "r1"}).decode())
     first.redis.xreadgroup(GROUP, "w1", {first.requests_key: ">"}, count=1)  # delivery 1
     first.hand_back([(entry_id, 1)])
     assert [(e, n) for e, _, n in second.reclaim(4)] == [(entry_id, 1)]  # at once, and still delivery 1
@@ -91,13 +92,13 @@ def test_a_pass_over_live_entries_takes_nothing_and_ends(server):
 # ---------------------------------------------------------------- fenced writes (real Redis: scripts, id refusals)
 
 
-def _running_entry(streams: WorkerStreams, request_id: str) -> str:
+def _running_entry(streams: WorkerStreams, request_id: str) -> EntryRef:
     entry_id = streams.redis.xadd(streams.requests_key, {"id": request_id}).decode()
     streams.redis.xreadgroup(GROUP, streams.config.worker_id, {streams.requests_key: ">"}, count=1)
-    return entry_id
+    return EntryRef(DEFAULT_PRIORITY, entry_id)
 
 
-def _token_outbox(request_id: str, entry_id: str, first_seq: int, num_tokens: int) -> Outbox:
+def _token_outbox(request_id: str, entry_id: EntryRef, first_seq: int, num_tokens: int) -> Outbox:
     outbox = Outbox()
     for seq in range(first_seq, first_seq + num_tokens):
         outbox.event(request_id, seq, EventType.TOKEN, text=f"t{seq}", token_ids=[seq])
@@ -128,7 +129,7 @@ def test_a_refused_event_stops_that_requests_later_events(real_streams, rds):
     assert [decode_event(f).text for _, f in rds.xrange(keys.events("stalled"))] == ["x"] * 4  # no `done` of ours
     assert [decode_event(f).type for _, f in rds.xrange(keys.events("other"))] == [EventType.TOKEN, EventType.DONE]
     pending = [row["message_id"].decode() for row in rds.xpending_range(real_streams.requests_key, GROUP, "-", "+", 9)]
-    assert pending == [stalled]  # only the request that landed is acked
+    assert pending == [stalled.id]  # only the request that landed is acked
 
 
 @pytest.mark.redis
@@ -161,3 +162,53 @@ def test_events_are_written_when_redis_does_not_know_the_script(real_streams, rd
     assert [decode_event(f).type for _, f in rds.xrange(real_streams.keys.events("r1"))] == [EventType.TOKEN,
                                                                                             EventType.DONE]
     assert rds.xlen(real_streams.requests_key) == 0
+
+
+def test_reads_take_the_highest_level_first_within_the_free_slots(server):
+    streams = make_streams(server, "w1")
+    for i in range(3):
+        streams.redis.xadd(streams.request_keys[Priority.BULK], {"id": f"b{i}"})
+    streams.redis.xadd(streams.request_keys[Priority.BACKGROUND], {"id": "g0"})
+    streams.redis.xadd(streams.request_keys[Priority.INTERACTIVE], {"id": "i0"})
+    # full of bulk work: one slot for interactive (it preempts), none for bulk or background
+    taken = streams.read({Priority.INTERACTIVE: 2, Priority.BULK: 0, Priority.BACKGROUND: 0}, None)
+    assert [(e.priority, f[b"id"]) for e, f in taken] == [(Priority.INTERACTIVE, b"i0")]
+    taken = streams.read({Priority.INTERACTIVE: 3, Priority.BULK: 3, Priority.BACKGROUND: 3}, None)
+    assert [f[b"id"] for _, f in taken] == [b"b0", b"b1", b"b2"]
+    taken = streams.read({Priority.INTERACTIVE: 3, Priority.BULK: 3, Priority.BACKGROUND: 3}, None)
+    assert [(e.priority, f[b"id"]) for e, f in taken] == [(Priority.BACKGROUND, b"g0")]
+
+
+def test_reclaim_renew_and_hand_back_work_on_every_level(server):
+    streams = make_streams(server, "w1")
+    bulk = orphan(streams, Priority.BULK, "rb")
+    interactive = orphan(streams, Priority.INTERACTIVE, "ri")
+    assert streams.has_orphans()
+    claimed = streams.reclaim({p: 4 for p in Priority})
+    assert [(e, n) for e, _, n in claimed] == [(interactive, 2), (bulk, 2)]  # higher level first
+    streams.renew([bulk, interactive])
+    assert not streams.has_orphans()
+    streams.hand_back([(bulk, 2)])
+    other = make_streams(server, "w2")
+    assert [(e, n) for e, _, n in other.reclaim(4)] == [(bulk, 2)]
+    outbox = Outbox()
+    outbox.ack(bulk, None)
+    other.flush(outbox)
+    assert other.redis.xlen(other.request_keys[Priority.BULK]) == 0
+    assert other.redis.xlen(other.requests_key) == 1  # the interactive entry is untouched
+
+
+def test_a_dead_letter_keeps_its_level_and_is_requeued_to_it(server):
+    from producer import admin
+
+    streams = make_streams(server, "w1")
+    entry = orphan(streams, Priority.BULK, "poison")
+    outbox = Outbox()
+    outbox.dead_letter(entry, {b"id": b"poison", b"v": b"1"}, "delivered too often")
+    streams.flush(outbox)
+    assert streams.redis.xlen(streams.request_keys[Priority.BULK]) == 0
+    [letter] = admin.list_dead(streams.redis, streams.keys, "m")
+    assert (letter.request_id, letter.priority) == ("poison", "bulk")
+    assert admin.requeue_dead(streams.redis, streams.keys, "m") == 1
+    assert streams.redis.xlen(streams.request_keys[Priority.BULK]) == 1
+    assert streams.redis.xlen(streams.requests_key) == 0

@@ -29,14 +29,14 @@ from worker.models.images import ImageError, ImageFetcher
 from worker.out_events import Output
 from worker.request import Resume
 from worker.outbox import Outbox
-from worker.streams import EntryState, WorkerStreams
+from worker.streams import EntryRef, EntryState, WorkerStreams
 
 log = logging.getLogger("redbatch.worker")
 
 
 @dataclass
 class Entry:
-    entry_id: str
+    entry_id: EntryRef  # which level's stream holds it, and its id there
     fields: dict[Any, Any]
     deliveries: int = 1
     reclaimed: bool = False  # taken over from another worker (or handed back): it may have published tokens
@@ -109,7 +109,7 @@ class Intake:
         if state.has_ended:
             outbox.ack(entry.entry_id, None)  # a redelivery of a request whose terminal event is written
             return
-        if state.owner_entry not in (None, entry.entry_id):
+        if state.owner_entry not in (None, entry.entry_id.id):
             log.warning("entry %s reuses request id %s of entry %s: not executed", entry.entry_id, entry.request_id,
                         state.owner_entry)
             outbox.ack(entry.entry_id, None)
@@ -118,7 +118,7 @@ class Intake:
             self._fail_unreadable_events(entry, state, outbox)
             return
         try:
-            request = decode_request(entry.fields, self.config.max_body_bytes)
+            request = decode_request(entry.fields, self.config.max_body_bytes, entry.entry_id.priority)
         except BadEntry as exc:
             self._reject(entry, ErrorCode.INVALID_REQUEST, exc.message, outbox, state.next_seq)
             return

@@ -28,7 +28,8 @@ import redis
 from worker.config import WorkerConfig
 from worker.intake import Entry, entry_states
 from worker.outbox import Outbox
-from worker.streams import MAX_BACKOFF_S, EntryState, WorkerStreams, is_transient
+from producer.keys import PRIORITIES, Priority
+from worker.streams import MAX_BACKOFF_S, EntryRef, EntryState, WorkerStreams, is_transient
 
 log = logging.getLogger("redbatch.worker")
 
@@ -38,7 +39,7 @@ class Held:
     """A request the engine holds, as the loop thread saw it when it handed a round over."""
 
     request_id: str
-    entry_id: str
+    entry_id: EntryRef
     next_seq: int
 
 
@@ -49,9 +50,26 @@ class Round:
     outbox: Outbox
     held: list[Held]
     is_reading: bool  # False while stopping: no reclaim, no read
-    num_free: int  # slots the engine has for new entries
+    free: dict[Priority, int]  # per level: entries of that level or higher the engine can take (it preempts lower)
     block_ms: int | None  # how long the read may block (the engine is idle); None: not at all
     heartbeat: dict[str, Any]
+
+    @property
+    def num_free(self) -> int:
+        """Entries of the highest level the engine can take: whether this round reads at all."""
+        return max(self.free.values(), default=0)
+
+
+def free_slots(capacity: int, held: list[Priority]) -> dict[Priority, int]:
+    """For each level, how many more entries of it (or higher) fit: the engine's capacity (what it may hold)
+    less what is held at that level or above. Work held at lower levels does not count: the engine preempts
+    it for higher work."""
+    return {level: max(0, capacity - sum(1 for p in held if p.rank <= level.rank)) for level in PRIORITIES}
+
+
+def left_after(free: dict[Priority, int], taken: list[EntryRef]) -> dict[Priority, int]:
+    """`free` once `taken` are admitted too."""
+    return {level: max(0, n - sum(1 for e in taken if e.priority.rank <= level.rank)) for level, n in free.items()}
 
 
 @dataclass
@@ -123,15 +141,16 @@ class RedisIO:
     def _take_entries(self, job: Round) -> list[tuple[Entry, EntryState | None]]:
         """Orphans first, then new entries for the slots left; with what Redis knows about each."""
         held = {h.entry_id for h in job.held}
-        entries = [Entry(i, f, n, reclaimed=True) for i, f, n in self._maybe_reclaim(job.num_free, held)]
-        if len(entries) < job.num_free:
+        entries = [Entry(i, f, n, reclaimed=True) for i, f, n in self._maybe_reclaim(job.free, held)]
+        free = left_after(job.free, [e.entry_id for e in entries])
+        if any(free.values()):
             block_ms = None if entries else job.block_ms
-            entries += [Entry(i, f) for i, f in self.retry(self.streams.read, job.num_free - len(entries), block_ms)]
+            entries += [Entry(i, f) for i, f in self.retry(self.streams.read, free, block_ms)]
         return list(zip(entries, self.retry(entry_states, self.streams, entries)))
 
     # ------------------------------------------------------------ leases
 
-    def _maybe_reclaim(self, num_free: int, held: set[str]) -> list[tuple[str, dict, int]]:
+    def _maybe_reclaim(self, free: dict[Priority, int], held: set[EntryRef]) -> list[tuple[EntryRef, dict, int]]:
         """Take over entries whose worker stopped renewing them, ahead of any new entry.
 
         Every lease/4 s a worker looks for such orphans (with a cheap probe while it is full).
@@ -139,6 +158,7 @@ class RedisIO:
         that had started streaming resume before requests that have not started.
         """
         now = time.monotonic()
+        num_free = max(free.values(), default=0)
         due = now - self._last["reclaim"] >= self.config.lease_s / 4
         if not (due or (self._orphans_waiting and num_free > 0)):
             return []
@@ -148,7 +168,7 @@ class RedisIO:
         if num_free <= 0:
             self._orphans_waiting = self._orphans_waiting or self.retry(self.streams.has_orphans)
             return []
-        claimed = self.retry(self.streams.reclaim, num_free)
+        claimed = self.retry(self.streams.reclaim, free)
         self._orphans_waiting = bool(claimed) or not self.streams.reclaim_scan_done
         claimed = [c for c in claimed if c[0] not in held]  # a late renewal of our own: keep running it once
         self.stats.num_reclaimed += len(claimed)

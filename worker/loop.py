@@ -19,7 +19,7 @@ from producer.protocol import ErrorCode, EventType
 from worker.config import WorkerConfig
 from worker.engines.base import Engine
 from worker.intake import Entry, Intake
-from worker.io_thread import Held, RedisIO, Round
+from worker.io_thread import Held, RedisIO, Round, free_slots
 from worker.out_events import Output, Tracked
 from worker.outbox import Outbox
 from worker.streams import WorkerStreams, is_transient
@@ -187,8 +187,12 @@ class Worker:
         block_ms = (BURST_BLOCK_MS if burst else self.config.read_block_ms) if is_idle else None
         if is_idle and self.intake.parked:  # images are being fetched: come back soon to admit them
             block_ms = BURST_BLOCK_MS
-        num_free = max(0, self.engine.num_free - len(self.intake.parked))  # parked entries will take slots
-        return Round(outbox, held, is_reading=not self._stop.is_set(), num_free=num_free, block_ms=block_ms,
+        # the engine's room for new entries, per level: work held at lower levels does not take a slot from higher;
+        # parked entries (images being fetched) will take theirs
+        capacity = self.engine.num_free + self.engine.num_active
+        priorities = [s.priority for s in self.engine.sequences()] + [p.request.priority for p in self.intake.parked]
+        free = free_slots(capacity, priorities)
+        return Round(outbox, held, is_reading=not self._stop.is_set(), free=free, block_ms=block_ms,
                      heartbeat=self._heartbeat_fields())
 
     # ------------------------------------------------------------ exit

@@ -108,12 +108,21 @@ class _ScrapeTimeCollector:
         yield reclaimed
         try:
             streams = worker.streams
-            queue = streams.redis.xlen(streams.keys.requests(model))
-            dead = streams.redis.xlen(streams.keys.dead(model))
+            pipe = streams.redis.pipeline(transaction=False)
+            for key in streams.request_keys.values():
+                pipe.xlen(key)
+            pipe.xlen(streams.keys.dead(model))
+            *queues, dead = pipe.execute()
         except Exception as exc:  # noqa: BLE001 - Redis away: the other metrics still answer
             log.warning("metrics: cannot read queue depth: %s", exc)
             return
-        yield _gauge("redbatch_queue_depth", "Entries in the model's request stream", model, queue)
+        yield _gauge("redbatch_queue_depth", "Entries in the model's request streams (every priority level)", model,
+                     sum(queues))
+        by_level = GaugeMetricFamily("redbatch_queue_depth_by_priority", "Entries in the request stream of one "
+                                     "priority level", labels=["model", "priority"])
+        for level, queue in zip(streams.request_keys, queues):
+            by_level.add_metric([model, level.value], queue)
+        yield by_level
         yield _gauge("redbatch_dead_letters", "Entries in the model's dead-letter stream", model, dead)
 
 

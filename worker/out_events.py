@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Protocol
 
-from producer.protocol import TERMINAL_EVENTS, ErrorCode, EventType
+from producer.protocol import TERMINAL_EVENTS, ErrorCode, EventType, Priority
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,9 @@ class Tracked(Protocol):
     """What the loop needs of an in-flight request an engine holds (an LLM Sequence, an image job)."""
 
     request_id: str
+    priority: Priority  # the request's level (from the stream it was read from), set by the engine's add()
     # The loop's bookkeeping, set at admission; engines never read them.
-    entry_id: str
+    entry_id: Any  # worker.streams.EntryRef
     num_deliveries: int
     next_seq: int
     is_stream: bool

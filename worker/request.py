@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Iterator
 
-from producer.protocol import EventType, FinishReason, GenerateConfig, Usage
+from producer.protocol import DEFAULT_PRIORITY, EventType, FinishReason, GenerateConfig, Priority, Usage
 from worker.out_events import OutEvent, error_event, token_event
 
 
@@ -42,8 +42,9 @@ class Sequence:
     first_token_s: float | None = None
     num_resumed_tokens: int = 0  # output tokens carried over from an earlier worker
     num_preemptions: int = 0
+    priority: Priority = DEFAULT_PRIORITY  # a waiting higher level is scheduled first and preempts lower running work
     # The owner's bookkeeping (the worker loop sets these at admission; the engine never reads them).
-    entry_id: str = ""  # the request-stream entry that carries it, acked once its terminal event is written
+    entry_id: Any = None  # worker.streams.EntryRef: the entry that carries it, acked after its terminal event
     num_deliveries: int = 1  # times the stream delivered that entry (a crash hand-back counts one more)
     next_seq: int = 0  # seq of the request's next event
     is_stream: bool = True  # token events as they come; False: only the terminal event, with the whole output

@@ -33,19 +33,27 @@ class Schedule:
     def is_empty(self) -> bool:
         return not self.chunks
 
+    def unschedule(self, seq: Sequence) -> int:
+        """Drop seq's chunk (it was preempted after being planned); returns the tokens that frees."""
+        num_tokens = sum(c.num_tokens for c in self.chunks if c.seq is seq)
+        self.chunks = [c for c in self.chunks if c.seq is not seq]
+        return num_tokens
+
     @property
     def num_tokens(self) -> int:
         return sum(c.num_tokens for c in self.chunks)
 
 
 class Scheduler:
-    """Running first (decodes, then prefills under way), then waiting (FIFO), under max_num_seqs,
-    a per-step token budget and the KV blocks.
+    """Running first (decodes, then prefills under way), then waiting (highest priority level first,
+    FIFO within a level), under max_num_seqs, a per-step token budget and the KV blocks.
 
     A prompt longer than the budget is prefilled in chunks over several steps, so one long prompt
     never stalls the decodes of the running requests. When a decode needs a block and none is
-    free, the most recently admitted sequence is preempted: its blocks are released and it is
-    recomputed later (its full blocks usually come back from the prefix cache).
+    free, the most recently admitted sequence of the lowest running level is preempted: its blocks
+    are released and it is recomputed later (its full blocks usually come back from the prefix
+    cache). The same happens, before a step is planned, to make a slot (and blocks) for waiting
+    work of a higher level than some running work: bulk never holds a slot interactive work waits for.
     """
 
     def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, blocks: BlockManager):
@@ -68,12 +76,22 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
+        self._enqueue(seq, is_front=False)
+
+    def _enqueue(self, seq: Sequence, is_front: bool) -> None:
+        """Into the waiting queue behind every higher level; within its level last (new) or first (preempted)."""
+        rank = seq.priority.rank
+        for i, other in enumerate(self.waiting):
+            if other.priority.rank > rank or (is_front and other.priority.rank == rank):
+                self.waiting.insert(i, seq)
+                return
         self.waiting.append(seq)
 
     def schedule(self, max_num_tokens: int | None = None) -> Schedule:
         """The next step. `max_num_tokens` lowers the token budget (a retry after running out of memory)."""
         limit = max(1, min(max_num_tokens or self.max_num_batched_tokens, self.max_num_batched_tokens))
         schedule = Schedule()
+        self._make_room_for_higher(schedule, limit)
         budget = self._schedule_decodes(schedule, limit)
         budget = self._schedule_prefills(schedule, budget)
         self._admit(schedule, budget)
@@ -92,6 +110,7 @@ class Scheduler:
                 schedule.preempted.append(victim)
                 if victim is seq:
                     break
+                budget += schedule.unschedule(victim)  # a lower level's decode planned earlier in this loop
             if seq.status == SeqStatus.RUNNING:
                 schedule.chunks.append(ScheduledChunk(seq, 1))
                 budget -= 1
@@ -124,8 +143,47 @@ class Scheduler:
             schedule.chunks.append(ScheduledChunk(seq, take))
             budget -= take
 
+    def _make_room_for_higher(self, schedule: Schedule, limit: int) -> None:
+        """Waiting sequences that find no free slot take the slot of running ones of a lower level (the
+        newest of the lowest level first); the head of the queue also gets the blocks its first chunk
+        needs that way."""
+        num_slots = self.max_num_seqs - len(self.running)
+        for seq in list(self.waiting):  # highest level first
+            if num_slots > 0:
+                num_slots -= 1
+                continue
+            if not self._preempt_below(seq, schedule):
+                break
+        head = self.waiting[0] if self.waiting else None
+        while head is not None and self._is_short_of_blocks(head, limit):
+            if not self._preempt_below(head, schedule):
+                break
+
+    def _is_short_of_blocks(self, head: Sequence, limit: int) -> bool:
+        """Whether the free blocks fall short of the head's first chunk once this step's decodes have grown."""
+        blocks = self.blocks
+        decode_need = sum(1 for s in self.running
+                          if s.num_pending == 1 and blocks.blocks_for(s.num_tokens) > len(s.block_table))
+        return blocks.num_free_blocks < decode_need + blocks.blocks_for(min(head.num_tokens, limit))
+
+    def _preempt_below(self, seq: Sequence, schedule: Schedule) -> bool:
+        """Preempt the newest running sequence of the lowest level if that level is below seq's."""
+        victim = self._newest_of_lowest()
+        if victim is None or victim.priority.rank <= seq.priority.rank:
+            return False
+        self.preempt(victim)
+        schedule.preempted.append(victim)
+        return True
+
+    def _newest_of_lowest(self) -> Sequence | None:
+        """The preemption victim: the most recently admitted running sequence of the lowest level."""
+        if not self.running:
+            return None
+        lowest = max(s.priority.rank for s in self.running)
+        return next(s for s in reversed(self.running) if s.priority.rank == lowest)
+
     def _preempt_newest(self) -> Sequence:
-        seq = self.running.pop()
+        seq = self._newest_of_lowest()
         self.preempt(seq)
         return seq
 
@@ -140,10 +198,10 @@ class Scheduler:
         seq.num_registered_blocks = 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)  # preempted newest-first, so admission order is kept
+        self._enqueue(seq, is_front=True)  # preempted newest-first, so admission order within a level is kept
 
     def preempt_newest(self, num: int) -> list[Sequence]:
-        """Preempt up to `num` of the most recently admitted running sequences (e.g. after an OOM)."""
+        """Preempt up to `num` running sequences, newest of the lowest level first (e.g. after an OOM)."""
         return [self._preempt_newest() for _ in range(min(num, len(self.running)))]
 
     def computed(self, seq: Sequence, num_tokens: int) -> None:

@@ -11,12 +11,12 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 import redis.exceptions as redis_errors
 
-from producer.keys import GROUP, Keys
+from producer.keys import DEFAULT_PRIORITY, GROUP, PRIORITIES, Keys, Priority
 from producer.protocol import (
     TERMINAL_EVENTS,
     Event,
@@ -52,15 +52,35 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, redis.ResponseError) and str(exc).startswith(_TRANSIENT_PREFIXES)
 
 
+class EntryRef(NamedTuple):
+    """A request-stream entry: the priority level of the stream that holds it, and its id there
+    (ids are unique within one stream only)."""
+
+    priority: Priority
+    id: str
+
+    def __str__(self) -> str:
+        return self.id if self.priority == DEFAULT_PRIORITY else f"{self.priority.value}/{self.id}"
+
+
+def by_level(refs: list[EntryRef]) -> dict[Priority, list[str]]:
+    """Entry ids grouped by the stream that holds them."""
+    grouped: dict[Priority, list[str]] = {}
+    for ref in refs:
+        grouped.setdefault(ref.priority, []).append(ref.id)
+    return grouped
+
+
 class WorkerStreams:
     def __init__(self, client: redis.Redis, config: WorkerConfig):
         self.redis = client
         self.config = config
         self.keys = Keys(config.prefix)
         self.model = config.model_name
-        self.requests_key = self.keys.requests(self.model)
+        self.request_keys = {p: self.keys.requests(self.model, p) for p in PRIORITIES}  # highest level first
+        self.requests_key = self.request_keys[DEFAULT_PRIORITY]
         self.started_ms = now_ms()
-        self._reclaim_cursor = "0-0"
+        self._reclaim_cursors = {p: "0-0" for p in PRIORITIES}
         self.reclaim_scan_done = False
         self._can_read_uptime = True
         self._tasks: list[str] = []  # what register() announced, for a registry entry someone deleted
@@ -70,12 +90,14 @@ class WorkerStreams:
     # ------------------------------------------------------------ setup
 
     def ensure_group(self) -> None:
-        """Create the consumer group (from the stream's start, so work queued before any worker counts)."""
-        try:
-            self.redis.xgroup_create(self.requests_key, GROUP, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        """Create the consumer group on every level's stream (from the stream's start, so work queued
+        before any worker counts)."""
+        for key in self.request_keys.values():
+            try:
+                self.redis.xgroup_create(key, GROUP, id="0", mkstream=True)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
 
     def register(self, tasks: list[str]) -> None:
         info = ModelRegistration(
@@ -99,10 +121,27 @@ class WorkerStreams:
 
     # ------------------------------------------------------------ per step
 
-    def read(self, count: int, block_ms: int | None) -> list[tuple[str, dict[bytes, bytes]]]:
-        """Up to `count` new entries for this consumer; blocks only when block_ms is given."""
+    def read(self, free: dict[Priority, int], block_ms: int | None) -> list[tuple[EntryRef, dict[bytes, bytes]]]:
+        """New entries for this consumer, highest level first: `free[p]` is how many entries of level p
+        or higher the engine can take. Blocks (only when block_ms is given, on every level at once) when
+        no level has any. XREADGROUP's COUNT applies per stream, so a blocking read that wakes on
+        several levels at once may bring up to free[p] of each."""
+        entries: list[tuple[EntryRef, dict[bytes, bytes]]] = []
+        for level in PRIORITIES:
+            count = free.get(level, 0) - len(entries)  # everything read so far is of this level or higher
+            if count > 0:
+                entries += self._read_group({level: count}, None)
+        if entries or block_ms is None:
+            return entries
+        return self._read_group({p: n for p, n in free.items() if n > 0}, block_ms)
+
+    def _read_group(self, counts: dict[Priority, int], block_ms: int | None) -> list[tuple[EntryRef, dict]]:
+        if not counts:
+            return []
+        streams = {self.request_keys[p]: ">" for p in PRIORITIES if p in counts}
+        level_of = {self.request_keys[p].encode(): p for p in counts}
         try:
-            reply = self.redis.xreadgroup(GROUP, self.config.worker_id, {self.requests_key: ">"}, count=count,
+            reply = self.redis.xreadgroup(GROUP, self.config.worker_id, streams, count=max(counts.values()),
                                           block=block_ms)
         except redis.ResponseError as exc:
             if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
@@ -111,22 +150,23 @@ class WorkerStreams:
             self.ensure_group()
             return []
         entries = []
-        for _, stream_entries in reply or []:
+        for key, stream_entries in sorted(reply or [], key=lambda r: level_of[_bytes(r[0])].rank):
+            level = level_of[_bytes(key)]
             for entry_id, fields in stream_entries:
-                entries.append((entry_id.decode() if isinstance(entry_id, bytes) else entry_id, fields or {}))
+                entries.append((EntryRef(level, _text(entry_id)), fields or {}))
         return entries
 
-    def entry_states(self, items: list[tuple[str, str, bool]]) -> list["EntryState"]:
+    def entry_states(self, items: list[tuple[str, EntryRef, bool]]) -> list["EntryState"]:
         """For (request_id, entry_id, is_redelivery) items, in one round trip: abort key, owning entry, and
         (redeliveries only) the events already published."""
         if not items:
             return []
         pipe = self.redis.pipeline(transaction=False)
         ttl = self.config.result_ttl_s
-        for request_id, entry_id, is_redelivery in items:
+        for request_id, entry, is_redelivery in items:
             pipe.exists(self.keys.abort(request_id))
             owner = self.keys.request_owner(self.model, request_id)
-            pipe.set(owner, entry_id, nx=True, ex=ttl)
+            pipe.set(owner, entry.id, nx=True, ex=ttl)
             pipe.get(owner)
             if is_redelivery:
                 pipe.xrange(self.keys.events(request_id))
@@ -140,13 +180,18 @@ class WorkerStreams:
             states.append(state)
         return states
 
-    def renew(self, entry_ids: list[str]) -> None:
+    def renew(self, entries: list[EntryRef]) -> None:
         """Reset the idle time of entries this worker is running, without counting a delivery."""
-        if entry_ids:
-            self.redis.xclaim(self.requests_key, GROUP, self.config.worker_id, 0, entry_ids, justid=True)
+        grouped = by_level(entries)
+        if not grouped:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for level, ids in grouped.items():
+            pipe.xclaim(self.request_keys[level], GROUP, self.config.worker_id, 0, ids, justid=True)
+        pipe.execute()
 
-    def hand_back(self, entries: list[tuple[str, int]], is_delivery: bool = False) -> None:
-        """Mark unfinished (entry id, deliveries) idle past the lease so another worker reclaims them at once.
+    def hand_back(self, entries: list[tuple[EntryRef, int]], is_delivery: bool = False) -> None:
+        """Mark unfinished (entry, deliveries) idle past the lease so another worker reclaims them at once.
 
         A graceful hand-back is not a failed delivery: the count is set one lower, so the reclaim
         that follows brings it back to what it was and rolling restarts never dead-letter a request."""
@@ -154,36 +199,54 @@ class WorkerStreams:
             return
         idle_ms = int(self.config.lease_s * 1000) + 1
         pipe = self.redis.pipeline(transaction=False)
-        for entry_id, deliveries in entries:
+        for entry, deliveries in entries:
             retrycount = None if is_delivery else max(0, deliveries - 1)
-            pipe.xclaim(self.requests_key, GROUP, self.config.worker_id, 0, [entry_id], idle=idle_ms,
-                        retrycount=retrycount, justid=True)
+            pipe.xclaim(self.request_keys[entry.priority], GROUP, self.config.worker_id, 0, [entry.id],
+                        idle=idle_ms, retrycount=retrycount, justid=True)
         pipe.execute()
 
-    def reclaim(self, count: int) -> list[tuple[str, dict[bytes, bytes], int]]:
-        """Take over up to `count` entries idle past the lease; returns (entry id, fields, deliveries).
+    def reclaim(self, free: dict[Priority, int] | int) -> list[tuple[EntryRef, dict[bytes, bytes], int]]:
+        """Take over entries idle past the lease, highest level first (`free` as in read(); an int: that
+        many of any level); returns (entry, fields, deliveries).
 
-        Sets `reclaim_scan_done` when this call scanned the whole pending list and found nothing
-        more to take (XAUTOCLAIM scans a window per call and resumes from a cursor)."""
+        Sets `reclaim_scan_done` when this call scanned every level's whole pending list and found
+        nothing more to take (XAUTOCLAIM scans a window per call and resumes from a cursor)."""
+        if isinstance(free, int):
+            free = {p: free for p in PRIORITIES}
         if self.redis_restarted_recently():
             self.reclaim_scan_done = True  # nothing may be taken yet: look again at the next lease/4 tick
             return []
+        taken: list[tuple[EntryRef, dict[bytes, bytes], int]] = []
+        is_done = True
+        for level in PRIORITIES:
+            count = free.get(level, 0) - len(taken)
+            if count <= 0:
+                is_done = False
+                continue
+            claimed, level_done = self._reclaim_level(level, count)
+            taken += claimed
+            is_done = is_done and level_done
+        self.reclaim_scan_done = is_done
+        return taken
+
+    def _reclaim_level(self, level: Priority, count: int) -> tuple[list[tuple[EntryRef, dict, int]], bool]:
+        key = self.request_keys[level]
         min_idle_ms = int(self.config.lease_s * 1000)
-        reply = self.redis.xautoclaim(self.requests_key, GROUP, self.config.worker_id, min_idle_ms,
-                                      start_id=self._reclaim_cursor, count=count)
-        self._reclaim_cursor, claimed = _text(reply[0]), reply[1]
-        self.reclaim_scan_done = self._reclaim_cursor == "0-0" and len(claimed) < count
+        reply = self.redis.xautoclaim(key, GROUP, self.config.worker_id, min_idle_ms,
+                                      start_id=self._reclaim_cursors[level], count=count)
+        self._reclaim_cursors[level], claimed = _text(reply[0]), reply[1]
+        is_done = self._reclaim_cursors[level] == "0-0" and len(claimed) < count
         deleted = reply[2] if len(reply) > 2 else []
         if deleted:  # deleted while pending: nothing to run, just clear the pending entry
-            self.redis.xack(self.requests_key, GROUP, *deleted)
+            self.redis.xack(key, GROUP, *deleted)
         claimed = [(_text(i), f) for i, f in claimed if f]
         if not claimed:
-            return []
+            return [], is_done
         pipe = self.redis.pipeline(transaction=False)
         for entry_id, _ in claimed:
-            pipe.xpending_range(self.requests_key, GROUP, min=entry_id, max=entry_id, count=1)
+            pipe.xpending_range(key, GROUP, min=entry_id, max=entry_id, count=1)
         counts = [rows[0]["times_delivered"] if rows else 1 for rows in pipe.execute()]
-        return [(entry_id, fields, n) for (entry_id, fields), n in zip(claimed, counts)]
+        return [(EntryRef(level, entry_id), fields, n) for (entry_id, fields), n in zip(claimed, counts)], is_done
 
     def redis_restarted_recently(self) -> bool:
         """Whether Redis came up too recently for live workers to have renewed their leases.
@@ -212,9 +275,10 @@ class WorkerStreams:
         """Whether any entry has been idle past the lease: its worker stopped renewing it."""
         if self.redis_restarted_recently():
             return False
-        rows = self.redis.xpending_range(self.requests_key, GROUP, min="-", max="+", count=1,
-                                         idle=int(self.config.lease_s * 1000))
-        return bool(rows)
+        pipe = self.redis.pipeline(transaction=False)
+        for key in self.request_keys.values():
+            pipe.xpending_range(key, GROUP, min="-", max="+", count=1, idle=int(self.config.lease_s * 1000))
+        return any(pipe.execute())
 
     def aborted(self, request_ids: list[str]) -> set[str]:
         """Which of these requests have an abort key, in one round trip."""
@@ -253,8 +317,9 @@ class WorkerStreams:
         ackable += [entry for entry, _, _, ack in outbox.dead if ack and entry in written_dead]
         if ackable:
             pipe = self.redis.pipeline(transaction=False)
-            pipe.xack(self.requests_key, GROUP, *ackable)
-            pipe.xdel(self.requests_key, *ackable)
+            for level, ids in by_level(ackable).items():
+                pipe.xack(self.request_keys[level], GROUP, *ids)
+                pipe.xdel(self.request_keys[level], *ids)
             pipe.execute()
         return fenced
 
@@ -275,7 +340,8 @@ class WorkerStreams:
                 pipe.expire(self.keys.request_owner(self.model, request_id), ttl)
                 owners.append(("expire", request_id))
         for entry_id, fields, reason, _ in outbox.dead:
-            pipe.xadd(self.keys.dead(self.model), dead_letter_fields(fields, reason, entry_id, self.config.worker_id, now_ms()))
+            pipe.xadd(self.keys.dead(self.model), dead_letter_fields(fields, reason, entry_id.id, self.config.worker_id,
+                                                                     now_ms(), entry_id.priority))
             owners.append(("dead", entry_id))
         results = self._load_script_if_missing(pipe.execute(raise_on_error=False), scripts)
         for result in results:
@@ -368,6 +434,10 @@ def _raise_errors(*replies: Any) -> tuple[Any, ...]:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _bytes(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
 
 
 def _registration(raw: bytes | str) -> ModelRegistration:

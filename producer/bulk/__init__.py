@@ -81,6 +81,7 @@ def submit(
     prefix: str = DEFAULT_PREFIX,
     result_ttl_s: int = DEFAULT_RESULT_TTL_S,
     lease_s: float = DEFAULT_LEASE_S,
+    priority: str = "bulk",
     queue: str = BULK_QUEUE,
     retries: int = DEFAULT_RETRIES,
     job_id: str | None = None,
@@ -89,7 +90,8 @@ def submit(
     rq, _ = _rq()
     rds = _connect(redis_url, connection)
     spec = JobSpec(input_path=str(Path(input_path).absolute()), output_path=str(Path(output_path).absolute()),
-                   model=model, max_in_flight=max_in_flight, prefix=prefix, result_ttl_s=result_ttl_s, lease_s=lease_s)
+                   model=model, max_in_flight=max_in_flight, prefix=prefix, result_ttl_s=result_ttl_s, lease_s=lease_s,
+                   priority=priority)
     keys = Keys(prefix)
     ModelInfo.parse(model, rds.hget(keys.models(), model))  # UnknownModel now rather than in the job
     output = Path(spec.output_path)

@@ -213,7 +213,7 @@ class BulkRunner:
             request_id = request_id_for(self.job_id, line.custom_id, attempt)
             ids.append(request_id)
             args = enqueue_args(request_id, line.task, line.body, self.info.max_queue_len, None, self.spec.result_ttl_s)
-            self._enqueue(keys=[self.keys.requests(self.spec.model), self.keys.request_owner(self.spec.model, request_id)],
+            self._enqueue(keys=[self.keys.requests(self.spec.model, self.spec.priority), self.keys.request_owner(self.spec.model, request_id)],
                           args=args, client=pipe)
         replies = pipe.execute(raise_on_error=False) if batch else []
         for (line, attempt), request_id, reply in zip(batch, ids, replies):
@@ -346,7 +346,7 @@ class BulkRunner:
         pipe = self.rds.pipeline(transaction=False)
         for slot, owner in zip(quiet, owners):
             entry = owner.decode() if owner else "0-0"
-            pipe.xrange(self.keys.requests(self.spec.model), entry, entry)
+            pipe.xrange(self.keys.requests(self.spec.model, self.spec.priority), entry, entry)
             pipe.exists(self.keys.events(slot.request_id))
         replies = pipe.execute()
         for slot, owner, queued, has_events in zip(quiet, owners, replies[::2], replies[1::2]):

@@ -11,7 +11,7 @@ import redis
 from pydantic import BaseModel, ConfigDict, Field
 
 from producer.errors import RedbatchError
-from producer.keys import DEFAULT_PREFIX, check_model_name
+from producer.keys import DEFAULT_PREFIX, Priority, check_model_name
 from producer.submit import DEFAULT_RESULT_TTL_S
 
 DEFAULT_LEASE_S = 30.0
@@ -29,6 +29,7 @@ class JobSpec(BaseModel):
     prefix: str = DEFAULT_PREFIX
     result_ttl_s: int = Field(DEFAULT_RESULT_TTL_S, ge=60)
     lease_s: float = Field(DEFAULT_LEASE_S, gt=0.5, le=3600)
+    priority: Priority = Priority.BULK  # the request stream level: below interactive traffic by default
 
     def model_post_init(self, _context: Any) -> None:
         check_model_name(self.model)

@@ -97,6 +97,7 @@ class ImageEngine:
         if not isinstance(request.body, TextToImageBody):
             raise RequestRejected(ErrorCode.UNSUPPORTED_TASK, f"this worker serves text_to_image, not {request.task.value}")
         job = self._job(request.id, request.body)
+        job.priority = request.priority
         if resume is not None:
             job.num_skipped_images = resume.num_images
         job.added_at_step = self.num_steps

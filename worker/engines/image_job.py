@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Iterator
 
-from producer.protocol import EventType, FinishReason, TextToImageBody
+from producer.protocol import DEFAULT_PRIORITY, EventType, FinishReason, Priority, TextToImageBody
 from worker.out_events import OutEvent, error_event, image_event, progress_event
 
 _SIZE_RE = re.compile(r"([1-9][0-9]{0,4})\*([1-9][0-9]{0,4})")
@@ -64,8 +64,9 @@ class ImageJob:
     arrival_s: float = field(default_factory=time.monotonic)
     added_at_step: int = 0  # the engine's step count when it was added (its wait, for admission order)
     started_s: float | None = None
+    priority: Priority = DEFAULT_PRIORITY  # kept for the loop's free-slot count; admission here is FIFO
     # the loop's bookkeeping (out_events.Tracked); the engine never reads them
-    entry_id: str = ""
+    entry_id: Any = None  # worker.streams.EntryRef
     num_deliveries: int = 1
     next_seq: int = 0
     is_stream: bool = True

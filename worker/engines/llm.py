@@ -180,7 +180,8 @@ class LLMEngine:
             ids = vision.prompt_ids
         cfg = request.generate_config
         max_tokens = check_lengths(len(ids), cfg.max_tokens, self.max_model_len, self.config.max_tokens_limit)
-        seq = Sequence(request_id=request.id, prompt_ids=ids, params=cfg, max_tokens=max_tokens)
+        seq = Sequence(request_id=request.id, prompt_ids=ids, params=cfg, max_tokens=max_tokens,
+                       priority=request.priority)
         if vision is not None:
             seq.image_spans, seq.mrope, seq.rope_delta = vision.spans, vision.mrope, vision.rope_delta
             self._features[seq] = vision.features
