@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import io
 import json
 import os
@@ -38,7 +37,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.procs import RedisServer, child_env  # noqa: E402
+from bench.procs import RedisServer, child_env, stop_all  # noqa: E402
 from bench.redbatch_runs import _watched  # noqa: E402
 from producer.aio import AsyncClient  # noqa: E402
 from producer.protocol import EventType, TaskKind  # noqa: E402
@@ -246,11 +245,7 @@ def run_redbatch(args, path: Path, requests: list[ImageRequest]) -> tuple[list[R
     try:
         return asyncio.run(_produce(server.url, requests, worker, log_path))
     finally:
-        worker.terminate()
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        stop_all([worker])
         server.close()
 
 
@@ -340,7 +335,7 @@ def print_table(rows: list[Row], workloads: list[Workload], args) -> None:
               f"{w.rate_per_s:.2f}/s over {w.requests[-1].arrival_s:.1f} s")
         mine = [r for r in rows if r.workload == w.name]
         best_peer = max((r.images_per_s for r in mine if not r.contender.startswith("(e)")), default=0.0)
-        print(f"| contender | images/s | vs best stock | p50 s | p99 s | forward/wall | same images as (a) |")
+        print("| contender | images/s | vs best stock | p50 s | p99 s | forward/wall | same images as (a) |")
         print("|---|---|---|---|---|---|---|")
         for r in mine:
             ratio = r.images_per_s / best_peer if best_peer else 0.0

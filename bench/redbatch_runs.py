@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 
-from bench.procs import RedisServer
+from bench.procs import RedisServer, stop_all
 from bench.workloads import FIRST_PLAIN_ID, BenchRequest, RequestResult
 from producer.aio import AsyncClient
 from producer.protocol import EventType, GenerateBody, GenerateConfig, Request, TaskKind
@@ -150,11 +150,7 @@ def run_end_to_end(redis_url: str | None, model_path: Path, requests: list[Bench
         results = asyncio.run(_produce(server.url, requests, worker, log_path, pids, cpu))
         return results, max(r.finish_s for r in results)
     finally:
-        worker.terminate()
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        stop_all([worker])
         server.close()
 
 
