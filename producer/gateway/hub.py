@@ -23,7 +23,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer.errors import RequestTimeout
 from producer.keys import Keys
-from producer.protocol import Event, decode_event
+from producer.protocol import ErrorCode, Event, EventType, decode_event
 from producer.results import READ_BLOCK_MS, READ_COUNT
 from producer.submit import RECONNECT_DELAY_S
 
@@ -126,10 +126,38 @@ class Lane:
                 log.warning("event read failed (%s); retrying", exc)
                 reply = None
                 await asyncio.sleep(RECONNECT_DELAY_S)  # Redis restarting: events are kept, read on
+            except Exception as exc:  # the lane serves other requests: it must not die of one
+                log.exception("event read failed")
+                reply = None
+                await self._fail_unreadable(exc)
             finally:
                 self.reading = None
             self.num_reads += 1
             self._dispatch(reply or [])
+
+    async def _fail_unreadable(self, exc: Exception) -> None:
+        """The XREAD was refused (a key that is not a stream, say): fail the requests whose key is at fault."""
+        keys = list(self.subs)
+        try:
+            pipe = self.conn.pipeline(transaction=False)
+            for key in keys:
+                pipe.type(key)
+            types = await pipe.execute()
+        except Exception:  # cannot tell which: read again after a pause
+            log.exception("cannot tell which request's events stream is unreadable")
+            types = []
+        bad = {key: _text(kind) for key, kind in zip(keys, types) if _text(kind) not in ("stream", "none")}
+        for key, kind in bad.items():
+            if key in self.subs:
+                self._fail(self.subs[key], f"its events key holds a {kind}, not a stream ({exc})")
+        if not bad:
+            await asyncio.sleep(RECONNECT_DELAY_S)
+
+    def _fail(self, sub: Subscription, why: str) -> None:
+        log.error("request %s failed in the gateway: %s", sub.request_id, why)
+        sub.queue.put_nowait(Event(seq=-1, type=EventType.ERROR, code=ErrorCode.MODEL_ERROR.value,
+                                   message=f"gateway: request {sub.request_id}: {why}"))
+        self.unsubscribe(sub)
 
     def _dispatch(self, reply) -> None:
         for raw_key, entries in reply:
@@ -142,7 +170,11 @@ class Lane:
                 continue  # unsubscribed while the read was in flight
             for entry_id, fields in entries:
                 sub.last_id = _text(entry_id)
-                event = decode_event(fields)
+                try:
+                    event = decode_event(fields)
+                except Exception as exc:  # noqa: BLE001 - a malformed event fails its request only
+                    self._fail(sub, f"malformed event {sub.last_id}: {exc}")
+                    break
                 sub.queue.put_nowait(event)
                 if event.is_terminal:
                     self.unsubscribe(sub)
