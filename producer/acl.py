@@ -30,7 +30,7 @@ def acl_rules(keys: Keys, role: str) -> str:
             f"+xadd +expire ~{k['gateway_wake']}",
         ]
     elif role == "worker":
-        connection += " +info"  # INFO server: uptime, so reclaim waits out a lease after a Redis restart
+        connection += " +info"  # INFO server/replication: reclaim waits out a lease after a restart or failover
         selectors = [
             f"+xgroup|create +xreadgroup +xack +xdel +xclaim +xautoclaim +xpending ~{k['requests']} "
             f"~{k['requests_level']}",
@@ -41,6 +41,7 @@ def acl_rules(keys: Keys, role: str) -> str:
             f"+hset +hget %RW~{k['models']}",
             f"+hset +expire +del ~{k['worker']}",
             f"+zadd +zrem +zremrangebyscore +zcard ~{k['workers']}",
+            f"+get +set ~{k['redis_master']} ~{k['redis_failover']}",
         ]
     else:
         raise ValueError(f"unknown role {role!r}; use producer or worker")

@@ -113,6 +113,7 @@ class Keys:
             "events": self._request_key("*", "events"), "abort": self._request_key("*", "abort"),
             "bulk_lease": self._bulk_key("*", "lease"), "bulk_cancel": self._bulk_key("*", "cancel"),
             "gateway_wake": self._gateway_key("*", "wake"),
+            "redis_master": self.redis_master(), "redis_failover": self.redis_failover(),
         }
 
     def bulk_lease(self, job_id: str) -> str:
@@ -128,6 +129,15 @@ class Keys:
         if not WORKER_ID_RE.fullmatch(gateway_id):
             raise ValueError(f"invalid gateway id {gateway_id!r}")
         return self._gateway_key(gateway_id, "wake")
+
+    def redis_master(self) -> str:
+        """string: the replication id of the Redis master the workers last saw (a failover changes it)."""
+        return f"{self.prefix}:redis:master"
+
+    def redis_failover(self) -> str:
+        """string, TTL a lease window: a newly seen master's replication id, while leases aged by the failover
+        are renewed (workers do not reclaim meanwhile)."""
+        return f"{self.prefix}:redis:failover"
 
     def _model_key(self, model: str, suffix: str) -> str:
         return f"{self.prefix}:{{{model}}}:{suffix}"

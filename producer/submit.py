@@ -170,13 +170,19 @@ def new_request_id() -> str:
 def build_body(task: TaskKind, payload: dict[str, Any], generate_config: dict[str, Any] | None,
                request_id: str | None = None) -> tuple[str, Body]:
     """Validate a call's arguments into a wire body; returns (request_id, body). A text_to_image body has
-    no generate_config: its id comes from `request_id`."""
+    no generate_config: its id comes from `request_id`. A generate/chat id comes from either
+    `generate_config["request_id"]` or `request_id` (both given, they must agree)."""
     try:
         if task == TaskKind.TEXT_TO_IMAGE:
             if generate_config:
                 raise InvalidRequest("text_to_image takes no generate_config")
             return (request_key_id(request_id) if request_id else new_request_id()), TextToImageBody.model_validate(payload)
-        config = GenerateConfig.model_validate(generate_config or {})
+        generate_config = dict(generate_config or {})
+        if request_id is not None:
+            named = generate_config.setdefault("request_id", request_id)
+            if named != request_id:
+                raise InvalidRequest(f"request_id {request_id!r} differs from generate_config's {named!r}")
+        config = GenerateConfig.model_validate(generate_config)
         request_id = config.request_id or new_request_id()
         if task == TaskKind.GENERATE:
             body: Body = GenerateBody.model_validate({**payload, "generate_config": config})

@@ -168,6 +168,16 @@ def test_generate_config_request_id_sets_the_entry_id(model: Model, redis_conn: 
     assert request.generate_config.request_id == "my-id.1"
 
 
+def test_the_request_id_argument_names_a_chat_or_generate_request(model: Model, redis_conn: fakeredis.FakeRedis) -> None:
+    assert model.submit(TaskKind.CHAT, {"messages": [{"role": "user", "content": "hi"}]}, {"max_tokens": 2},
+                        request_id="mine-1") == "mine-1"
+    assert model.submit(TaskKind.GENERATE, {"prompt": "x"}, {"request_id": "mine-2"}, request_id="mine-2") == "mine-2"
+    with pytest.raises(InvalidRequest, match="differs"):
+        model.submit(TaskKind.GENERATE, {"prompt": "x"}, {"request_id": "a"}, request_id="b")
+    assert [(r.id, r.generate_config.request_id) for r in queued(redis_conn)] == [("mine-1", "mine-1"),
+                                                                                   ("mine-2", "mine-2")]
+
+
 @pytest.mark.parametrize(
     "config",
     [{"max_token": 5}, {"max_tokens": 0}, {"max_tokens": "5"}, {"top_p": 0}, {"request_id": "not valid"}, {"temperature": float("nan")}],

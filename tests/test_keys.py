@@ -146,7 +146,8 @@ def test_patterns_match_the_keys_they_stand_for() -> None:
                "workers": keys.model_workers("m"), "models": keys.models(), "worker": keys.worker("w:1"),
                "events": keys.events("r"), "abort": keys.abort("r"), "bulk_lease": keys.bulk_lease("j-1"),
                "bulk_cancel": keys.bulk_cancel("j-1"), "requests_level": keys.requests("m", "bulk"),
-               "gateway_wake": keys.gateway_wake("gw-1")}
+               "gateway_wake": keys.gateway_wake("gw-1"), "redis_master": keys.redis_master(),
+               "redis_failover": keys.redis_failover()}
     patterns = keys.patterns()
     assert set(patterns) == set(samples)
     for kind, name in samples.items():

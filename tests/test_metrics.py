@@ -59,11 +59,36 @@ def test_a_worker_serves_prometheus_metrics(redis_server_url, prefix, rds, tiny_
         ids.append(model.submit(TaskKind.CHAT, {"messages": [{"role": "user", "content": "hi"}]},
                                 {"max_tokens": 4, "ignore_eos": True}))
         assert all(client.wait(i, timeout_s=60).type == "done" for i in ids)
+        # requests that end without an engine step are counted too: aborted before it started, expired,
+        # rejected at intake (a body that is not JSON), and an entry with no readable id (dead letters only)
+        client.abort_request("m-tiny", "gone-before-start")
+        model.submit(TaskKind.GENERATE, {"prompt": "x"}, {"max_tokens": 4}, request_id="gone-before-start")
+        model.submit(TaskKind.CHAT, {"messages": [{"role": "user", "content": "hi"}]}, {"max_tokens": 4},
+                     request_id="too-late", deadline_ms=int(time.time() * 1000) - 1000)
+        requests_key = Keys(prefix).requests("m-tiny")
+        rds.xadd(requests_key, {"v": "1", "id": "not-json", "task": "generate", "body": "{nope",
+                                "created": str(int(time.time() * 1000))})
+        rds.xadd(requests_key, {"v": "1", "task": "generate", "body": "{}"})
+        assert client.wait("gone-before-start", timeout_s=60).type == "aborted"
+        assert client.wait("too-late", timeout_s=60).code == "expired"
+        assert client.wait("not-json", timeout_s=60).code == "invalid_request"
+        while rds.xlen(Keys(prefix).dead("m-tiny")) < 1:
+            assert time.monotonic() < deadline, "the entry without an id was not dead-lettered"
+            time.sleep(0.1)
         rds.xadd(Keys(prefix).dead("m-tiny"), {"reason": "test", "entry_id": "0-1", "worker": "w", "ts": "0"})
 
         samples = _scrape(port)
+        while sum(v for (name, _), v in samples.items() if name == "redbatch_requests_total") < 7:
+            assert time.monotonic() < deadline, "the ended requests were not all counted"
+            time.sleep(0.1)  # counted right after the events are written, so a scrape can come just before
+            samples = _scrape(port)
         assert _value(samples, "redbatch_requests_total", task="generate", outcome="done_length") == 3
         assert _value(samples, "redbatch_requests_total", task="chat", outcome="done_length") == 1
+        assert _value(samples, "redbatch_requests_total", task="generate", outcome="aborted") == 1
+        assert _value(samples, "redbatch_requests_total", task="chat", outcome="expired") == 1
+        assert _value(samples, "redbatch_requests_total", task="generate", outcome="invalid_request") == 1
+        assert sum(v for (name, _), v in samples.items() if name == "redbatch_requests_total") == 7
+        assert _value(samples, "redbatch_dead_lettered_total") == 1
         assert _value(samples, "redbatch_generated_tokens_total") == 3 * 6 + 4
         steps = _value(samples, "redbatch_step_seconds_count")
         assert steps >= 6 and _value(samples, "redbatch_step_seconds_sum") > 0
@@ -71,7 +96,7 @@ def test_a_worker_serves_prometheus_metrics(redis_server_url, prefix, rds, tiny_
         assert _value(samples, "redbatch_batch_size_bucket", le="4.0") == steps  # never more than max_num_seqs
         assert _value(samples, "redbatch_time_to_first_token_seconds_count") == 4
         assert _value(samples, "redbatch_time_per_output_token_seconds_count") == 4
-        assert _value(samples, "redbatch_queue_depth") == 0 and _value(samples, "redbatch_dead_letters") == 1
+        assert _value(samples, "redbatch_queue_depth") == 0 and _value(samples, "redbatch_dead_letters") == 2
         assert [_value(samples, "redbatch_queue_depth_by_priority", priority=p) for p in ("interactive", "bulk",
                                                                                          "background")] == [0, 0, 0]
         assert _value(samples, "redbatch_kv_blocks") > 0 and _value(samples, "redbatch_kv_usage_ratio") >= 0

@@ -67,7 +67,8 @@ def test_key_table_matches_producer_keys():
     code = {k._model_key("<model>", "requests"), k._model_key("<model>", "requests:<priority>"),
             k._model_key("<model>", "dead"), k._model_key("<model>", "workers"),
             k._model_key("<model>", "id:<id>"), k.models(), k._worker_key("<worker_id>"),
-            k._request_key("<id>", "events"), k._request_key("<id>", "abort"), k._gateway_key("<gateway_id>", "wake")}
+            k._request_key("<id>", "events"), k._request_key("<id>", "abort"), k._gateway_key("<gateway_id>", "wake"),
+            k.redis_master(), k.redis_failover()}
     assert set(_first_column("## 1. Keys")) == code
 
 

@@ -11,7 +11,7 @@ from producer.keys import DEFAULT_PRIORITY, GROUP, Priority
 from producer.protocol import EventType, decode_event, encode_event, event_stream_id
 from worker.config import WorkerConfig
 from worker.outbox import Outbox
-from worker.streams import EntryRef, WorkerStreams
+from worker.streams import MAX_BACKOFF_S, EntryRef, WorkerStreams
 
 
 def make_streams(server, worker_id: str, lease_s: float = 0.05) -> WorkerStreams:
@@ -212,3 +212,51 @@ def test_a_dead_letter_keeps_its_level_and_is_requeued_to_it(server):
     assert admin.requeue_dead(streams.redis, streams.keys, "m") == 1
     assert streams.redis.xlen(streams.request_keys[Priority.BULK]) == 1
     assert streams.redis.xlen(streams.requests_key) == 0
+
+
+@pytest.mark.redis
+def test_no_event_is_written_after_a_gap(real_streams, rds):
+    """A promoted replica may lack the last events the old master took: the worker writes nothing after the gap
+    (a later reader would miss those seqs), drops the request and leaves its entry pending to be reclaimed."""
+    keys = real_streams.keys
+    entry = _running_entry(real_streams, "r1")
+    rds.xadd(keys.events("r1"), encode_event(0, EventType.TOKEN, text="a", token_ids=[1]), id=event_stream_id(0))
+    outbox = _token_outbox("r1", entry, first_seq=3, num_tokens=1)  # seq 1 and 2 were lost with the old master
+    assert real_streams.flush(outbox) == {"r1"}
+    assert [decode_event(f).seq for _, f in rds.xrange(keys.events("r1"))] == [0]
+    pending = [row["message_id"].decode() for row in rds.xpending_range(real_streams.requests_key, GROUP, "-", "+", 9)]
+    assert pending == [entry.id]
+    fresh = _running_entry(real_streams, "r2")  # nothing published yet and the write starts above seq 0: a gap too
+    assert real_streams.flush(_token_outbox("r2", fresh, first_seq=2, num_tokens=1)) == {"r2"}
+    assert not rds.exists(keys.events("r2"))
+    assert real_streams.flush(_token_outbox("r1", entry, first_seq=1, num_tokens=1)) == set()  # contiguous: lands
+    assert [decode_event(f).seq for _, f in rds.xrange(keys.events("r1"))] == [0, 1, 2]
+
+
+def _with_info(streams: WorkerStreams, monkeypatch, uptime_s: float, replid: str) -> None:
+    sections = {"server": {"uptime_in_seconds": uptime_s}, "replication": {"master_replid": replid}}
+    monkeypatch.setattr(streams.redis, "info", lambda section: sections[section])
+
+
+def test_a_new_master_holds_off_reclaim_for_a_lease_window(server, monkeypatch):
+    """A replica promoted by a failover has been up for long; its new replication id is what tells."""
+    streams = make_streams(server, "w1", lease_s=0.05)
+    orphan(streams)
+    _with_info(streams, monkeypatch, uptime_s=3600, replid="a" * 40)
+    assert not streams.redis_restarted_recently()  # the first master any worker saw: nothing to wait for
+    assert streams.redis.get(streams.keys.redis_master()) == b"a" * 40
+    _with_info(streams, monkeypatch, uptime_s=3600, replid="b" * 40)  # failed over meanwhile
+    streams.forget_uptime()  # the failover showed as a Redis error
+    assert streams.redis_restarted_recently()
+    assert streams.reclaim(4) == [] and not streams.has_orphans()
+    window_ms = streams.redis.pttl(streams.keys.redis_failover())
+    assert 0 < window_ms <= (0.05 + MAX_BACKOFF_S + 1) * 1000
+
+    newcomer = make_streams(server, "w2", lease_s=0.05)  # started after the failover: never saw the old master
+    _with_info(newcomer, monkeypatch, uptime_s=3600, replid="b" * 40)
+    assert newcomer.redis_restarted_recently()
+
+    streams.redis.delete(streams.keys.redis_failover())  # the window is over
+    streams.forget_uptime()
+    assert not streams.redis_restarted_recently()
+    assert [n for _, _, n in streams.reclaim(4)] == [2]

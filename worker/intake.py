@@ -22,7 +22,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from producer.protocol import BadEntry, ErrorCode, Event, EventType, Request, decode_request, now_ms, read_request_id
+from producer.protocol import (BadEntry, ErrorCode, Event, EventType, Request, TaskKind, decode_request, now_ms,
+                               read_request_id)
 from worker.config import WorkerConfig
 from worker.engines.base import Engine, RequestRejected
 from worker.models.images import ImageError, ImageFetcher
@@ -30,6 +31,8 @@ from worker.out_events import Output
 from worker.request import Resume
 from worker.outbox import Outbox
 from worker.streams import EntryRef, EntryState, WorkerStreams
+
+_TASK_NAMES = frozenset(t.value for t in TaskKind)
 
 log = logging.getLogger("redbatch.worker")
 
@@ -126,6 +129,7 @@ class Intake:
 
     def _start(self, entry: Entry, request: Request, state: EntryState, outbox: Outbox) -> None:
         if state.is_aborted:
+            outbox.note_task(request.id, request.task.value)
             outbox.event(request.id, state.next_seq, EventType.ABORTED)
             outbox.ack(entry.entry_id, request.id)
         elif entry.deliveries > self.config.max_deliveries:
@@ -179,7 +183,15 @@ class Intake:
         if request_id is None:
             outbox.dead_letter(entry.entry_id, entry.fields, message)
         else:
+            outbox.note_task(request_id, entry_task(entry.fields))
             outbox.fail(request_id, entry.entry_id, seq, code, message)
+
+
+def entry_task(fields: dict[Any, Any]) -> str:
+    """The task an entry names, as a metrics label: one of the task kinds, else "unknown"."""
+    raw = fields.get(b"task", fields.get("task"))
+    task = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+    return task if task in _TASK_NAMES else "unknown"
 
 
 def resume_from(events: list[Event]) -> Resume | None:

@@ -97,6 +97,7 @@ class RedisIO:
         self._last = {"heartbeat": 0.0, "renew": time.monotonic(), "reclaim": 0.0, "redis_error": float("-inf")}
         self._orphans_waiting = False
         self.health = None  # worker.health.HealthFile with --health-file: told of every heartbeat that landed
+        self.on_written: Callable[[Outbox, set[str]], None] | None = None  # told of every outbox written
 
     # ------------------------------------------------------------ the loop thread's side
 
@@ -121,6 +122,8 @@ class RedisIO:
         seen.aborted = self._check_aborts(job)
         seen.fenced = self.retry(self.streams.flush, job.outbox,
                                  on_retry=lambda: setattr(job.outbox, "is_resend", True))
+        if self.on_written is not None:
+            self.on_written(job.outbox, seen.fenced)
         for request_id in seen.fenced:
             log.warning("request %s is owned by another worker; dropping it here", request_id)
         if job.is_reading:

@@ -49,8 +49,9 @@ class Worker:
         self.streams = streams
         self.intake = Intake(config, engine)
         self.stats = Stats()
-        self.metrics = None  # worker.metrics.WorkerMetrics when --metrics-port is set: on_step after each step
+        self.metrics = None  # worker.metrics.WorkerMetrics when --metrics-port is set: on_step, on_written
         self.io = RedisIO(config, streams, self.stats, is_giving_up=self._is_past_drain_deadline)
+        self.io.on_written = self._count_ended
         self._stop = threading.Event()
         self.ready = threading.Event()  # set once the group exists and the model is registered
         self._drain_deadline: float | None = None
@@ -149,6 +150,7 @@ class Worker:
                                    f"{type(exc).__name__}: {exc}") from exc
             log.exception("model error; failing the running requests")
             for seq in self.engine.fail_running():
+                outbox.note_task(seq.request_id, seq.task)
                 outbox.fail(seq.request_id, seq.entry_id, self._next_seq(seq), ErrorCode.MODEL_ERROR,
                             f"{type(exc).__name__}: {exc}")
             return []
@@ -168,6 +170,7 @@ class Worker:
     def _emit(self, out: Output, outbox: Outbox) -> None:
         """Publish the output's events in order; a terminal one ends the request and lets its entry be acked."""
         job = out.seq
+        outbox.note_task(job.request_id, job.task)
         for event in out.events():
             if event.type == EventType.ERROR:  # this request failed alone; its batch mates go on
                 outbox.fail(job.request_id, job.entry_id, self._next_seq(job),
@@ -236,6 +239,15 @@ class Worker:
             self.stats.step_ms_total += (time.monotonic() - started) * 1000
         if self.metrics is not None:
             self.metrics.on_step(time.monotonic() - started, outputs)
+
+    def _count_ended(self, outbox: Outbox, fenced: set[str]) -> None:
+        """On the I/O thread, once an outbox is written: the metrics count the requests it ended."""
+        if self.metrics is None:
+            return
+        try:
+            self.metrics.on_written(outbox, fenced)
+        except Exception:  # noqa: BLE001 - metrics never break the Redis round
+            log.exception("metrics: cannot count the requests a round ended")
 
     def _heartbeat_fields(self) -> dict[str, Any]:
         s = self.stats

@@ -1,7 +1,9 @@
 """Prometheus metrics a worker serves on --metrics-port (prometheus-client).
 
-The loop calls one hook, `on_step(seconds, outputs)`, after each engine step; everything else is
-read at scrape time (queue depth and dead letters from Redis, KV use from the engine, reclaims from
+The loop calls two hooks: `on_step(seconds, outputs)` after each engine step, and
+`on_written(outbox, fenced)` once a Redis round has written an outbox, which counts every request whose
+terminal event landed there, however it ended (finished, failed in a step, rejected at intake,
+expired, aborted, dead-lettered); everything else is read at scrape time (queue depth and dead letters from Redis, KV use from the engine, reclaims from
 the loop's stats), so the loop itself never waits on metrics. Each worker has its own registry.
 
 TTFT is measured from the request's admission into this worker's engine to its first token
@@ -19,6 +21,9 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from producer.protocol import TERMINAL_EVENTS, ErrorCode, EventType
+from worker.outbox import Outbox
+
 log = logging.getLogger("redbatch.metrics")
 
 _STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -34,8 +39,11 @@ class WorkerMetrics:
         self.registry = CollectorRegistry()
         labels = {"model": worker.config.model_name}
         self._model = worker.config.model_name
-        self.requests = Counter("redbatch_requests", "Requests that ended in an engine step, by task and outcome",
-                                ["model", "task", "outcome"], registry=self.registry)
+        self.requests = Counter("redbatch_requests", "Requests this worker ended, by task and outcome "
+                                "(done_<finish_reason>, aborted, or the error code)", ["model", "task", "outcome"],
+                                registry=self.registry)
+        self.dead_lettered = Counter("redbatch_dead_lettered", "Entries this worker copied to the dead letters",
+                                     ["model"], registry=self.registry).labels(**labels)
         self.tokens = Counter("redbatch_generated_tokens", "Output tokens generated", ["model"],
                               registry=self.registry).labels(**labels)
         self.step_seconds = Histogram("redbatch_step_seconds", "Engine step latency", ["model"],
@@ -69,16 +77,32 @@ class WorkerMetrics:
         self.tokens.inc(sum(o.num_tokens for o in outputs))
         now = time.monotonic()
         for out in outputs:
-            if out.error is None and not out.is_finished:
+            if out.error is not None or not out.is_finished:
                 continue
             seq = out.seq
-            outcome = "model_error" if out.error is not None else f"done_{_reason(out.finish_reason)}"
-            self.requests.labels(model=self._model, task=seq.task, outcome=outcome).inc()
             if getattr(seq, "first_token_s", None) is not None and seq.num_resumed_tokens == 0:  # LLM requests
                 self.ttft.observe(max(0.0, seq.first_token_s - seq.arrival_s))
                 num_new = len(seq.output_ids) - 1
                 if num_new > 0:
                     self.tpot.observe(max(0.0, now - seq.first_token_s) / num_new)
+
+
+    def on_written(self, outbox: Outbox, fenced: set[str]) -> None:
+        """Count the requests whose terminal event this outbox wrote (a fenced request's writes were refused:
+        another worker owns it and will count it)."""
+        for request_id, _seq, type, fields in outbox.events:
+            if type not in TERMINAL_EVENTS or request_id in fenced:
+                continue
+            if type == EventType.DONE:
+                outcome = f"done_{_reason(fields.get('finish_reason'))}"
+            elif type == EventType.ABORTED:
+                outcome = "aborted"
+            else:
+                outcome = _reason(fields.get("code", ErrorCode.MODEL_ERROR))
+            task = outbox.tasks.get(request_id, "unknown")
+            self.requests.labels(model=self._model, task=task, outcome=outcome).inc()
+        if outbox.dead:
+            self.dead_lettered.inc(len(outbox.dead))
 
 
 class _ScrapeTimeCollector:

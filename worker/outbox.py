@@ -18,6 +18,11 @@ class Outbox:
     acks: list[tuple[str, str | None]] = field(default_factory=list)  # (entry id, request whose terminal event gates it)
     dead: list[tuple[str, dict[Any, Any], str, bool]] = field(default_factory=list)  # (entry, fields, reason, ack)
     is_resend: bool = False  # a retry after a failed flush: its own events already written are not a conflict
+    tasks: dict[str, str] = field(default_factory=dict)  # request id -> task kind, for the metrics of how it ended
+
+    def note_task(self, request_id: str, task: str) -> None:
+        """Label a request ending in this outbox with its task (the `task` label of redbatch_requests_total)."""
+        self.tasks[request_id] = task
 
     def event(self, request_id: str, seq: int, type: EventType, **fields: Any) -> None:
         self.events.append((request_id, seq, type, fields))

@@ -27,7 +27,7 @@ from producer.protocol import (
     now_ms,
 )
 from worker.config import WorkerConfig
-from worker.event_writes import EVENTS_LUA, events_script_args, is_refused
+from worker.event_writes import EVENTS_LUA, events_script_args, is_gap, is_refused
 from worker.outbox import Outbox
 
 log = logging.getLogger("redbatch.worker")
@@ -249,26 +249,63 @@ class WorkerStreams:
         return [(EntryRef(level, entry_id), fields, n) for (entry_id, fields), n in zip(claimed, counts)], is_done
 
     def redis_restarted_recently(self) -> bool:
-        """Whether Redis came up too recently for live workers to have renewed their leases.
+        """Whether Redis came up, or a replica took over as master, too recently for live workers to have
+        renewed their leases.
 
         Idle times in the pending list are wall-clock based, so an outage ages every entry by its
-        length: right after a restart even the entries of live workers look idle. Reclaim waits a
-        lease, plus the longest retry backoff and a second (uptime is in whole seconds), after a
-        restart. Asked once, and again only after a Redis error (`forget_uptime`)."""
+        length: right after a restart even the entries of live workers look idle. After a failover
+        the promoted replica's uptime says nothing (it has been up all along), and renewals the old
+        master acknowledged but had not replicated are lost, so entries look idle there too. Reclaim
+        waits a lease, plus the longest retry backoff and a second (uptime is in whole seconds), after
+        a restart (INFO server uptime) or after the first worker saw a new master (INFO replication
+        master_replid against `redis_master`, the window in `redis_failover`). Asked once, and again
+        only after a Redis error (`forget_uptime`)."""
         if self._is_past_restart_window or not self._can_read_uptime:
             return False
-        try:
-            uptime_s = self.redis.info("server").get("uptime_in_seconds")
+        try:  # asked once per Redis error: two round trips are cheap here
+            server, replication = self.redis.info("server"), self.redis.info("replication")
         except redis.ResponseError as exc:  # INFO refused (ACL without +info, a proxy): leases alone decide
             log.warning("cannot read Redis uptime (%s); reclaim will not wait out Redis restarts", exc)
             self._can_read_uptime = False
             return False
-        is_recent = uptime_s is not None and float(uptime_s) < self.config.lease_s + MAX_BACKOFF_S + 1
+        uptime_s = server.get("uptime_in_seconds")
+        is_recent = uptime_s is not None and float(uptime_s) < self._restart_window_s
+        is_recent = self._master_changed_recently(replication.get("master_replid")) or is_recent
         self._is_past_restart_window = not is_recent
         return is_recent
 
+    @property
+    def _restart_window_s(self) -> float:
+        return self.config.lease_s + MAX_BACKOFF_S + 1
+
+    def _master_changed_recently(self, replid: Any) -> bool:
+        """Whether the master's replication id is one the workers first saw less than a window ago.
+
+        A replica promoted by a failover gets a new replication id. The first worker that sees it where
+        `redis_master` still holds the old one (the key was replicated with the data) opens the window;
+        every worker, new ones too, honours it until it expires."""
+        if not isinstance(replid, str):  # a server or proxy that does not tell: uptime alone decides
+            return False
+        known_key, window_key = self.keys.redis_master(), self.keys.redis_failover()
+        pipe = self.redis.pipeline(transaction=False)  # not MGET: in a Cluster the two keys are in different slots
+        pipe.get(known_key)
+        pipe.get(window_key)
+        known, in_window = (_text(v) if v is not None else None for v in pipe.execute())
+        if in_window == replid:
+            return True
+        if known == replid:
+            return False
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(known_key, replid)
+        if known is not None:  # it replaced the master the workers saw
+            log.warning("Redis master changed (replication id %s, was %s): no reclaim for %.0f s while leases "
+                        "are renewed", replid, known, self._restart_window_s)
+            pipe.set(window_key, replid, px=int(self._restart_window_s * 1000))
+        pipe.execute()
+        return known is not None
+
     def forget_uptime(self) -> None:
-        """After a Redis error: Redis may have restarted, so ask its uptime again before reclaiming."""
+        """After a Redis error: Redis may have restarted or failed over, so ask again before reclaiming."""
         self._is_past_restart_window = False
 
     def has_orphans(self) -> bool:
@@ -295,7 +332,8 @@ class WorkerStreams:
         An entry is acked only after its terminal event (or dead letter) is written. Returns the
         requests whose event was refused because that seq already exists: another worker owns them
         now (fencing), so this worker must drop them; none of their later events in this outbox
-        landed. Raises on transient failures; the caller retries the same outbox, marked as a resend.
+        landed. The same goes for a request whose previous event is missing (a failover lost it):
+        nothing is written after a gap, and the entry is resumed by whoever reclaims it. Raises on transient failures; the caller retries the same outbox, marked as a resend.
         """
         fenced: set[str] = set()
         failed: set[str] = set()
@@ -313,6 +351,9 @@ class WorkerStreams:
                     written_dead.add(name)
                 elif kind == "events" and is_refused(result):
                     fenced.add(name)
+                    if is_gap(result):
+                        log.warning("request %s: events before this write are missing (lost in a Redis failover?); "
+                                    "its entry will be reclaimed and resumed from the events that exist", name)
         ackable = [entry for entry, rid in outbox.acks if rid is None or (rid not in fenced and rid not in failed)]
         ackable += [entry for entry, _, _, ack in outbox.dead if ack and entry in written_dead]
         if ackable:
