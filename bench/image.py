@@ -7,13 +7,14 @@ seeded FLUX.1-dev-like and schnell-like pipelines, fp32 on CPU.
 Contenders, on the same requests and arrival times:
   (a) stock FluxPipeline, one request at a time, in arrival order;
   (b) stock FluxPipeline on static batches: whenever it is free, the oldest waiting request and every
-      waiting request of the same size and step count (up to --max-num-seqs), as one call with a prompt
-      list and one CPU generator per image;
+      waiting request of the same size and step count (up to a batch size), as one call with a prompt
+      list and one CPU generator per image; run once per --static-batch-sizes value (diffusers' advice for
+      throughput is the largest batch that fits: the sweep finds it), the best of them is the one to beat;
   (e) redbatch end to end: a `redbatch worker` process behind Redis, requests submitted by the async
       client at their arrival times, each waited for through its events.
 Reported: images/s over the run (first arrival to last image), p50/p99 latency (arrival to image), and
 forward/wall: the time spent in the transformer's forward over the run's wall time (the worker's engine
-profile for (e)). Every contender's images are compared with (a)'s (PNG pixels within 1 gray level).
+profile for (e), which also gives the rest of its step: prompt encoders, Euler steps, VAE, PNG). Every contender's images are compared with (a)'s (PNG pixels within 1 gray level).
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class Row:
     forward_s: float
     same_images: str  # vs (a): "yes", "no (N differ)", or "-" for (a)
     notes: str = ""
+    profile: dict[str, float] = field(default_factory=dict)  # (e): the engine's seconds per phase during the run
 
     @property
     def forward_share(self) -> float:
@@ -107,7 +109,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--load", type=float, default=8.0,
                    help="arrival rate as a multiple of (a)'s service rate: high enough that every contender is "
                         "busy (images/s measures capacity, not the arrival rate)")
-    p.add_argument("--max-num-seqs", type=int, default=8)
+    p.add_argument("--max-num-seqs", type=int, default=16, help="redbatch's images in flight (the worker's default)")
+    p.add_argument("--static-batch-sizes", default="4,8,16,32",
+                   help="(b) runs once per batch size; the best is the contender to beat")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--redis-url", default=None)
@@ -231,8 +235,8 @@ def _sleep_until(t0: float, offset_s: float) -> None:
 # ---------------------------------------------------------------- redbatch end to end
 
 
-def run_redbatch(args, path: Path, requests: list[ImageRequest]) -> tuple[list[Result], float]:
-    """(e): returns the results and the worker's forward seconds during the run."""
+def run_redbatch(args, path: Path, requests: list[ImageRequest]) -> tuple[list[Result], dict[str, float]]:
+    """(e): returns the results and the worker's engine profile (seconds per phase) during the run."""
     server = RedisServer(args.redis_url)
     log_path = Path(tempfile.mkdtemp(prefix="redbatch-bench-image-")) / "worker.log"
     cmd = [sys.executable, "-m", "producer.cli", "worker", "--model-name", MODEL, "--model-path", str(path),
@@ -249,19 +253,22 @@ def run_redbatch(args, path: Path, requests: list[ImageRequest]) -> tuple[list[R
         server.close()
 
 
-async def _produce(url: str, requests: list[ImageRequest], worker, log_path: Path) -> tuple[list[Result], float]:
+async def _produce(url: str, requests: list[ImageRequest], worker, log_path: Path
+                   ) -> tuple[list[Result], dict[str, float]]:
     client = AsyncClient(url, prefix=PREFIX)
     try:
         model = await _watched(_wait_model(client), worker, log_path)
         warm = ImageRequest("warm", "warm up", requests[0].size, 2, 0, 0.0)
         await _watched(_one(model, client, warm, time.perf_counter(), "w"), worker, log_path)
-        before = await _forward_s(client)
+        await asyncio.sleep(0.5)  # a heartbeat after the warm-up carries the profile the run starts from
+        before = await _profile(client)
         t0 = time.perf_counter()
         tag = str(int(t0 * 1000))
         results = await _watched(asyncio.gather(*(_one(model, client, r, t0, tag) for r in requests)), worker,
                                  log_path)
         await asyncio.sleep(1.5)  # the next heartbeat carries the engine's profile after the last step
-        return list(results), await _forward_s(client) - before
+        after = await _profile(client)
+        return list(results), {k: round(after[k] - before.get(k, 0.0), 3) for k in after}
     finally:
         await client.aclose()
 
@@ -275,10 +282,13 @@ async def _wait_model(client: AsyncClient, timeout_s: float = 300):
     raise SystemExit("the benchmark's image worker did not register")
 
 
-async def _forward_s(client: AsyncClient) -> float:
+PHASES = ("forward_s", "encode_s", "euler_s", "decode_s", "png_s")  # the image engine's profile, in its heartbeat
+
+
+async def _profile(client: AsyncClient) -> dict[str, float]:
     (worker_id,) = await client.redis.zrange(client.keys.model_workers(MODEL), 0, -1)
-    raw = await client.redis.hget(client.keys.worker(worker_id.decode()), "forward_s")
-    return float(raw or 0)
+    raw = await client.redis.hmget(client.keys.worker(worker_id.decode()), PHASES)
+    return {phase: float(value or 0) for phase, value in zip(PHASES, raw)}
 
 
 async def _one(model, client: AsyncClient, r: ImageRequest, t0: float, tag: str) -> Result:
@@ -300,7 +310,7 @@ async def _one(model, client: AsyncClient, r: ImageRequest, t0: float, tag: str)
 
 
 def to_row(contender: str, workload: Workload, results: list[Result], forward_s: float,
-           reference: dict[str, bytes] | None) -> Row:
+           reference: dict[str, bytes] | None, profile: dict[str, float] | None = None) -> Row:
     latencies = sorted(r.latency_s for r in results)
     wall_s = max(r.finish_s for r in results)
     same = "-"
@@ -308,7 +318,8 @@ def to_row(contender: str, workload: Workload, results: list[Result], forward_s:
         num_differ = sum(not _same_png(r.png, reference[r.request_id]) for r in results)
         same = "yes" if num_differ == 0 else f"no ({num_differ} differ)"
     return Row(contender, workload.name, len(results), round(wall_s, 3), round(len(results) / wall_s, 3),
-               round(statistics.median(latencies), 3), round(_quantile(latencies, 0.99), 3), round(forward_s, 3), same)
+               round(statistics.median(latencies), 3), round(_quantile(latencies, 0.99), 3), round(forward_s, 3), same,
+               profile=profile or {})
 
 
 def _quantile(sorted_values: list[float], q: float) -> float:
@@ -326,9 +337,14 @@ def _same_png(a: bytes, b: bytes) -> bool:
 NAMES = {"a": "(a) stock, one at a time", "b": "(b) stock, static batches", "e": "(e) redbatch end to end"}
 
 
+def static_name(batch_size: int) -> str:
+    return f"{NAMES['b']} <= {batch_size}"
+
+
 def print_table(rows: list[Row], workloads: list[Workload], args) -> None:
-    print(f"text_to_image benchmark: {args.num_requests} requests/workload, sizes {args.sizes}, "
-          f"max_num_seqs {args.max_num_seqs}, {args.threads} threads, fp32 CPU, T5 {TOKENS} tokens")
+    print(f"text_to_image benchmark: {args.num_requests} requests/workload, sizes {args.sizes}, redbatch "
+          f"max_num_seqs {args.max_num_seqs}, static batch sizes {args.static_batch_sizes}, {args.threads} threads, "
+          f"fp32 CPU, T5 {TOKENS} tokens")
     for w in workloads:
         steps = sorted({r.num_steps for r in w.requests})
         print(f"\n## {w.name}: tiny FLUX.1-{w.kind}-like, steps {', '.join(map(str, steps))}, Poisson arrivals at "
@@ -341,6 +357,11 @@ def print_table(rows: list[Row], workloads: list[Workload], args) -> None:
             ratio = r.images_per_s / best_peer if best_peer else 0.0
             print(f"| {r.contender} | {r.images_per_s:.2f} | {ratio:.2f}x | {r.p50_s:.2f} | {r.p99_s:.2f} | "
                   f"{r.forward_share:.0%} | {r.same_images} |")
+        for r in mine:
+            if r.profile:
+                print(f"\n(e)'s worker over its {r.wall_s:.2f} s: " + ", ".join(
+                    f"{phase[:-2]} {seconds:.3f} s ({seconds / r.wall_s:.0%})" for phase, seconds in r.profile.items())
+                      + f"; the rest (Redis, loop, waiting for arrivals) {1 - sum(r.profile.values()) / r.wall_s:.0%}")
 
 
 def run_workload(args, w: Workload, path: Path) -> list[Row]:
@@ -359,12 +380,13 @@ def run_workload(args, w: Workload, path: Path) -> list[Row]:
     results, _ = run_sequential(pipe, w.requests)
     rows.append(to_row(NAMES["a"], w, results, clock.total_s, None))
     reference = {r.request_id: r.png for r in results}
-    clock.total_s = 0.0
-    results, _ = run_static(pipe, w.requests, args.max_num_seqs)
-    rows.append(to_row(NAMES["b"], w, results, clock.total_s, reference))
+    for batch_size in (int(b) for b in args.static_batch_sizes.split(",")):
+        clock.total_s = 0.0
+        results, _ = run_static(pipe, w.requests, batch_size)
+        rows.append(to_row(static_name(batch_size), w, results, clock.total_s, reference))
     del pipe
-    results, forward_s = run_redbatch(args, path, w.requests)
-    rows.append(to_row(NAMES["e"], w, results, forward_s, reference))
+    results, profile = run_redbatch(args, path, w.requests)
+    rows.append(to_row(NAMES["e"], w, results, profile["forward_s"], reference, profile))
     return rows
 
 

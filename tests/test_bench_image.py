@@ -26,12 +26,17 @@ def test_the_workloads_follow_their_definitions():
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
 def test_the_image_bench_runs_every_contender_and_the_images_agree(tmp_path, capsys):
-    from bench.image import NAMES, main
+    from bench.image import NAMES, PHASES, main, static_name
 
     out = tmp_path / "image.json"
-    rows = main(["--num-requests", "3", "--workloads", "schnell", "--threads", "1", "--json", str(out)])
-    assert [r.contender for r in rows] == list(NAMES.values())
+    rows = main(["--num-requests", "3", "--workloads", "schnell", "--threads", "1", "--static-batch-sizes", "1,2",
+                 "--max-num-seqs", "4", "--json", str(out)])
+    assert [r.contender for r in rows] == [NAMES["a"], static_name(1), static_name(2), NAMES["e"]]
     assert all(r.num_images == 3 and r.images_per_s > 0 and r.p99_s >= r.p50_s > 0 for r in rows)
-    assert [r.same_images for r in rows] == ["-", "yes", "yes"]
-    assert "| (e) redbatch end to end |" in capsys.readouterr().out
-    assert len(json.loads(out.read_text())) == 3
+    assert [r.same_images for r in rows] == ["-", "yes", "yes", "yes"]
+    redbatch = rows[-1]
+    assert set(redbatch.profile) == set(PHASES) and redbatch.profile["forward_s"] > 0
+    assert redbatch.forward_s == redbatch.profile["forward_s"]
+    printed = capsys.readouterr().out
+    assert "| (e) redbatch end to end |" in printed and "(e)'s worker over its" in printed
+    assert len(json.loads(out.read_text())) == 4

@@ -118,8 +118,12 @@ def create_app(config: GatewayConfig) -> FastAPI:
             return HTMLResponse(STATUS_PAGE.read_text(encoding="utf-8"))
 
         @app.get("/status.json")
-        async def status_json() -> dict[str, Any]:
+        async def status_json(request: Request) -> dict[str, Any]:
+            # The page itself holds no data; its JSON needs a key when keys are configured and shows that key's models
+            key = _api_key(config, request)
             status = await asyncio.to_thread(admin.system_status, gateway.sync_redis, gateway.keys)
+            if config.requires_key:
+                status["models"] = {m: info for m, info in status["models"].items() if config.allows(key, m)}
             status["gateway"] = {"id": gateway.hub.gateway_id, "open_requests": gateway.num_streams}
             return status
 
