@@ -71,7 +71,7 @@ def test_readme_curl_examples_answer_openai_shaped(worker_factory, gateway_facto
     for block in curl_blocks():  # in the README's order: the abort follows the stream it names
         command = block.replace(README_URL, gateway.url)
         result = subprocess.run(["bash", "-euo", "pipefail", "-c", command], capture_output=True, text=True,
-                                timeout=CURL_TIMEOUT_S)
+                                check=False, timeout=CURL_TIMEOUT_S)
         assert result.returncode == 0, (block, result.stderr)
         kinds.append(_check_openai_shaped(block, result.stdout))
     assert {"chat", "chat stream", "completion"} <= set(kinds)
