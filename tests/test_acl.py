@@ -74,6 +74,10 @@ def test_shipped_acl_file_is_the_generated_one():
     for role in ROLES:
         assert acl_file_line(keys, role, f"rb-{role}", f"change-me-{role}") in lines
     assert "aclfile" in (ROOT / "ops" / "redis.conf").read_text()
+    compose = (ROOT / "compose.yaml").read_text()
+    for user in ("rb-worker", "rb-gateway", "rb-bulk"):  # each service as its role's user, not the admin
+        assert f"redis://{user}:" in compose, user
+    assert "redis://default:" not in compose
 
 
 def test_bulk_role_runs_a_bulk_job_end_to_end_and_no_more(acl_users, worker_factory, prefix, rds, tmp_path):
