@@ -17,11 +17,14 @@ from __future__ import annotations
 from producer.keys import RQ_CHANNEL_PATTERN, RQ_KEY_PATTERN, Keys
 
 CONNECTION = "+ping +hello +auth +client|setname +select +script|load"  # CLIENT SETINFO is 7.2+
+# what a Redis Cluster client sends besides: the slot map, the command table (and key positions of commands
+# whose keys move, XREADGROUP), READONLY for replica reads, ASKING during a slot migration
+CLUSTER_CONNECTION = "+cluster|slots +cluster|shards +cluster|info +command +readonly +asking"
 ROLES = ("producer", "worker", "bulk", "gateway")
 
 
 def acl_rules(keys: Keys, role: str) -> str:
-    k, connection = keys.patterns(), CONNECTION
+    k, connection = keys.patterns(), f"{CONNECTION} {CLUSTER_CONNECTION}"
     if role == "producer":
         selectors = _producer(k)
     elif role == "worker":
