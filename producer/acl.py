@@ -11,10 +11,13 @@ from __future__ import annotations
 from producer.keys import Keys
 
 CONNECTION = "+ping +hello +auth +client|setname +select +script|load"  # CLIENT SETINFO is 7.2+
+# what a Redis Cluster client sends besides: the slot map, the command table (and key positions of commands
+# whose keys move, XREADGROUP), READONLY for replica reads, ASKING during a slot migration
+CLUSTER_CONNECTION = "+cluster|slots +cluster|shards +cluster|info +command +readonly +asking"
 
 
 def acl_rules(keys: Keys, role: str) -> str:
-    k, connection = keys.patterns(), CONNECTION
+    k, connection = keys.patterns(), f"{CONNECTION} {CLUSTER_CONNECTION}"
     if role == "producer":
         selectors = [
             f"+hget +hgetall %R~{k['models']}",

@@ -60,7 +60,8 @@ def check_request_id(request_id: object) -> str:
 
 
 class Keys:
-    """Key names under one prefix. `{model}` is a Redis Cluster hash tag."""
+    """Key names under one prefix. `{model}` and `{id}` are Redis Cluster hash tags: a model's keys share a
+    slot, and so do one request's."""
 
     def __init__(self, prefix: str = DEFAULT_PREFIX):
         if not _PREFIX_RE.fullmatch(prefix):
@@ -146,7 +147,7 @@ class Keys:
         return f"{self.prefix}:worker:{worker_id}"
 
     def _request_key(self, request_id: str, suffix: str) -> str:
-        return f"{self.prefix}:req:{request_id}:{suffix}"
+        return f"{self.prefix}:req:{{{request_id}}}:{suffix}"  # {id}: a request's keys share a Cluster slot
 
     def _bulk_key(self, job_id: str, suffix: str) -> str:
         return f"{self.prefix}:bulk:{job_id}:{suffix}"
