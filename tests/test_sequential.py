@@ -164,6 +164,52 @@ def test_unsupported_options_are_invalid_request(remote):
     assert engine.num_active == 0
 
 
+def test_resume_continues_after_the_published_tokens(remote):
+    from worker.request import Resume
+
+    model, tokenizer, image_processor = remote
+    cat = make_image(1, 40, 60)
+    expected = reference(remote, [cat, "the cat is"], 10)
+    engine = SequentialEngine(model, tokenizer, image_processor)
+    published = expected[:4]
+    seq = engine.add(chat_request("r", [cat, "the cat is"], 10),
+                     Resume(output_ids=published, text=tokenizer.decode(published), next_seq=4))
+    assert engine.finish_if_complete(seq) is None
+    rest = []
+    while engine.num_active:
+        rest += [t for out in engine.step() for t in out.token_ids]
+    assert published + rest == expected
+
+
+def test_a_model_error_fails_that_request_alone(remote):
+    model, tokenizer, image_processor = remote
+    engine = SequentialEngine(model, tokenizer, image_processor)
+    calls = []
+
+    def fail_third_forward(module, args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("device fault")
+
+    handle = model.register_forward_pre_hook(fail_third_forward)
+    try:
+        results = run_engine(engine, [chat_request("bad", ["hello"], 8), chat_request("good", ["one two three"], 8)])
+    finally:
+        handle.remove()
+    assert results["bad"][2] == ErrorCode.MODEL_ERROR  # its first tokens may or may not have been published
+    assert results["good"][0] == reference(remote, ["one two three"], 8)
+
+
+def test_seeded_sampling_repeats(remote):
+    model, tokenizer, image_processor = remote
+    engine = SequentialEngine(model, tokenizer, image_processor)
+    sampled = {"temperature": 1.0, "top_p": 0.9, "top_k": 50}
+    results = run_engine(engine, [chat_request(f"s{i}", ["one two"], 12, seed=seed, **sampled)
+                                  for i, seed in enumerate((7, 7, 8))])
+    assert results["s0"][0] == results["s1"][0] != results["s2"][0]
+    assert results["s0"][0] != reference(remote, ["one two"], 12)  # sampled, not greedy
+
+
 def test_remote_vlm_mapping_only_causal_lm_serves_text(tmp_path):
     """Like glm-4v-9b: auto_map has only AutoModelForCausalLM and no image processor loads; text works, images
     are refused."""
