@@ -7,6 +7,9 @@ from enum import Enum
 
 DEFAULT_PREFIX = "rb"
 GROUP = "workers"
+# rq (bulk jobs) keeps its own keys and channels under its own fixed prefix; named here for the bulk ACL role
+RQ_KEY_PATTERN = "rq:*"
+RQ_CHANNEL_PATTERN = "rq:*"
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9._-]{1,32}$")
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")

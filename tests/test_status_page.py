@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+import time
 
 import httpx
 import pytest
@@ -20,7 +21,11 @@ def test_status_json_is_the_status_commands_and_the_page_is_served(worker_factor
     gateway = gateway_factory()
     page = httpx.get(gateway.url + "/", timeout=10)
     assert page.status_code == 200 and "status.json" in page.text and page.headers["content-type"].startswith("text/html")
+    deadline = time.monotonic() + 30
     status = httpx.get(gateway.url + "/status.json", timeout=10).json()
+    while status["models"]["tiny"]["live_workers"] == 0 and time.monotonic() < deadline:  # until its first heartbeat
+        time.sleep(0.1)
+        status = httpx.get(gateway.url + "/status.json", timeout=10).json()
     direct = admin.system_status(rds, Keys(prefix))
     assert set(status["models"]) == set(direct["models"]) == {"tiny"}
     tiny = status["models"]["tiny"]
