@@ -32,7 +32,7 @@ def add_bulk_parser(sub, add_common) -> None:
     s.add_argument("--serving-url", default=None,
                    help="the Redis the model's workers serve, when not --redis-url (rq's): e.g. a redis+cluster:// URL, "
                         "which rq itself cannot use")
-    s.add_argument("--retries", type=int, default=DEFAULT_RETRIES, help="rq re-runs of a job whose worker died")
+    s.add_argument("--retries", type=int, default=DEFAULT_RETRIES, help="rq re-runs of a job that raised or whose worker died (rq Retry; an abandoned job is re-queued by the next bulk worker cleanup)")
     s.add_argument("--lease-s", type=float, default=DEFAULT_LEASE_S,
                    help="a dead runner's job can be resumed this long after it stopped renewing")
 
