@@ -151,7 +151,8 @@ class _Call:
 class NodePipeline:
     """A pipeline over a Redis Cluster shaped like redis-py's plain one (`pipe.xadd(...)`, `execute()`):
     commands are grouped by the node that serves their key's slot and sent as one plain pipeline per
-    node, so a batch costs one round trip per node it touches. Each command must keep to one slot
+    node, so a batch costs one round trip per node it touches (written to every node before any reply is
+    read: in wall time about one). Each command must keep to one slot
     (its first argument is the key; EVALSHA's is its first key). A command answered MOVED or ASK is
     sent again to the node named (the slot map refreshed after MOVED); one answered NOSCRIPT gets its
     script loaded there first when the script was named in `scripts` (sha1 -> source)."""
@@ -206,16 +207,21 @@ class NodePipeline:
         again: dict[int, Any] = {}
         again_asking: set[int] = set()
         needs_refresh = False
+        loaded: set[tuple[str, str]] = set()
+        sent = {name: self._send(nodes[name], [calls[i] for i in indices], [i in asking for i in indices])
+                for name, indices in per_node.items()}  # every node's batch on the wire before any reply is read
+        received = {name: _receive(*batch) for name, batch in sent.items()}  # all read: no connection left dirty
         for name, indices in per_node.items():
-            replies = self._send(nodes[name], [calls[i] for i in indices], [i in asking for i in indices])
-            for i, reply in zip(indices, replies):
+            for i, reply in zip(indices, received[name]):
                 if isinstance(reply, (redis_errors.MovedError, redis_errors.AskError)):
                     again[i] = self.cluster.nodes_manager.get_node(reply.host, reply.port) or self._node_at(reply)
                     needs_refresh = needs_refresh or isinstance(reply, redis_errors.MovedError)
                     if isinstance(reply, redis_errors.AskError):
                         again_asking.add(i)
                 elif isinstance(reply, redis_errors.NoScriptError) and calls[i].args[0] in self.scripts:
-                    nodes[name].redis_connection.script_load(self.scripts[calls[i].args[0]])
+                    if (name, calls[i].args[0]) not in loaded:
+                        nodes[name].redis_connection.script_load(self.scripts[calls[i].args[0]])
+                        loaded.add((name, calls[i].args[0]))
                     again[i] = nodes[name]
                 elif isinstance(reply, (redis.ConnectionError, redis.TimeoutError)):
                     self.cluster.nodes_manager.initialize()  # the node may have failed over: ask for the map again
@@ -226,23 +232,22 @@ class NodePipeline:
             self.cluster.nodes_manager.initialize()
         return again, again_asking
 
-    def _send(self, node: Any, calls: list[_Call], is_asking: list[bool]) -> list[Any]:
-        """The calls' replies from one node, in order (errors as values)."""
-        pipe = node.redis_connection.pipeline(transaction=False)
+    def _send(self, node: Any, calls: list[_Call], is_asking: list[bool]) -> tuple[Any, ...]:
+        """Write the calls to one node as one packed batch; `_receive` reads the replies."""
+        client = node.redis_connection
+        pipe = client.pipeline(transaction=False)  # builds the commands and parses their replies, as redis-py's own
         for call, ask in zip(calls, is_asking):
             if ask:
                 pipe.execute_command("ASKING")
             getattr(pipe, call.method)(*call.args, **call.kwargs)
+        conn = client.connection_pool.get_connection()
         try:
-            replies = pipe.execute(raise_on_error=False)
+            conn.send_packed_command(conn.pack_commands([args for args, _ in pipe.command_stack]))
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            return [exc] * len(calls)
-        out, it = [], iter(replies)
-        for ask in is_asking:
-            if ask:
-                next(it)  # ASKING's OK
-            out.append(next(it))
-        return out
+            conn.disconnect()
+            client.connection_pool.release(conn)
+            return client, pipe, None, is_asking, exc
+        return client, pipe, conn, is_asking, None
 
     def _node_of(self, slot: int) -> Any:
         return self.cluster.nodes_manager.get_node_from_slot(slot)
@@ -250,6 +255,30 @@ class NodePipeline:
     def _node_at(self, error: Any) -> Any:
         self.cluster.nodes_manager.initialize()
         return self.cluster.nodes_manager.get_node(error.host, error.port) or self._node_of(error.slot_id)
+
+
+def _receive(client: Any, pipe: Any, conn: Any, is_asking: list[bool], error: Exception | None) -> list[Any]:
+    """The replies of one node's batch, in order, errors as values (ASKING's OKs left out)."""
+    if error is not None:
+        return [error] * len(is_asking)
+    replies: list[Any] = []
+    try:
+        for args, options in pipe.command_stack:
+            try:
+                replies.append(pipe.parse_response(conn, args[0], **options))
+            except redis.ResponseError as exc:
+                replies.append(exc)
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        conn.disconnect()  # the rest of the replies is lost with the connection
+        replies += [exc] * (len(pipe.command_stack) - len(replies))
+    finally:
+        client.connection_pool.release(conn)
+    out, it = [], iter(replies)
+    for ask in is_asking:
+        if ask:
+            next(it)
+        out.append(next(it))
+    return out
 
 
 def pipeline(client: Any, scripts: dict[str, str] | None = None) -> Any:
