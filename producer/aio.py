@@ -11,6 +11,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from producer.cluster import close_node_clients, read_streams_async
 from producer.connection import connect_async
 from producer.errors import RequestTimeout
 from producer.keys import DEFAULT_PREFIX, DEFAULT_PRIORITY, Keys, Priority
@@ -49,8 +50,10 @@ class AsyncClient:
         self.result_ttl_s = result_ttl_s
         self.on_no_live_worker = check_no_live_worker_policy(on_no_live_worker)
         self._enqueue = self.redis.register_script(ENQUEUE_LUA)
+        self._node_clients: dict[str, aredis.Redis] = {}  # on a Cluster: a plain client per node for event reads
 
     async def aclose(self) -> None:
+        await close_node_clients(self._node_clients)
         await self.redis.aclose()
 
     async def __aenter__(self) -> "AsyncClient":
@@ -79,7 +82,9 @@ class AsyncClient:
         cursor = EventCursor(self.keys.events(request_id), request_id, timeout_s, after)
         while not cursor.is_done:
             try:
-                reply = await self.redis.xread({cursor.key: cursor.after}, count=READ_COUNT, block=cursor.block_ms())
+                reply = await read_streams_async(self.redis, {cursor.key: cursor.after}, count=READ_COUNT,
+                                                 block_ms=cursor.block_ms(), node_clients=self._node_clients,
+                                                 single_connection=False)
             except (ConnectionError, TimeoutError, RedisConnectionError, RedisTimeoutError):
                 reply = None  # Redis restarting: the events are kept, wait
                 await asyncio.sleep(RECONNECT_DELAY_S)

@@ -29,7 +29,7 @@ def add_bulk_parser(sub, add_common) -> None:
                    help="the request stream level its requests go to; interactive traffic is served before bulk, "
                         "bulk before background")
     s.add_argument("--queue", default=BULK_QUEUE, help="rq queue")
-    s.add_argument("--retries", type=int, default=DEFAULT_RETRIES, help="rq re-runs of a job whose worker died")
+    s.add_argument("--retries", type=int, default=DEFAULT_RETRIES, help="rq re-runs of a job that raised or whose worker died (rq Retry; an abandoned job is re-queued by the next bulk worker cleanup)")
     s.add_argument("--lease-s", type=float, default=DEFAULT_LEASE_S,
                    help="a dead runner's job can be resumed this long after it stopped renewing")
 

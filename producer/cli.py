@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_gateway(sub)
 
     acl = sub.add_parser("acl", help="print a minimal Redis ACL file line for a role")
-    acl.add_argument("role", choices=["producer", "worker"])
+    acl.add_argument("role", choices=["producer", "worker", "bulk", "gateway"])
     acl.add_argument("--username", default=None)
     acl.add_argument("--password", required=True)
     acl.add_argument("--prefix", default=DEFAULT_PREFIX)

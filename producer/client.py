@@ -13,6 +13,7 @@ from typing import Any
 import redis
 from redis.exceptions import ResponseError
 
+from producer.cluster import read_streams
 from producer.connection import connect
 from producer.errors import RequestTimeout
 from producer.keys import DEFAULT_PREFIX, DEFAULT_PRIORITY, Keys, Priority
@@ -87,7 +88,7 @@ class Client:
         cursor = EventCursor(self.keys.events(request_id), request_id, timeout_s, after)
         while not cursor.is_done:
             try:
-                reply = self.redis.xread({cursor.key: cursor.after}, count=READ_COUNT, block=cursor.block_ms())
+                reply = read_streams(self.redis, {cursor.key: cursor.after}, count=READ_COUNT, block_ms=cursor.block_ms())
             except (redis.ConnectionError, redis.TimeoutError):  # Redis restarting: the events are kept, wait
                 reply = None
                 time.sleep(RECONNECT_DELAY_S)

@@ -7,6 +7,9 @@ from enum import Enum
 
 DEFAULT_PREFIX = "rb"
 GROUP = "workers"
+# rq (bulk jobs) keeps its own keys and channels under its own fixed prefix; named here for the bulk ACL role
+RQ_KEY_PATTERN = "rq:*"
+RQ_CHANNEL_PATTERN = "rq:*"
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9._-]{1,32}$")
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -60,7 +63,8 @@ def check_request_id(request_id: object) -> str:
 
 
 class Keys:
-    """Key names under one prefix. `{model}` is a Redis Cluster hash tag."""
+    """Key names under one prefix. `{model}` and `{id}` are Redis Cluster hash tags: a model's keys share a
+    slot, and so do one request's."""
 
     def __init__(self, prefix: str = DEFAULT_PREFIX):
         if not _PREFIX_RE.fullmatch(prefix):
@@ -146,7 +150,7 @@ class Keys:
         return f"{self.prefix}:worker:{worker_id}"
 
     def _request_key(self, request_id: str, suffix: str) -> str:
-        return f"{self.prefix}:req:{request_id}:{suffix}"
+        return f"{self.prefix}:req:{{{request_id}}}:{suffix}"  # {id}: a request's keys share a Cluster slot
 
     def _bulk_key(self, job_id: str, suffix: str) -> str:
         return f"{self.prefix}:bulk:{job_id}:{suffix}"

@@ -1,7 +1,7 @@
 """Wire protocol v1: the flat stream fields of requests and events, as pydantic models.
 
 A request is one entry of `<prefix>:{<model>}:requests`; its events are entries of
-`<prefix>:req:<id>:events` (key names live in producer.keys). Every field value on the
+`<prefix>:req:{<id>}:events` (key names live in producer.keys). Every field value on the
 wire is a string (JSON where it is structured), so any language can XADD and XREAD
 them. See docs/protocol.md.
 """

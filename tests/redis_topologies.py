@@ -1,11 +1,13 @@
 """Real Redis topologies for tests: redis-server processes on free loopback ports, each in a directory of its own.
 
 SentinelTopology: a master, replicas and sentinels watching them (the sentinels run `redis-server --sentinel`).
+LocalCluster: a Redis Cluster of masters only, joined with `redis-cli --cluster create`.
 Every wait here is on a condition with a generous timeout, never a sleep sized to the machine's speed.
 """
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
@@ -170,3 +172,111 @@ class SentinelTopology:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+# ---------------------------------------------------------------- Redis Cluster
+
+CLUSTER_BUS_OFFSET = 10000  # a cluster node also listens on its port + 10000 (the cluster bus)
+
+
+class LocalCluster:
+    """`num_masters` redis-server --cluster-enabled nodes under `workdir`, joined with redis-cli --cluster create
+    (no replicas): with three, the slots split at 5461 and 10923."""
+
+    def __init__(self, workdir: Path, num_masters: int = 3):
+        self.dir = Path(workdir)
+        self.ports = self._ports(num_masters)
+        self.procs: dict[int, subprocess.Popen] = {}
+
+    @staticmethod
+    def _ports(count: int) -> list[int]:
+        taken: set[int] = set()
+        ports = []
+        for _ in range(count):
+            port = _pair_port(taken)
+            taken |= {port, port + CLUSTER_BUS_OFFSET}
+            ports.append(port)
+        return ports
+
+    def url(self, scheme: str = "redis+cluster") -> str:
+        return f"{scheme}://" + ",".join(f"127.0.0.1:{p}" for p in self.ports)
+
+    def node(self, port: int) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+
+    def port_of_slot(self, slot: int) -> int:
+        with self.node(self.ports[0]) as node:
+            for start, end, master, *_ in node.execute_command("CLUSTER SLOTS"):
+                if start <= slot <= end:
+                    return int(master[1])
+        raise LookupError(f"slot {slot} is not served")
+
+    def start(self) -> LocalCluster:
+        for port in self.ports:
+            node_dir = self.dir / f"node-{port}"
+            node_dir.mkdir(parents=True, exist_ok=True)
+            args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(node_dir),
+                    "--cluster-enabled", "yes", "--cluster-config-file", str(node_dir / "nodes.conf"),
+                    "--cluster-node-timeout", "5000", "--save", "", "--appendonly", "no",
+                    "--maxmemory-policy", "noeviction", "--logfile", str(node_dir / "redis.log")]
+            self.procs[port] = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for port in self.ports:
+            wait_until(lambda port=port: self._alive(port) and self.node(port).ping(), START_TIMEOUT_S,
+                       f"node {port} to start")
+        create = ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+                  "--cluster-replicas", "0", "--cluster-yes"]
+        done = subprocess.run(create, capture_output=True, text=True, timeout=START_TIMEOUT_S, check=False)
+        if done.returncode != 0:
+            self.stop()
+            raise RuntimeError(f"redis-cli --cluster create failed: {done.stdout[-2000:]} {done.stderr[-2000:]}")
+        wait_until(self._is_ready, START_TIMEOUT_S, "cluster_state:ok on every node")
+        return self
+
+    def _alive(self, port: int) -> bool:
+        if self.procs[port].poll() is not None:
+            raise RuntimeError(f"cluster node {port} exited with {self.procs[port].returncode}; see {self.dir}")
+        return True
+
+    def _is_ready(self) -> bool:
+        for port in self.ports:
+            with self.node(port) as node:
+                info = node.cluster("info")
+                if info.get("cluster_state") != "ok" or int(info.get("cluster_known_nodes", 0)) < len(self.ports):
+                    return False
+        return True
+
+    def flush(self) -> None:
+        for port in self.ports:
+            with self.node(port) as node:
+                node.flushall()
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _pair_port(taken: set[int]) -> int:
+    """A free loopback port P below 55536 with P + 10000 free too (the cluster bus)."""
+    for _ in range(500):
+        port = random.randrange(20000, 45000)  # P + 10000 stays below 65536
+        if port in taken or port + CLUSTER_BUS_OFFSET in taken:
+            continue
+        if _is_free(port) and _is_free(port + CLUSTER_BUS_OFFSET):
+            return port
+    raise RuntimeError("no free port pair (P, P + 10000) for a cluster node")
+
+
+def _is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True

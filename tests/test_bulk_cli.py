@@ -139,3 +139,56 @@ def test_submit_refuses_unknown_models_and_non_empty_outputs(rds, prefix, tmp_pa
         bulk.submit(input_path, model="tiny", output_path=tmp_path / "full.jsonl", connection=rds, prefix=prefix)
     with pytest.raises(bulk.BulkError, match="no bulk job"):
         bulk.status("nonexistent", connection=rds)
+
+
+def test_rq_reruns_an_abandoned_job_by_itself_after_kill_9(worker_factory, rds, prefix, redis_server_url,
+                                                            tmp_path) -> None:
+    """No `bulk resume`: a new bulk worker's registry cleanup finds the dead worker's job abandoned
+    (rq's AbandonedJobError), retries it (the Retry `bulk submit` sets) and the re-run finishes the output."""
+    worker_factory(max_num_seqs=4).start()
+    num_lines = 40
+    input_path = _write(tmp_path / "in.jsonl", [_chat_line(i, max_tokens=16) for i in range(num_lines)])
+    clean_spec = JobSpec(input_path=str(input_path), output_path=str(tmp_path / "clean.jsonl"), model="tiny", prefix=prefix)
+    BulkRunner(rds, "clean", clean_spec, 0, lambda p: None).run()
+
+    queue, output = f"q-{uuid.uuid4().hex[:8]}", tmp_path / "out.jsonl"
+    done = _cli(redis_server_url, prefix, "submit", str(input_path), "--model", "tiny", "--output", str(output),
+                "--queue", queue, "--lease-s", "1", "--max-in-flight", "6")
+    assert done.returncode == 0, done.stderr
+    job_id = done.stdout.strip().splitlines()[-1]
+    assert bulk.fetch_job(job_id, rds).retries_left == bulk.DEFAULT_RETRIES
+
+    first = _bulk_worker(redis_server_url, queue, tmp_path / "rq1.log")
+    try:
+        _wait_lines(output, 5)
+    finally:
+        _kill_session(first.pid)
+        first.wait(10)
+    num_before = output.read_text().count("\n")
+    assert num_before < num_lines, "the job finished before the kill; make it longer"
+    assert bulk.status(job_id, connection=rds)["status"] == "started"
+
+    # rq calls a started job abandoned once its worker's last heartbeat is older than the heartbeat TTL
+    # (job_monitoring_interval + 60 s = 90 s here); instead of waiting that long, age the entry
+    started = rq.Queue(queue, connection=rds).started_job_registry
+    entries = rds.zrange(started.key, 0, -1)
+    assert len(entries) == 1 and entries[0].decode().startswith(job_id)
+    rds.zadd(started.key, {entries[0]: 1}, xx=True)
+
+    second = _bulk_worker(redis_server_url, queue, tmp_path / "rq2.log")  # cleans the registries as it starts
+    assert second.wait(120) == 0, (tmp_path / "rq2.log").read_text()[-3000:]
+    log = (tmp_path / "rq2.log").read_text()
+    assert "for retry" in log, log[-3000:]
+
+    out = _read(output)
+    assert len(out) == num_lines
+    assert sorted(line["custom_id"] for line in out) == sorted(f"chat-{i}" for i in range(num_lines))
+    assert all(line["error"] is None for line in out)
+    assert _texts(out) == _texts(_read(tmp_path / "clean.jsonl"))
+    job = bulk.fetch_job(job_id, rds)
+    assert job.retries_left == bulk.DEFAULT_RETRIES - 1
+    info = bulk.status(job_id, connection=rds)
+    assert info["status"] == "finished" and info["state"] == "complete" and info["runs"] == 2
+    assert info["done"] == info["total"] == num_lines
+    assert info["submitted"] <= num_lines - num_before
+    assert job_id not in rq.Queue(queue, connection=rds).failed_job_registry

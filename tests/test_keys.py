@@ -26,8 +26,8 @@ def test_default_key_names() -> None:
     assert keys.models() == "rb:models"
     assert keys.worker("host-1:1234") == "rb:worker:host-1:1234"
     assert keys.worker_pattern() == "rb:worker:*"
-    assert keys.events("req-1") == "rb:req:req-1:events"
-    assert keys.abort("req-1") == "rb:req:req-1:abort"
+    assert keys.events("req-1") == "rb:req:{req-1}:events"
+    assert keys.abort("req-1") == "rb:req:{req-1}:abort"
 
 
 def test_each_priority_level_has_its_stream_in_the_models_slot() -> None:
@@ -83,8 +83,17 @@ def test_invalid_model_names_are_rejected(name: object) -> None:
 @pytest.mark.parametrize("request_id", ["r", "a" * 128, "0123abcdef", "chatcmpl-1:2.3_x", "A-Z.a_z:0-9"])
 def test_valid_request_ids_pass(request_id: str) -> None:
     assert check_request_id(request_id) == request_id
-    assert Keys().events(request_id) == f"rb:req:{request_id}:events"
-    assert Keys().abort(request_id) == f"rb:req:{request_id}:abort"
+    assert Keys().events(request_id) == f"rb:req:{{{request_id}}}:events"
+    assert Keys().abort(request_id) == f"rb:req:{{{request_id}}}:abort"
+
+
+def test_a_requests_keys_share_a_cluster_slot() -> None:
+    from redis.crc import key_slot
+
+    keys = Keys()
+    for request_id in ("r1", "chatcmpl-1:2.3_x", "bulk.job.abc.1"):
+        assert key_slot(keys.events(request_id).encode()) == key_slot(keys.abort(request_id).encode())
+        assert key_slot(keys.events(request_id).encode()) == key_slot(request_id.encode())
 
 
 @pytest.mark.parametrize("request_id", BAD_IDS)

@@ -220,3 +220,4 @@ class RedisIO:
         self._last["renew"] = 0.0
         self._last["redis_error"] = time.monotonic()
         self.streams.forget_uptime()
+        self.streams.forget_slots()

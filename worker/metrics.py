@@ -132,7 +132,7 @@ class _ScrapeTimeCollector:
         yield reclaimed
         try:
             streams = worker.streams
-            pipe = streams.redis.pipeline(transaction=False)
+            pipe = streams.pipeline()
             for key in streams.request_keys.values():
                 pipe.xlen(key)
             pipe.xlen(streams.keys.dead(model))

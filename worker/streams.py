@@ -1,6 +1,8 @@
 """The worker's Redis I/O: group, read, abort checks, publish, ack, dead letters, heartbeat.
 
-Every per-step operation is one pipelined round trip whatever the number of requests.
+Every per-step operation is one pipelined round trip whatever the number of requests; on a Redis
+Cluster, one per node it touches (producer.cluster.NodePipeline: a request's keys share its slot,
+the model's keys the model's slot, so no command or script spans two).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any, NamedTuple
 import redis
 import redis.exceptions as redis_errors
 
+from producer import cluster
 from producer.keys import DEFAULT_PRIORITY, GROUP, PRIORITIES, Keys, Priority
 from producer.protocol import (
     TERMINAL_EVENTS,
@@ -43,7 +46,9 @@ _TRANSIENT_PREFIXES = ("OOM", "LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "READ
 
 
 _TRANSIENT_TYPES = (redis.ConnectionError, redis.TimeoutError, TransientRedisError, redis_errors.OutOfMemoryError,
-                    redis_errors.BusyLoadingError, redis_errors.ReadOnlyError, redis_errors.TryAgainError)
+                    redis_errors.BusyLoadingError, redis_errors.ReadOnlyError, redis_errors.TryAgainError,
+                    # a Redis Cluster moving a slot or failing a master over:
+                    redis_errors.MovedError, redis_errors.AskError, redis_errors.ClusterDownError)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -86,6 +91,18 @@ class WorkerStreams:
         self._tasks: list[str] = []  # what register() announced, for a registry entry someone deleted
         self._is_past_restart_window = False  # Redis has been up long enough; asked again after an error
         self._events_sha = hashlib.sha1(EVENTS_LUA.encode()).hexdigest()
+        self.is_cluster = cluster.is_cluster(client)
+
+    def pipeline(self):
+        """One round trip on one Redis; one per node touched on a Cluster."""
+        return cluster.pipeline(self.redis, {self._events_sha: EVENTS_LUA})
+
+    def _model_node(self):
+        """Where the model's keys live: the client itself, or on a Cluster the plain client of the node that
+        serves the model's slot (XREADGROUP through the cluster client costs a COMMAND GETKEYS each)."""
+        if not self.is_cluster:
+            return self.redis
+        return self.redis.nodes_manager.get_node_from_slot(cluster.slot_of(self.requests_key)).redis_connection
 
     # ------------------------------------------------------------ setup
 
@@ -114,7 +131,7 @@ class WorkerStreams:
         self.redis.zadd(self.keys.model_workers(self.model), {self.config.worker_id: info.last_seen})
 
     def unregister(self) -> None:
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = self.pipeline()
         pipe.delete(self.keys.worker(self.config.worker_id))
         pipe.zrem(self.keys.model_workers(self.model), self.config.worker_id)
         pipe.execute()
@@ -141,8 +158,8 @@ class WorkerStreams:
         streams = {self.request_keys[p]: ">" for p in PRIORITIES if p in counts}
         level_of = {self.request_keys[p].encode(): p for p in counts}
         try:
-            reply = self.redis.xreadgroup(GROUP, self.config.worker_id, streams, count=max(counts.values()),
-                                          block=block_ms)
+            reply = self._model_node().xreadgroup(GROUP, self.config.worker_id, streams, count=max(counts.values()),
+                                                  block=block_ms)
         except redis.ResponseError as exc:
             if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
                 raise
@@ -161,7 +178,7 @@ class WorkerStreams:
         (redeliveries only) the events already published."""
         if not items:
             return []
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = self.pipeline()
         ttl = self.config.result_ttl_s
         for request_id, entry, is_redelivery in items:
             pipe.exists(self.keys.abort(request_id))
@@ -185,7 +202,7 @@ class WorkerStreams:
         grouped = by_level(entries)
         if not grouped:
             return
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = self.pipeline()
         for level, ids in grouped.items():
             pipe.xclaim(self.request_keys[level], GROUP, self.config.worker_id, 0, ids, justid=True)
         pipe.execute()
@@ -198,7 +215,7 @@ class WorkerStreams:
         if not entries:
             return
         idle_ms = int(self.config.lease_s * 1000) + 1
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = self.pipeline()
         for entry, deliveries in entries:
             retrycount = None if is_delivery else max(0, deliveries - 1)
             pipe.xclaim(self.request_keys[entry.priority], GROUP, self.config.worker_id, 0, [entry.id],
@@ -242,7 +259,7 @@ class WorkerStreams:
         claimed = [(_text(i), f) for i, f in claimed if f]
         if not claimed:
             return [], is_done
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = self.pipeline()
         for entry_id, _ in claimed:
             pipe.xpending_range(key, GROUP, min=entry_id, max=entry_id, count=1)
         counts = [rows[0]["times_delivered"] if rows else 1 for rows in pipe.execute()]
@@ -263,7 +280,7 @@ class WorkerStreams:
         if self._is_past_restart_window or not self._can_read_uptime:
             return False
         try:  # asked once per Redis error: two round trips are cheap here
-            server, replication = self.redis.info("server"), self.redis.info("replication")
+            server, replication = self._info("server"), self._info("replication")
         except redis.ResponseError as exc:  # INFO refused (ACL without +info, a proxy): leases alone decide
             log.warning("cannot read Redis uptime (%s); reclaim will not wait out Redis restarts", exc)
             self._can_read_uptime = False
@@ -273,6 +290,29 @@ class WorkerStreams:
         is_recent = self._master_changed_recently(replication.get("master_replid")) or is_recent
         self._is_past_restart_window = not is_recent
         return is_recent
+
+    def _info(self, section: str) -> dict[str, Any]:
+        """INFO of one Redis; on a Cluster, of every master at once: the shortest uptime, and the
+        replication ids joined (any master replaced by a failover changes them)."""
+        if not self.is_cluster:
+            return self.redis.info(section)
+        per_node = [info for _, info in sorted(self.redis.info(section, target_nodes=self.redis.PRIMARIES).items())]
+        uptimes = [float(i["uptime_in_seconds"]) for i in per_node if "uptime_in_seconds" in i]
+        replids = [i["master_replid"] for i in per_node if isinstance(i.get("master_replid"), str)]
+        out: dict[str, Any] = {}
+        if uptimes:
+            out["uptime_in_seconds"] = min(uptimes)
+        if replids and len(replids) == len(per_node):
+            out["master_replid"] = ",".join(replids)
+        return out
+
+    def forget_slots(self) -> None:
+        """After a Redis error on a Cluster: a slot may have moved or a master failed over; ask for the map again."""
+        if self.is_cluster:
+            try:
+                self.redis.nodes_manager.initialize()
+            except redis.RedisError as exc:
+                log.warning("cannot read the cluster's slot map yet: %s", exc)
 
     @property
     def _restart_window_s(self) -> float:
@@ -287,7 +327,7 @@ class WorkerStreams:
         if not isinstance(replid, str):  # a server or proxy that does not tell: uptime alone decides
             return False
         known_key, window_key = self.keys.redis_master(), self.keys.redis_failover()
-        pipe = self.redis.pipeline(transaction=False)  # not MGET: in a Cluster the two keys are in different slots
+        pipe = self.pipeline()  # not MGET: in a Cluster the two keys are in different slots
         pipe.get(known_key)
         pipe.get(window_key)
         known, in_window = (_text(v) if v is not None else None for v in pipe.execute())
@@ -295,7 +335,7 @@ class WorkerStreams:
             return True
         if known == replid:
             return False
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = self.pipeline()
         pipe.set(known_key, replid)
         if known is not None:  # it replaced the master the workers saw
             log.warning("Redis master changed (replication id %s, was %s): no reclaim for %.0f s while leases "
@@ -312,7 +352,7 @@ class WorkerStreams:
         """Whether any entry has been idle past the lease: its worker stopped renewing it."""
         if self.redis_restarted_recently():
             return False
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = self.pipeline()
         for key in self.request_keys.values():
             pipe.xpending_range(key, GROUP, min="-", max="+", count=1, idle=int(self.config.lease_s * 1000))
         return any(pipe.execute())
@@ -321,7 +361,7 @@ class WorkerStreams:
         """Which of these requests have an abort key, in one round trip."""
         if not request_ids:
             return set()
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = self.pipeline()
         for request_id in request_ids:
             pipe.exists(self.keys.abort(request_id))
         return {rid for rid, hit in zip(request_ids, pipe.execute()) if hit}
@@ -357,7 +397,7 @@ class WorkerStreams:
         ackable = [entry for entry, rid in outbox.acks if rid is None or (rid not in fenced and rid not in failed)]
         ackable += [entry for entry, _, _, ack in outbox.dead if ack and entry in written_dead]
         if ackable:
-            pipe = self.redis.pipeline(transaction=False)
+            pipe = self.pipeline()
             for level, ids in by_level(ackable).items():
                 pipe.xack(self.request_keys[level], GROUP, *ids)
                 pipe.xdel(self.request_keys[level], *ids)
@@ -365,7 +405,7 @@ class WorkerStreams:
         return fenced
 
     def _write(self, outbox: Outbox) -> tuple[list[tuple[str, str]], list[Any]]:
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = self.pipeline()
         owners: list[tuple[str, str]] = []
         scripts: dict[int, tuple[Any, ...]] = {}  # position in the pipeline -> EVALSHA arguments
         ttl = self.config.result_ttl_s
@@ -397,7 +437,7 @@ class WorkerStreams:
         if not missing:
             return results
         self.redis.script_load(EVENTS_LUA)
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = self.pipeline()
         for i in missing:
             pipe.evalsha(*scripts[i])
         for i, result in zip(missing, pipe.execute(raise_on_error=False)):
@@ -409,7 +449,7 @@ class WorkerStreams:
         key = self.keys.worker(self.config.worker_id)
         fields = {"model": self.model, "host": socket.gethostname(), "pid": os.getpid(), "started": self.started_ms,
                   "last_seen": ms, **stats}
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = self.pipeline()
         pipe.hset(key, mapping={k: str(v) for k, v in fields.items()})
         pipe.expire(key, self.config.heartbeat_ttl_s)
         workers_key = self.keys.model_workers(self.model)

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import redis
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ValidationError
@@ -121,7 +122,12 @@ def create_app(config: GatewayConfig) -> FastAPI:
         async def status_json(request: Request) -> dict[str, Any]:
             # The page itself holds no data; its JSON needs a key when keys are configured and shows that key's models
             key = _api_key(config, request)
-            status = await asyncio.to_thread(admin.system_status, gateway.sync_redis, gateway.keys)
+            try:
+                status = await asyncio.to_thread(admin.system_status, gateway.sync_redis, gateway.keys)
+            except redis.exceptions.NoPermissionError as exc:
+                raise HTTPError(503, f"The gateway's Redis user may not read the status ({exc}): give it the ACL role "
+                                "`gateway` (`redbatch acl gateway`), or run with --no-status-page.", type="server_error",
+                                code="status_unavailable") from None
             if config.requires_key:
                 status["models"] = {m: info for m, info in status["models"].items() if config.allows(key, m)}
             status["gateway"] = {"id": gateway.hub.gateway_id, "open_requests": gateway.num_streams}
