@@ -34,6 +34,7 @@ from bench.procs import (
 )
 from producer.connection import connect
 
+HEARTBEAT_FIELDS = ("active", "waiting", "steps", "tokens", "step_ms", "preemptions", "pid", "last_seen")
 WORDS = "the cat dog river stream token batch model queue light dark green blue one two three when then".split()  # noqa: SIM905
 
 
@@ -84,7 +85,7 @@ class Bench:
 
         self.keys = Keys(self.args.prefix)
         deadline = time.monotonic() + 120
-        while not self.rds.zcard(self.keys.model_workers("tiny")) or "active" not in self._heartbeat():
+        while not self.rds.zcard(self.keys.model_workers("tiny")) or "active" not in self.heartbeat():
             if time.monotonic() > deadline or self.worker.poll() is not None:
                 raise SystemExit("the redbatch worker did not register")
             time.sleep(0.2)
@@ -94,12 +95,12 @@ class Bench:
         if self.server is not None:
             self.server.close()
 
-    def _heartbeat(self) -> dict[str, float]:
+    def heartbeat(self) -> dict[str, float]:
         members = self.rds.zrange(self.keys.model_workers("tiny"), 0, 0)
         if not members:
             return {}
         raw = self.rds.hgetall(self.keys.worker(members[0].decode()))
-        return {k.decode(): float(v) for k, v in raw.items() if k.decode() in ("active", "steps", "tokens", "pid")}
+        return {k.decode(): float(v) for k, v in raw.items() if k.decode() in HEARTBEAT_FIELDS}
 
     def submit(self, input_path: Path, output: Path) -> str:
         done = subprocess.run([sys.executable, "-m", "producer.cli", "bulk", "submit", str(input_path), "--model", "tiny",
@@ -113,6 +114,11 @@ class Bench:
         with open(log, "ab") as f:
             return _cli("bulk", "worker", "--redis-url", self.url, "--burst", "--simple", stdout=f,
                         stderr=subprocess.STDOUT, start_new_session=True)
+
+    def cancel(self, job_id: str) -> None:
+        import producer.bulk as pb
+
+        pb.cancel(job_id, connection=self.rds)
 
     def capture(self, job_id: str) -> str:
         """What `redbatch top --once` and `redbatch bulk status` print at this moment (text, 120 columns)."""
@@ -128,11 +134,11 @@ class Bench:
         """Watch a job until it stops (or until `kill_at` lines are done: then kill -9 its bulk worker)."""
         import producer.bulk as pb
 
-        start_hb, start_worker_cpu, t0 = self._heartbeat(), cpu_seconds(self.worker.pid), time.monotonic()
+        start_hb, start_worker_cpu, t0 = self.heartbeat(), cpu_seconds(self.worker.pid), time.monotonic()
         samples, bulk_cpu, bulk_cpu_at_start = [], 0.0, None
         while True:
             info = pb.status(job_id, connection=self.rds)
-            samples.append(self._heartbeat().get("active", 0.0))
+            samples.append(self.heartbeat().get("active", 0.0))
             if bulk.poll() is None:
                 try:
                     bulk_cpu = cpu_seconds(bulk.pid)
@@ -151,7 +157,7 @@ class Bench:
             if info["status"] in ("finished", "failed", "canceled") or bulk.poll() is not None:
                 break
             time.sleep(0.05 if kill_at is not None else 0.25)
-        end_hb, wall_s = self._heartbeat(), time.monotonic() - t0
+        end_hb, wall_s = self.heartbeat(), time.monotonic() - t0
         try:  # a --burst bulk worker exits on its own once its queue is empty; never leave it running
             bulk.wait(30)
         except subprocess.TimeoutExpired:

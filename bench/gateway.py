@@ -64,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--event-readers", type=int, default=1, help="the gateway's shared XREAD loops")
     p.add_argument("--redis-url", default=None, help="default: a redis-server of the benchmark's own")
     p.add_argument("--json", default=None, help="also write the figures here")
+    p.add_argument("--log-dir", default=None, help="keep the worker's and the gateway's logs here")
     args = p.parse_args(argv)
     args.concurrency = [int(n) for n in args.concurrency.split(",") if n]
     clients = [c for c in args.clients.split(",") if c]
@@ -160,6 +161,7 @@ class Stream:
     gaps_s: list[float] = field(default_factory=list)
     tokens: int = 0
     text: list[str] = field(default_factory=list)
+    error: str | None = None  # the stream failed: counted, its figures left out
     _last: float = 0.0
 
     def saw(self, text: str) -> None:
@@ -299,12 +301,20 @@ async def run_path(stack: Stack, path: str, batch: list[list[int]], max_tokens: 
     sampler = ConnectionSampler(stack.url)
     try:
         before, t0 = _cpu(stack.pids), time.perf_counter()
-        streams = await asyncio.gather(*(one(p, rid) for p, rid in zip(batch, ids)))
+        streams = await asyncio.gather(*(_guarded(one(p, rid)) for p, rid in zip(batch, ids)))
         wall_s, after = time.perf_counter() - t0, _cpu(stack.pids)
     finally:
         connections = await sampler.stop()
         await close()
     return Run(path, n, list(streams), wall_s, {k: after[k] - before[k] for k in after}, connections)
+
+
+async def _guarded(stream) -> Stream:
+    """A stream that fails (an HTTP 500, a dropped connection) is one failed stream, not a lost run."""
+    try:
+        return await stream
+    except Exception as exc:  # noqa: BLE001 - counted and shown in the table
+        return Stream(error=f"{type(exc).__name__}: {str(exc)[:200]}")
 
 
 def _cpu(pids: dict[str, int]) -> dict[str, float]:
@@ -325,13 +335,16 @@ async def measure(stack: Stack, args: argparse.Namespace) -> list[list[Run]]:
             for path in args.paths if r % 2 == 0 else reversed(args.paths):
                 run = await run_path(stack, path, batch, args.max_tokens, f"c{n}r{r}")
                 results.setdefault((n, path), []).append(run)
-                print(f"  {n} streams, {path}: {run.tokens} tokens in {run.wall_s:.2f} s", file=sys.stderr, flush=True)
+                failed = [st.error for st in run.streams if st.error]
+                print(f"  {n} streams, {path}: {run.tokens} tokens in {run.wall_s:.2f} s"
+                      + (f", {len(failed)} failed, e.g. {failed[0]}" if failed else ""), file=sys.stderr, flush=True)
     return [results[(n, path)] for n in args.concurrency for path in args.paths]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    workdir = Path(tempfile.mkdtemp(prefix="rb-gw-bench-"))
+    workdir = Path(args.log_dir or tempfile.mkdtemp(prefix="rb-gw-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
     stack = Stack(args, workdir)
     try:
         stack.start()
@@ -341,7 +354,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise
     finally:
         stack.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+        if args.log_dir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
     rows = []
     for i, runs in enumerate(grouped):
         reference = grouped[i - i % len(args.paths)]  # the direct runs of the same concurrency

@@ -19,7 +19,8 @@ def percentile(values: list[float], q: float) -> float:
 
 def summarize(runs: list, reference: list | None) -> dict:
     """One path at one concurrency over its rounds: latencies in ms, CPU per 1,000 tokens, peak connections."""
-    streams = [s for run in runs for s in run.streams]
+    failed = [s for run in runs for s in run.streams if s.error]
+    streams = [s for run in runs for s in run.streams if not s.error]
     ttft = [s.ttft_s for s in streams if s.ttft_s is not None]
     gaps = [g for s in streams for g in s.gaps_s]
     tokens = sum(run.tokens for run in runs)
@@ -33,9 +34,10 @@ def summarize(runs: list, reference: list | None) -> dict:
     same = None
     if reference is not None:
         texts = ["".join(s.text) for s in reference[0].streams]
-        same = sum("".join(s.text) == t for s, t in zip(runs[0].streams, texts))
+        same = sum(not s.error and "".join(s.text) == t for s, t in zip(runs[0].streams, texts))
     return {
         "path": runs[0].path, "concurrency": runs[0].concurrency, "rounds": len(runs), "streams": len(streams),
+        "failed_streams": len(failed), "errors": sorted({s.error for s in failed})[:3],
         "tokens": tokens, "wall_s": round(wall, 3), "tok_s": round(tokens / wall, 1),
         "ttft_p50_ms": round(percentile(ttft, 50) * 1e3, 2), "ttft_p99_ms": round(percentile(ttft, 99) * 1e3, 2),
         "itl_p50_ms": round(percentile(gaps, 50) * 1e3, 2), "itl_p99_ms": round(percentile(gaps, 99) * 1e3, 2),
@@ -48,7 +50,8 @@ def summarize(runs: list, reference: list | None) -> dict:
 
 
 COLUMNS = ("path", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "gateway CPU s/1k tok",
-           "client CPU s/1k tok", "Redis conns (peak)", "same text as direct")
+           "client CPU s/1k tok", "Redis conns (peak)", "same text as direct",
+           "failed streams")
 
 
 def table_lines(rows: list[dict]) -> list[str]:
@@ -75,7 +78,7 @@ def _row(r: dict) -> str:
     same = "-" if r["same_text_as_direct"] is None else f"{r['same_text_as_direct']}/{r['concurrency']}"
     cells = (LABELS[r["path"]], f"{r['tok_s']:.0f}", f"{r['ttft_p50_ms']:.1f}", f"{r['ttft_p99_ms']:.1f}",
              f"{r['itl_p50_ms']:.1f}", f"{r['itl_p99_ms']:.1f}", gateway_cpu,
-             f"{r['cpu_s_per_1k_tokens']['client']:.3f}", held, same)
+             f"{r['cpu_s_per_1k_tokens']['client']:.3f}", held, same, str(r["failed_streams"]))
     return "| " + " | ".join(cells) + " |"
 
 
@@ -84,12 +87,14 @@ def _added(r: dict, direct: dict) -> str:
         return f"{r[key] - direct[key]:+.1f}"
 
     cells = (f"added by the gateway ({r['path']})", f"{r['tok_s'] / direct['tok_s']:.2f}x",
-             plus("ttft_p50_ms"), plus("ttft_p99_ms"), plus("itl_p50_ms"), plus("itl_p99_ms"), "", "", "", "")
+             plus("ttft_p50_ms"), plus("ttft_p99_ms"), plus("itl_p50_ms"), plus("itl_p99_ms"), "", "", "", "", "")
     return "| " + " | ".join(cells) + " |"
 
 
 def cpu_lines(rows: list[dict]) -> list[str]:
-    lines = [f"CPU s per 1k tokens, {r['concurrency']} streams, {r['path']}: " + ", ".join(
+    lines = [f"failed streams, {r['concurrency']} streams, {r['path']}: {r['failed_streams']}: {'; '.join(r['errors'])}"
+             for r in rows if r["failed_streams"]]
+    lines += [f"CPU s per 1k tokens, {r['concurrency']} streams, {r['path']}: " + ", ".join(
         f"{name} {v:.3f}" for name, v in sorted(r["cpu_s_per_1k_tokens"].items())) for r in rows]
     for r in rows:
         per_token_s = r["cpu_s_per_1k_tokens"]["gateway"] / 1000

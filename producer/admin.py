@@ -33,9 +33,10 @@ def requeue_dead(client: redis.Redis, keys: Keys, model: str, dead_ids: list[str
     """Put dead letters back on the request stream of their level as fresh requests (their old events are cleared)."""
     letters = [d for d in list_dead(client, keys, model, count=100_000) if not dead_ids or d.dead_id in dead_ids]
     for letter in letters:
-        pipe = client.pipeline(transaction=True)
+        if letter.request_id is not None:  # the request's slot first: a retry after a failure here redoes both
+            client.delete(keys.events(letter.request_id), keys.abort(letter.request_id))
+        pipe = client.pipeline(transaction=True)  # the model's slot: atomic on a Redis Cluster too
         if letter.request_id is not None:
-            pipe.delete(keys.events(letter.request_id), keys.abort(letter.request_id))
             pipe.delete(keys.request_owner(model, letter.request_id))
         pipe.xadd(keys.requests(model, letter.priority), letter.fields)
         pipe.xdel(keys.dead(model), letter.dead_id)

@@ -29,6 +29,9 @@ def add_bulk_parser(sub, add_common) -> None:
                    help="the request stream level its requests go to; interactive traffic is served before bulk, "
                         "bulk before background")
     s.add_argument("--queue", default=BULK_QUEUE, help="rq queue")
+    s.add_argument("--serving-url", default=None,
+                   help="the Redis the model's workers serve, when not --redis-url (rq's): e.g. a redis+cluster:// URL, "
+                        "which rq itself cannot use")
     s.add_argument("--retries", type=int, default=DEFAULT_RETRIES, help="rq re-runs of a job that raised or whose worker died (rq Retry; an abandoned job is re-queued by the next bulk worker cleanup)")
     s.add_argument("--lease-s", type=float, default=DEFAULT_LEASE_S,
                    help="a dead runner's job can be resumed this long after it stopped renewing")
@@ -58,16 +61,20 @@ def add_bulk_parser(sub, add_common) -> None:
 
 
 def run_bulk_command(args: argparse.Namespace, redis_url: str) -> int:
+    from producer import bulk
     from producer.connection import connect
 
-    from producer import bulk
-
+    try:
+        bulk.check_rq_url(redis_url)
+    except bulk.BulkError as exc:
+        raise SystemExit(f"redbatch bulk: {exc}") from None
     with connect(redis_url) as rds:
         command = args.bulk_command
         if command == "submit":
             job = bulk.submit(args.input, model=args.model, output_path=args.output, connection=rds,
                               max_in_flight=args.max_in_flight, prefix=args.prefix, queue=args.queue,
-                              retries=args.retries, lease_s=args.lease_s, priority=args.priority)
+                              retries=args.retries, lease_s=args.lease_s, priority=args.priority,
+                              serving_url=args.serving_url)
             print(f"queued bulk job on {args.queue}; follow it with `redbatch bulk status --follow {job.id}`")
             print(job.id)
         elif command == "worker":

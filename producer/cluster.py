@@ -263,11 +263,12 @@ def pipeline(client: Any, scripts: dict[str, str] | None = None) -> Any:
 
 
 def read_streams(client: Any, streams: dict[str, Any], count: int | None = None,
-                 block_ms: int | None = None) -> list[Any]:
+                 block_ms: int | None = None, first_turn: int = 0) -> list[Any]:
     """XREAD over `streams` (key -> last id), as one XREAD on one Redis. On a Cluster an XREAD over
     keys of different slots is refused (CROSSSLOT, even on one node), so: one non-blocking XREAD per
     slot, pipelined per node; when none has anything and block_ms is given, block on one slot at a
-    time (at most BLOCK_TURN_MS each, in turn) and sweep all slots again between turns."""
+    time (at most BLOCK_TURN_MS each, in turn, starting with the `first_turn`-th) and sweep all slots
+    again between turns."""
     if not isinstance(client, sync_cluster.RedisCluster):
         return client.xread(streams, count=count, block=block_ms) or []
     slots = by_slot(list(streams))
@@ -276,7 +277,7 @@ def read_streams(client: Any, streams: dict[str, Any], count: int | None = None,
         return _xread_node(client, node, streams, count, block_ms)
     deadline = None if block_ms is None else time.monotonic() + block_ms / 1000
     order = sorted(slots)
-    turn = 0
+    turn = first_turn
     while True:
         pipe = NodePipeline(client)
         for keys in slots.values():
@@ -306,7 +307,7 @@ def _xread_node(client: sync_cluster.RedisCluster, node: Any, streams: dict[str,
 
 async def read_streams_async(client: Any, streams: dict[str, Any], count: int | None = None,
                              block_ms: int | None = None, node_clients: dict[str, aredis.Redis] | None = None,
-                             single_connection: bool = True) -> list[Any]:
+                             single_connection: bool = True, first_turn: int = 0) -> list[Any]:
     """The asyncio twin of read_streams. `node_clients` caches a plain client per node (the caller
     owns and closes them: see close_node_clients), each with one connection (a gateway lane) or a pool
     (a client whose many readers block at once)."""
@@ -326,7 +327,7 @@ async def read_streams_async(client: Any, streams: dict[str, Any], count: int | 
             await client.nodes_manager.initialize()
             raise redis.ConnectionError(f"slot moved ({exc}); read again") from exc
     deadline = None if block_ms is None else time.monotonic() + block_ms / 1000
-    turn = 0
+    turn = first_turn
     while True:
         per_node: dict[str, list[int]] = defaultdict(list)
         for slot in order:

@@ -304,3 +304,138 @@ def test_per_step_round_trips_are_bounded_by_nodes_not_requests(local_cluster, c
     assert streams.flush(outbox(1)) == set()
     assert len(sends) <= 2 * 3 and sorted(set(sends)) == sorted(n.name for n in crds.get_primaries())
     assert all(crds.xlen(Keys(prefix).events(i)) == 2 for i in request_ids)
+
+
+@pytest.mark.redis
+def test_dead_letters_are_requeued_on_the_cluster(crds, prefix):
+    from producer import admin
+    from producer.protocol import GenerateBody, dead_letter_fields, encode_request
+
+    keys, model = Keys(prefix), "cl-dead"
+    fields = encode_request("dead-1", TaskKind.GENERATE, GenerateBody(prompt="x"))
+    crds.xadd(keys.dead(model), dead_letter_fields(fields, "boom", "1-1", "w1", 0, "interactive"))
+    crds.xadd(keys.events("dead-1"), {"seq": 0, "type": "error"}, id="0-1")
+    crds.set(keys.request_owner(model, "dead-1"), "1-1")
+    assert admin.requeue_dead(crds, keys, model) == 1
+    assert crds.xlen(keys.requests(model)) == 1 and crds.xlen(keys.dead(model)) == 0
+    assert not crds.exists(keys.events("dead-1")) and not crds.exists(keys.request_owner(model, "dead-1"))
+
+
+# ---------------------------------------------------------------- the gateway, bulk jobs and the CLI
+
+
+@pytest.mark.redis
+def test_a_gateway_lane_reads_requests_of_every_slot(local_cluster, crds, prefix):
+    pytest.importorskip("fastapi")
+    from producer.gateway.hub import EventHub
+
+    keys = Keys(prefix)
+    request_ids = [f"lane-{i}" for i in range(12)]
+    assert len({crds.nodes_manager.get_node_from_slot(slot_of(keys.events(i))).name for i in request_ids}) == 3
+
+    async def follow():
+        client = connect_async(local_cluster.url())
+        hub = EventHub(client, lambda: connect_async(local_cluster.url()), keys)
+        hub.start()
+        try:
+            subs = [hub.subscribe(request_ids[0])]
+            await asyncio.sleep(0.2)  # the lane is in its blocking turns
+            subs += [hub.subscribe(i) for i in request_ids[1:]]  # no wake stream on a Cluster: read within a turn
+            for i in request_ids:
+                await client.xadd(keys.events(i), {"seq": 0, "type": "token", "text": i, "token_ids": "[1]"}, id="0-1")
+                await client.xadd(keys.events(i), {"seq": 1, "type": "done", "finish_reason": "stop"}, id="0-2")
+            got = {}
+            for sub in subs:
+                got[sub.request_id] = [e.text or e.type.value async for e in sub.events(30)]
+            return got, hub.num_open
+        finally:
+            await hub.stop()
+            await client.aclose()
+
+    got, num_open = asyncio.run(follow())
+    assert got == {i: [i, "done"] for i in request_ids} and num_open == 0
+    wakes = [k for node in crds.get_primaries() for k in crds.get_redis_connection(node).scan_iter(f"{prefix}:gateway:*")]
+    assert wakes == []  # a lane on a Cluster needs no wake stream
+
+
+@pytest.mark.redis
+def test_the_gateway_serves_over_the_cluster(local_cluster, cluster_workers, gateway_factory, cclient, crds, prefix):
+    import httpx
+
+    name = models_on_different_nodes(crds, prefix)[0]
+    cluster_workers(name).start()
+    gateway = gateway_factory(redis_url=local_cluster.url())
+    body = {"model": name, "messages": [{"role": "user", "content": "a fox"}], "max_tokens": 8, "temperature": 0}
+    reply = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=120).json()
+    oracle = cclient.get_model(name).chat(body["messages"], generate_config={"max_tokens": 8, "temperature": 0,
+                                                                             "stream": False})
+    assert reply["choices"][0]["message"]["content"] == oracle["choices"][0]["message"]["content"]
+    assert reply["usage"]["completion_tokens"] == 8
+    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json={**body, "stream": True}, timeout=120) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == oracle["choices"][0]["message"]["content"]
+
+
+def _bulk_lines(model: str, n: int) -> str:
+    return "".join(json.dumps({"custom_id": f"c-{i}", "method": "POST", "url": "/v1/chat/completions",
+                               "body": {"model": model, "messages": [{"role": "user", "content": f"bulk {i}"}],
+                                        "max_completion_tokens": 5, "temperature": 0}}) + "\n" for i in range(n))
+
+
+@pytest.mark.redis
+def test_a_bulk_job_serves_on_the_cluster_and_resumes(cluster_workers, crds, rds, prefix, tmp_path):
+    from producer.bulk.runner import BulkRunner
+    from producer.bulk.state import JobSpec
+
+    name = models_on_different_nodes(crds, prefix)[1]
+    cluster_workers(name).start()
+    input_path = tmp_path / "in.jsonl"
+    input_path.write_text(_bulk_lines(name, 8))
+    spec = JobSpec(input_path=str(input_path), output_path=str(tmp_path / "out.jsonl"), model=name, prefix=prefix,
+                   lease_s=1.0, max_in_flight=4)
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_3(progress):
+        if progress["done"] >= 3:
+            raise Crash
+
+    with pytest.raises(Crash):  # rq's Redis holds the lease and cancel keys, the cluster the requests
+        BulkRunner(crds, "cljob", spec, 0, crash_after_3, control=rds).run()
+    summary = BulkRunner(crds, "cljob", spec, 1, lambda p: None, control=rds).run()
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert summary["done"] == 8 and summary["failed"] == 0 and summary["recomputed"] == 0
+    assert sorted(line["custom_id"] for line in out) == [f"c-{i}" for i in range(8)]
+    assert all(line["response"]["body"]["usage"]["completion_tokens"] == 5 for line in out)
+    assert not rds.exists(Keys(prefix).bulk_lease("cljob"))
+
+
+@pytest.mark.redis
+def test_the_bulk_cli_queues_on_rqs_redis_and_serves_on_the_cluster(local_cluster, cluster_workers, crds, rds,
+                                                                    redis_server_url, prefix, tmp_path):
+    pytest.importorskip("rq")
+    name = models_on_different_nodes(crds, prefix)[0]
+    cluster_workers(name).start()
+    input_path = tmp_path / "in.jsonl"
+    input_path.write_text(_bulk_lines(name, 3))
+    queue = f"{prefix}-bulk"
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "producer.cli", "bulk", *args, "--prefix", prefix], check=False,
+                              capture_output=True, text=True, timeout=180, env={**os.environ})
+
+    refused = cli("submit", str(input_path), "--model", name, "--output", str(tmp_path / "x.jsonl"),
+                  "--redis-url", local_cluster.url())
+    assert refused.returncode != 0 and "--serving-url" in refused.stderr
+    submitted = cli("submit", str(input_path), "--model", name, "--output", str(tmp_path / "out.jsonl"),
+                    "--redis-url", redis_server_url, "--serving-url", local_cluster.url(), "--queue", queue)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().splitlines()[-1]
+    ran = cli("worker", "--burst", "--simple", "--queue", queue, "--redis-url", redis_server_url)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert sorted(line["custom_id"] for line in out) == ["c-0", "c-1", "c-2"] and all(not line["error"] for line in out)
+    status = cli("status", job_id, "--json", "--redis-url", redis_server_url)
+    assert json.loads(status.stdout)["done"] == 3

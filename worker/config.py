@@ -73,6 +73,11 @@ class WorkerConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights and KV dtype")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads")
     trust_remote_code: bool = Field(False, description="let transformers run the model repository's own code")
+    serve_mode: Literal["auto", "batched", "sequential"] = Field("auto", description=(
+        "LLMs: batched = the continuous batch (the model must attend through transformers' attention interface); "
+        "sequential = one request at a time through the model's own generate, for remote-code models whose forward "
+        "the batch cannot drive (max-num-seqs is then how many wait); auto: batched, or sequential for a "
+        "--trust-remote-code model that the batched engine cannot run"))
     # a model bigger than one device (docs/operations.md): accelerate's placement, or tensor parallelism
     device_map: str | None = Field(None, description=(
         "split the model over devices with accelerate: auto | balanced | balanced_low_0 | sequential, or a JSON "
@@ -181,6 +186,8 @@ class WorkerConfig(BaseModel):
 
     @model_validator(mode="after")
     def _one_way_to_shard(self) -> "WorkerConfig":
+        if self.tp_size > 1 and self.serve_mode == "sequential":
+            raise ValueError("serve_mode sequential runs the model's own generate in one process: not with tp_size > 1")
         if self.tp_size > 1 and self.device_map is not None:
             raise ValueError("device_map and tp_size > 1 are two ways to shard a model: choose one")
         if self.device_map is None and (self.max_memory is not None or self.offload_folder is not None):

@@ -92,6 +92,9 @@ class Worker:
             unadmitted, is_io_clean = self._finish_io()
             self._hand_back_unfinished(is_clean_exit and is_io_clean, unadmitted)
             self._safe(self.streams.unregister)
+            close = getattr(self.engine, "close", None)  # an engine with its own thread (sequential) stops it
+            if close is not None:
+                close()
             self.intake.close()
             self.io.close()
 

@@ -49,12 +49,15 @@ def resolve_task(config: WorkerConfig) -> str:
 
 def build_llm_engine(config: WorkerConfig):
     """The LLM engine, its model sharded when the config says so. Under tensor parallelism every rank builds
-    it, in step (loading creates the process group; the StepChannel is made after it)."""
+    it, in step (loading creates the process group; the StepChannel is made after it).
+
+    Serve mode (--serve-mode): batched (the continuous batch), or sequential (one request at a time through
+    the model's own generate, worker/engines/sequential.py). auto: batched; a --trust-remote-code model whose
+    forward the batched engine cannot drive (its probe forward finds no attention-interface call, or a VLM
+    without get_image_features / image_token_id) falls back to sequential. The choice is logged."""
     import torch
 
-    from worker.engines.llm import LLMEngine, LLMEngineConfig
-    from worker.engines.vision import VisionModel
-    from worker.models.loading import Sharding, load_model
+    from worker.models.loading import Sharding, is_remote_code, load_model
 
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
@@ -62,8 +65,34 @@ def build_llm_engine(config: WorkerConfig):
                         offload_folder=config.offload_folder, tp_size=config.tp_size)
     model, tokenizer, image_processor = load_model(config.model_path, config.device, config.dtype,
                                                    config.trust_remote_code, sharding)
+    if config.serve_mode == "sequential":
+        log.info("serve mode sequential (--serve-mode sequential): one request at a time through the model's "
+                 "own generate")
+        return _sequential_engine(config, model, tokenizer, image_processor)
+    attn_before = model.config._attn_implementation
+    try:
+        engine = _batched_engine(config, model, tokenizer, image_processor)
+    except (ValueError, TypeError, AttributeError, NotImplementedError) as exc:
+        if config.serve_mode == "batched" or not is_remote_code(model) or config.tp_size > 1:
+            raise
+        log.warning("serve mode sequential: %s (remote code) cannot run in the batched engine (%s: %s); serving "
+                    "one request at a time through its own generate", type(model).__name__, type(exc).__name__, exc)
+        _restore_attention(model, attn_before)
+        return _sequential_engine(config, model, tokenizer, image_processor)
+    log.info("serve mode batched: %s in the continuous batch", type(model).__name__)
+    return engine
+
+
+def _batched_engine(config: WorkerConfig, model, tokenizer, image_processor):
+    from worker.engines.llm import LLMEngine, LLMEngineConfig
+    from worker.engines.vision import VisionModel
+    from worker.models.loading import is_remote_code
+
     vision = None
     if image_processor is not None:  # a vision-language model: chat requests may carry images
+        if is_remote_code(model) and not callable(getattr(model, "get_image_features", None)):
+            raise AttributeError("a remote-code vision model without get_image_features: its images cannot be "
+                                 "encoded apart from its forward")
         vision = VisionModel(model, tokenizer, image_processor, config.image_policy)
         log.info("vision model: chat requests may carry images")
     peers = None
@@ -79,6 +108,24 @@ def build_llm_engine(config: WorkerConfig):
         attention_backend=config.attention_backend,
         tool_parser=config.tool_parser,
     ), peers=peers)
+
+
+def _sequential_engine(config: WorkerConfig, model, tokenizer, image_processor):
+    from worker.engines.sequential import SequentialEngine, SequentialEngineConfig
+
+    return SequentialEngine(model, tokenizer, image_processor, policy=config.image_policy,
+                            config=SequentialEngineConfig(max_num_seqs=config.max_num_seqs,
+                                                          max_model_len=config.max_model_len,
+                                                          max_tokens_limit=config.max_tokens_limit,
+                                                          tool_parser=config.tool_parser))
+
+
+def _restore_attention(model, name: str | None) -> None:
+    """Undo the batched engine's attention setting after it gave up on the model (its own generate runs next)."""
+    try:
+        model.set_attn_implementation(name or "eager")
+    except (ValueError, ImportError) as exc:
+        log.warning("cannot set the attention implementation back to %s: %s", name, exc)
 
 
 def run_worker(config: WorkerConfig, burst: bool = False) -> int:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Iterator
 
-from producer.protocol import DEFAULT_PRIORITY, EventType, FinishReason, GenerateConfig, Priority, Usage
+from producer.protocol import DEFAULT_PRIORITY, ErrorCode, EventType, FinishReason, GenerateConfig, Priority, Usage
 from worker.out_events import OutEvent, error_event, token_event
 
 
@@ -129,6 +129,7 @@ class StepOutput:
     logprobs: list[dict[str, Any]] | None = None
     tool_calls: list[dict[str, Any]] | None = None  # OpenAI delta.tool_calls items decided in this step
     error: str | None = None  # the request failed alone in this step (e.g. its grammar rejected a token)
+    error_code: ErrorCode = ErrorCode.MODEL_ERROR
 
     @property
     def is_finished(self) -> bool:
@@ -143,7 +144,7 @@ class StepOutput:
         `error` alone when the request failed in this step."""
         seq = self.seq
         if self.error is not None:
-            yield error_event(self.error)
+            yield error_event(self.error, self.error_code)
             return
         is_stream = seq.is_stream
         if is_stream and (self.token_ids or self.text or self.tool_calls):

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +26,14 @@ from producer.bulk.state import (
     JobSpec,
     LeaseLost,
 )
+from producer.cluster import is_cluster_url
 from producer.connection import connect
 from producer.errors import RedbatchError
 from producer.keys import DEFAULT_PREFIX, Keys, check_bulk_job_id
 from producer.submit import DEFAULT_RESULT_TTL_S, ModelInfo
 
-__all__ = ["BULK_QUEUE", "BulkError", "JobBusy", "JobInputError", "JobSpec", "LeaseLost", "cancel", "resume",
-           "run_job", "run_worker", "status", "submit"]
+__all__ = ["BULK_QUEUE", "BulkError", "JobBusy", "JobInputError", "JobSpec", "LeaseLost", "cancel", "check_rq_url",
+           "resume", "run_job", "run_worker", "status", "submit"]
 
 BULK_QUEUE = "redbatch-bulk"
 JOB_RECORD_TTL_S = 7 * 24 * 3600  # how long rq keeps a finished or failed job (its meta: the progress)
@@ -58,7 +61,17 @@ def _queue(connection: redis.Redis, name: str):
 
 
 def _connect(redis_url: str | None, connection: redis.Redis | None) -> redis.Redis:
-    return connection if connection is not None else connect(redis_url)
+    if connection is not None:
+        return connection
+    check_rq_url(redis_url)
+    return connect(redis_url)
+
+
+def check_rq_url(redis_url: str | None) -> None:
+    """rq keeps its queue in multi-key transactions over keys of many slots: it needs one Redis, not a Cluster."""
+    if redis_url and is_cluster_url(redis_url):
+        raise BulkError("rq's queue needs a plain Redis (redis://, rediss://, redis+sentinel://), not a Redis Cluster: "
+                        "give that as --redis-url and the cluster the model is served on as --serving-url")
 
 
 def fetch_job(job_id: str, connection: redis.Redis):
@@ -85,15 +98,18 @@ def submit(
     queue: str = BULK_QUEUE,
     retries: int = DEFAULT_RETRIES,
     job_id: str | None = None,
+    serving_url: str | None = None,
 ):
-    """Enqueue a bulk job and return its rq Job. Paths are made absolute here and read by the bulk worker."""
+    """Enqueue a bulk job and return its rq Job. Paths are made absolute here and read by the bulk worker.
+    `serving_url`: the Redis (or Redis Cluster) the model's workers serve, when it is not rq's own."""
     rq, _ = _rq()
     rds = _connect(redis_url, connection)
     spec = JobSpec(input_path=str(Path(input_path).absolute()), output_path=str(Path(output_path).absolute()),
                    model=model, max_in_flight=max_in_flight, prefix=prefix, result_ttl_s=result_ttl_s, lease_s=lease_s,
-                   priority=priority)
+                   priority=priority, serving_url=serving_url)
     keys = Keys(prefix)
-    ModelInfo.parse(model, rds.hget(keys.models(), model))  # UnknownModel now rather than in the job
+    with _serving(spec, rds) as serving:
+        ModelInfo.parse(model, serving.hget(keys.models(), model))  # UnknownModel now rather than in the job
     output = Path(spec.output_path)
     if output.exists() and output.stat().st_size > 0:
         raise JobInputError(f"output {output} exists and is not empty; a job's output starts empty")
@@ -118,9 +134,23 @@ def run_job(**kwargs: Any) -> dict[str, Any]:
         job.meta["progress"] = progress
         job.save_meta()
 
-    runner = BulkRunner(job.connection, job.id, spec, previous_runs=int(before.get("runs", 0)),
-                        save_progress=save, input_sha256=before.get("input_sha256"))
-    return runner.run()
+    with _serving(spec, job.connection) as serving:
+        runner = BulkRunner(serving, job.id, spec, previous_runs=int(before.get("runs", 0)), save_progress=save,
+                            input_sha256=before.get("input_sha256"), control=job.connection)
+        return runner.run()
+
+
+@contextmanager
+def _serving(spec: JobSpec, control: redis.Redis) -> Iterator[redis.Redis]:
+    """The client of the Redis the job's requests go to: its own for a serving_url, else rq's."""
+    if spec.serving_url is None:
+        yield control
+        return
+    client = connect(spec.serving_url)
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 def status(job_id: str, *, connection: redis.Redis | None = None, redis_url: str | None = None) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from typing import Any
 
 import redis
 
+from producer import cluster
 from producer.bulk.openai_batch import (
     BatchLine,
     LineError,
@@ -73,8 +74,12 @@ def request_id_for(job_id: str, custom_id: str, attempt: int) -> str:
 
 class BulkRunner:
     def __init__(self, rds: redis.Redis, job_id: str, spec: JobSpec, previous_runs: int,
-                 save_progress: Callable[[dict[str, Any]], None], input_sha256: str | None = None):
+                 save_progress: Callable[[dict[str, Any]], None], input_sha256: str | None = None,
+                 control: redis.Redis | None = None):
+        """rds: where the requests go (a Redis Cluster too); control: the job's lease and cancel flag, beside
+        rq's queue (default: rds)."""
         self.rds = rds
+        self.control = rds if control is None else control
         self.job_id = job_id
         self.spec = spec
         self.keys = Keys(spec.prefix)
@@ -98,7 +103,7 @@ class BulkRunner:
     # ------------------------------------------------------------ the job
 
     def run(self) -> dict[str, Any]:
-        lease = Lease(self.rds, self.keys.bulk_lease(self.job_id), self.spec.lease_s)
+        lease = Lease(self.control, self.keys.bulk_lease(self.job_id), self.spec.lease_s)
         lease.acquire(wait_s=2 * self.spec.lease_s)
         try:
             self._prepare()
@@ -207,7 +212,7 @@ class BulkRunner:
         """Enqueue each (line, attempt), or watch it where an earlier run already did."""
         if self.is_resuming:
             batch = self._watch_existing(batch)
-        pipe = self.rds.pipeline(transaction=False)
+        pipe = cluster.pipeline(self.rds, {self._enqueue.sha: ENQUEUE_LUA})
         ids = []
         for line, attempt in batch:
             request_id = request_id_for(self.job_id, line.custom_id, attempt)
@@ -231,13 +236,15 @@ class BulkRunner:
 
     def _watch_existing(self, batch: list[tuple[BatchLine, int]]) -> list[tuple[BatchLine, int]]:
         """Lines whose request an earlier run enqueued become slots; the rest is returned for enqueueing."""
-        pipe = self.rds.pipeline(transaction=False)
+        pipe = cluster.pipeline(self.rds)
         for line, attempt in batch:
             request_id = request_id_for(self.job_id, line.custom_id, attempt)
-            pipe.exists(self.keys.events(request_id), self.keys.request_owner(self.spec.model, request_id))
+            pipe.exists(self.keys.events(request_id))  # two EXISTS: the keys are in different Cluster slots
+            pipe.exists(self.keys.request_owner(self.spec.model, request_id))
         rest = []
-        for (line, attempt), num in zip(batch, pipe.execute()):
-            if num:
+        replies = pipe.execute()
+        for (line, attempt), has_events, has_owner in zip(batch, replies[::2], replies[1::2]):
+            if has_events or has_owner:
                 self._add_slot(line, request_id_for(self.job_id, line.custom_id, attempt), attempt, is_inherited=True)
             else:
                 rest.append((line, attempt))
@@ -251,7 +258,7 @@ class BulkRunner:
     # ------------------------------------------------------------ results
 
     def _collect(self) -> None:
-        """One XREAD over every in-flight request's events stream."""
+        """One XREAD over every in-flight request's events stream (on a Cluster: slot by slot)."""
         if not self._slots:
             time.sleep(QUEUE_FULL_PAUSE_S)
             return
@@ -259,7 +266,7 @@ class BulkRunner:
                       and time.monotonic() >= self._queue_full_until)
         streams = {key: slot.after for key, slot in self._slots.items()}
         try:
-            reply = self.rds.xread(streams, block=None if can_submit else self._block_ms)
+            reply = cluster.read_streams(self.rds, streams, block_ms=None if can_submit else self._block_ms)
         except (redis.ConnectionError, redis.TimeoutError):
             log.warning("redis unreachable; retrying")
             time.sleep(QUEUE_FULL_PAUSE_S)
@@ -312,7 +319,7 @@ class BulkRunner:
             return False
         self._next_maintain = now + self._maintain_every_s
         lease.renew()
-        if self.rds.exists(self.keys.bulk_cancel(self.job_id)):
+        if self.control.exists(self.keys.bulk_cancel(self.job_id)):
             self._cancelled = True
             return True
         if now >= self._next_capacity:
@@ -326,7 +333,7 @@ class BulkRunner:
 
     def _default_window(self) -> int:
         live = self.rds.zrangebyscore(self.keys.model_workers(self.spec.model), self.info.live_since_ms(), "+inf")
-        pipe = self.rds.pipeline(transaction=False)
+        pipe = cluster.pipeline(self.rds)
         for worker_id in live:
             pipe.hget(self.keys.worker(worker_id.decode()), "max_num_seqs")
         fallback = self.info.registration.max_num_seqs  # a worker's hash appears at its first heartbeat
@@ -339,11 +346,11 @@ class BulkRunner:
         quiet = [s for s in self._slots.values() if s.is_inherited and not s.events and now - s.since_s > LOST_CHECK_AFTER_S]
         if not quiet:
             return
-        pipe = self.rds.pipeline(transaction=False)
+        pipe = cluster.pipeline(self.rds)
         for slot in quiet:
             pipe.get(self.keys.request_owner(self.spec.model, slot.request_id))
         owners = pipe.execute()
-        pipe = self.rds.pipeline(transaction=False)
+        pipe = cluster.pipeline(self.rds)
         for slot, owner in zip(quiet, owners):
             entry = owner.decode() if owner else "0-0"
             pipe.xrange(self.keys.requests(self.spec.model, self.spec.priority), entry, entry)
@@ -356,7 +363,7 @@ class BulkRunner:
 
     def _cancel_in_flight(self) -> None:
         """Abort what is in flight; those lines stay out of the output (a resume submits them again)."""
-        pipe = self.rds.pipeline(transaction=False)
+        pipe = cluster.pipeline(self.rds)
         for slot in self._slots.values():
             pipe.set(self.keys.abort(slot.request_id), b"1", ex=self.spec.result_ttl_s)
         pipe.execute()

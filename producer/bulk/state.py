@@ -30,6 +30,8 @@ class JobSpec(BaseModel):
     result_ttl_s: int = Field(DEFAULT_RESULT_TTL_S, ge=60)
     lease_s: float = Field(DEFAULT_LEASE_S, gt=0.5, le=3600)
     priority: Priority = Priority.BULK  # the request stream level: below interactive traffic by default
+    # where the requests go when not to rq's own Redis (a redis+cluster:// URL: rq itself needs a plain Redis)
+    serving_url: str | None = None
 
     def model_post_init(self, _context: Any) -> None:
         check_model_name(self.model)

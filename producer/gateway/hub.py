@@ -6,6 +6,11 @@ streams of all the requests assigned to it, plus a wake stream of its own: a req
 subscribes while the lane is blocked XADDs one entry there (at most one per blocked read), so the
 XREAD returns and the next one includes the new stream. Events are handed to per-request queues.
 
+On a Redis Cluster an XREAD cannot span slots, so a lane reads slot by slot (producer.cluster's
+read_streams_async: one pipelined non-blocking XREAD per slot on each node, then a short block on one
+slot) and rebuilds its read every BLOCK_TURN_MS: a new subscription is read within that, no wake
+stream needed.
+
 Nothing here is durable state: a subscriber reads its events stream from `0-0`, so a gateway that
 restarts (or another gateway) can serve the same request again from Redis.
 """
@@ -21,6 +26,7 @@ import redis.asyncio as aredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from producer.cluster import BLOCK_TURN_MS, close_node_clients, is_cluster, read_streams_async
 from producer.errors import RequestTimeout
 from producer.keys import Keys
 from producer.protocol import ErrorCode, Event, EventType, decode_event
@@ -66,6 +72,8 @@ class Lane:
 
     def __init__(self, make_connection: Callable[[], aredis.Redis], wake_client: aredis.Redis, wake_key: str):
         self.conn = make_connection()
+        self.is_cluster = is_cluster(self.conn)
+        self._node_clients: dict[str, aredis.Redis] = {}  # on a Cluster: this lane's one connection per node
         self.wake_client = wake_client
         self.wake_key = wake_key
         self.wake_last_id = "0-0"
@@ -87,12 +95,13 @@ class Lane:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        await close_node_clients(self._node_clients)
         await self.conn.aclose()
 
     def subscribe(self, sub: Subscription) -> None:
         self.subs[sub.key] = sub
         self._changed.set()
-        if self.reading is not None and sub.key not in self.reading and not self.wake_sent:
+        if self.reading is not None and sub.key not in self.reading and not self.wake_sent and not self.is_cluster:
             self.wake_sent = True
             task = asyncio.create_task(self._wake())
             self._wakes.add(task)
@@ -118,10 +127,11 @@ class Lane:
                 await self._changed.wait()
                 continue
             streams = {key: sub.last_id for key, sub in self.subs.items()}
-            streams[self.wake_key] = self.wake_last_id
+            if not self.is_cluster:
+                streams[self.wake_key] = self.wake_last_id
             self.reading, self.wake_sent = set(streams), False
             try:
-                reply = await self.conn.xread(streams, count=READ_COUNT, block=READ_BLOCK_MS)
+                reply = await self._read(streams)
             except (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError) as exc:
                 log.warning("event read failed (%s); retrying", exc)
                 reply = None
@@ -134,6 +144,12 @@ class Lane:
                 self.reading = None
             self.num_reads += 1
             self._dispatch(reply or [])
+
+    async def _read(self, streams: dict[str, str]) -> list:
+        if not self.is_cluster:
+            return await self.conn.xread(streams, count=READ_COUNT, block=READ_BLOCK_MS)
+        return await read_streams_async(self.conn, streams, count=READ_COUNT, block_ms=BLOCK_TURN_MS,
+                                        node_clients=self._node_clients, first_turn=self.num_reads)
 
     async def _fail_unreadable(self, exc: Exception) -> None:
         """The XREAD was refused (a key that is not a stream, say): fail the requests whose key is at fault."""

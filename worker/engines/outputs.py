@@ -73,6 +73,16 @@ class OutputState:
         seq.logprobs = None
         return StepOutput(seq=seq, token_ids=[], text=text, finish_reason=finish, tool_calls=deltas)
 
+    def end(self, seq: Sequence) -> StepOutput:
+        """The generator stopped by itself (the sequential engine's generate returned): release the held-back
+        text and finish."""
+        finish = FinishReason.LENGTH if seq.num_output_tokens >= seq.max_tokens else FinishReason.STOP
+        raw = "" if self.stops.is_stopped else self.stops.feed(self.detok.flush()) + self.stops.finish()
+        text, deltas = self._parse(raw, is_final=True)
+        finish = self._end(seq, finish)
+        seq.logprobs = self.logprobs or None
+        return StepOutput(seq=seq, token_ids=[], text=text, finish_reason=finish, tool_calls=deltas)
+
     def advance(self, seq: Sequence, token: int, logprob: dict | None) -> StepOutput:
         """Append one sampled token; decide whether the request is done and what text it releases."""
         seq.output_ids.append(token)

@@ -8,10 +8,14 @@ under torchrun: every process loads its share of each layer's weights).
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+log = logging.getLogger("redbatch.worker")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -63,15 +67,19 @@ def load_model(path: str, device: str = "cpu", dtype: str = "auto", trust_remote
 
     if sharding.is_sharded:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not trust_remote_code:
+        check_no_remote_code(path)
     kwargs = {"trust_remote_code": trust_remote_code}
     try:
         config = AutoConfig.from_pretrained(path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         image_processor = None
         auto_class = AutoModelForCausalLM
-        if is_vision_config(config):
+        if is_vision_config(config) and not _is_remote_text_only(config):
             auto_class = AutoModelForImageTextToText
             image_processor = AutoImageProcessor.from_pretrained(path, **kwargs)
+        elif is_vision_config(config):
+            image_processor = _remote_image_processor(path, kwargs)
         model = auto_class.from_pretrained(path, dtype=resolve_dtype(dtype, device), **kwargs,
                                            **_sharding_kwargs(sharding))
     except (OSError, ValueError, KeyError, ImportError) as exc:
@@ -79,6 +87,45 @@ def load_model(path: str, device: str = "cpu", dtype: str = "auto", trust_remote
     if not sharding.is_sharded:
         model = model.to(device)
     return model.eval(), tokenizer, image_processor
+
+
+def _is_remote_text_only(config) -> bool:
+    """A remote-code VLM that maps only AutoModelForCausalLM (glm-4v-9b, CogVLM2, MiniCPM-V-2.6): it loads
+    through that class, with its image processor when it has one."""
+    auto_map = getattr(config, "auto_map", None) or {}
+    return "AutoModelForImageTextToText" not in auto_map and "AutoModelForCausalLM" in auto_map
+
+
+def _remote_image_processor(path: str, kwargs: dict):
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        log.warning("no image processor loads for %s (%s): chat image parts will be refused", path, exc)
+        return None
+
+
+def check_no_remote_code(path: str) -> None:
+    """A local model directory whose config.json maps Auto classes to its own modules (`auto_map`) runs that
+    code when loaded: refuse it, saying so, unless the worker was started with --trust-remote-code."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return  # a hub id, or no config: transformers' own check applies
+    try:
+        auto_map = json.loads(config_file.read_text(encoding="utf-8")).get("auto_map")
+    except (OSError, ValueError, AttributeError):
+        return  # transformers reports the unreadable config
+    if auto_map:
+        modules = sorted({str(v).split(".")[0] for v in auto_map.values()} if isinstance(auto_map, dict) else [])
+        raise ModelLoadError(f"model {path!r} ships its own code ({', '.join(modules) or 'auto_map'} in the model "
+                             f"directory, named by config.json's auto_map): loading it would run that code. Start "
+                             f"the worker with --trust-remote-code if you trust it")
+
+
+def is_remote_code(model) -> bool:
+    """The model's class comes from the model repository's own code, not from transformers."""
+    return not type(model).__module__.startswith("transformers.")
 
 
 def _sharding_kwargs(sharding: Sharding) -> dict:
