@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported anywhere
@@ -70,10 +71,63 @@ def tiny_qwen2(tiny_qwen2_path):
     return load_llm(str(tiny_qwen2_path))
 
 
+MULTIBYTE_TEXT = "😀東京 naïve ∑∞λ end"  # the tiny tokenizer splits 😀, 東, ∑ and ∞ across tokens
+MULTIBYTE_PROMPT = "go"
+
+
+@pytest.fixture(scope="session")
+def multibyte_llama(tmp_path_factory, torch_threads):
+    """(path, (model, tokenizer)): a rigged tiny Llama whose greedy reply to MULTIBYTE_PROMPT is the tokens of
+    MULTIBYTE_TEXT, then EOS."""
+    from worker.models.loading import load_llm
+    from worker.models.tiny import make_tokenizer
+
+    path = tmp_path_factory.mktemp("multibyte-llama")
+    tokenizer = make_tokenizer(path)
+    ids = tokenizer.encode(MULTIBYTE_TEXT, add_special_tokens=False)
+    trigger = tokenizer(MULTIBYTE_PROMPT).input_ids[-1]
+    assert len(set(ids)) == len(ids) and trigger not in ids, "each token of the reply must appear once"
+    eos = tokenizer.eos_token_id
+    successor = dict.fromkeys(range(len(tokenizer)), eos)
+    successor.update({trigger: ids[0], **dict(itertools.pairwise(ids)), ids[-1]: eos})
+    save_successor_llama(path, tokenizer, successor, eos_ids=[eos])
+    return path, load_llm(str(path))
+
+
 def make_request(request_id: str, prompt_ids: list[int], **config) -> Request:
     config.setdefault("temperature", 0.0)
     body = GenerateBody(prompt_token_ids=prompt_ids, generate_config=GenerateConfig(**config))
     return Request(id=request_id, task=TaskKind.GENERATE, body=body, created_ms=0)
+
+
+def save_successor_llama(out_dir: Path, tokenizer, successor: dict[int, int], eos_ids: list[int]) -> None:
+    """Save a tiny Llama whose greedy next token after t is successor[t] (for every t in the vocabulary).
+
+    The one layer's o_proj and down_proj are zero, so the last hidden state is the current token's one-hot
+    embedding, and lm_head maps it to its successor."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
+
+    vocab = len(tokenizer)
+    hidden = 8 * math.ceil(vocab / 8)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(torch.eye(vocab, hidden))  # token t -> unit vector t
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        head = torch.zeros(vocab, hidden)
+        head[[successor[t] for t in range(vocab)], list(range(vocab))] = 1.0
+        model.lm_head.weight.copy_(head)
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                               eos_token_id=eos_ids, do_sample=False)
+    model.save_pretrained(out_dir)
 
 
 # ---------------------------------------------------------------- real Redis

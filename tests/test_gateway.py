@@ -301,3 +301,80 @@ def test_images_through_the_sdk_equal_the_python_clients(image_worker_factory, g
         client.images.generate(model="flux", prompt="x", size="33x7", extra_body={"num_inference_steps": 2})
     with pytest.raises(openai.BadRequestError):  # a sampling key is not an image field
         client.images.generate(model="flux", prompt="x", extra_body={"num_inference_steps": 2, "max_tokens": 3})
+
+
+# ---------------------------------------------------------------- many requests at once (bench.gateway's findings)
+
+
+def _gateway_with_lookup(lookup):
+    from producer.gateway.config import GatewayConfig
+    from producer.gateway.service import Gateway
+
+    gateway = Gateway(GatewayConfig(redis_url="redis://127.0.0.1:1/0"))  # never connects: the lookup is replaced
+    gateway.client.get_model = lookup
+    return gateway
+
+
+def test_requests_arriving_together_read_the_models_registration_once():
+    import asyncio
+
+    calls = []
+
+    async def lookup(name):
+        calls.append(name)
+        await asyncio.sleep(0.05)
+        return f"model {name}"
+
+    async def main():
+        gateway = _gateway_with_lookup(lookup)
+        first = [asyncio.ensure_future(gateway.model("tiny")) for _ in range(50)]
+        await asyncio.sleep(0.01)
+        first[0].cancel()  # a client that left does not cancel the read the others wait for
+        results = await asyncio.gather(*first[1:])
+        return results, await gateway.model("tiny"), gateway._lookups
+
+    results, cached, in_flight = asyncio.run(main())
+    assert results == ["model tiny"] * 49 and cached == "model tiny"
+    assert calls == ["tiny"] and in_flight == {}
+
+
+def test_an_unknown_model_fails_every_waiting_request_and_is_read_again_next_time():
+    import asyncio
+
+    from producer.errors import UnknownModel
+    from producer.gateway.errors import HTTPError
+
+    calls = []
+
+    async def lookup(name):
+        calls.append(name)
+        await asyncio.sleep(0.01)
+        raise UnknownModel(f"no model {name}")
+
+    async def main():
+        gateway = _gateway_with_lookup(lookup)
+        together = await asyncio.gather(*(gateway.model("nope") for _ in range(5)), return_exceptions=True)
+        again = await asyncio.gather(gateway.model("nope"), return_exceptions=True)
+        return together, again
+
+    together, again = asyncio.run(main())
+    assert all(isinstance(e, HTTPError) and e.status == 404 for e in together + again)
+    assert calls == ["nope", "nope"]
+
+
+def test_no_free_redis_connection_in_time_is_an_openai_shaped_503_not_a_bare_500():
+    import asyncio
+    from types import SimpleNamespace
+
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from producer.gateway.errors import HTTPError
+
+    async def lookup(name):
+        raise RedisConnectionError("No connection available.")  # redis-py's BlockingConnectionPool, timed out
+
+    gateway = _gateway_with_lookup(lookup)
+    with pytest.raises(HTTPError) as info:
+        asyncio.run(gateway.serve(None, SimpleNamespace(model="tiny")))
+    assert info.value.status == 503 and info.value.code == "redis_unavailable"
+    assert info.value.headers == {"Retry-After": "1"} and "nothing was enqueued" in info.value.message

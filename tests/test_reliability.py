@@ -19,7 +19,8 @@ from producer import Client, DuplicateRequest
 from producer import admin
 from producer.keys import GROUP, Keys
 from producer.protocol import EventType, GenerateBody, GenerateConfig, TaskKind, decode_event, encode_event, encode_request
-from tests.conftest import StepGate, _free_port
+from producer.results import Shaper
+from tests.conftest import MULTIBYTE_PROMPT, MULTIBYTE_TEXT, StepGate, _free_port, build_worker_thread
 from tests.test_loop import events_of, wait_for
 
 pytestmark = pytest.mark.redis
@@ -407,3 +408,51 @@ def test_a_reclaim_pass_ends_over_a_long_pending_list(redis_server_url, prefix, 
             break
         assert calls < 10, "the pass never ends: a worker with a free slot would reclaim at every step"
     assert calls > 1  # it took several windows: the case a single-call check misses
+
+
+# ---------------------------------------------------------------- text across a resume mid-character
+
+
+def keep_first_events(rds, key: str, num_kept: int) -> None:
+    """What a replica promoted by a failover may hold: the first events only (and no trace of the others)."""
+    kept = rds.xrange(key)[:num_kept]
+    rds.delete(key)
+    for entry_id, fields in kept:
+        rds.xadd(key, fields, id=entry_id)
+
+
+@pytest.mark.parametrize("num_kept", [3, 9])  # the text of the first 3 (or 9) tokens ends inside 東 (inside ∞)
+def test_text_read_across_a_resume_mid_character_is_the_decoded_output(redis_server_url, prefix, rds, client,
+                                                                       multibyte_llama, num_kept):
+    """A worker publishes past `num_kept` tokens and stops; a failover keeps only the first `num_kept` events;
+    another worker resumes from them. The consumer's text is the decoded output, nothing repeated."""
+    path, (model, tokenizer) = multibyte_llama
+    workers = [build_worker_thread(redis_server_url, prefix, None, path, model=(model, tokenizer), grace_s=0, lease_s=1)
+               for _ in range(2)]
+    gate = StepGate(workers[0].worker.engine, hold={num_kept + 3})
+    workers[0].start()
+    request_id = client.get_model("tiny").submit(TaskKind.GENERATE, {"prompt": MULTIBYTE_PROMPT},
+                                                 {"temperature": 0, "max_tokens": 32})
+    try:
+        gate.wait_entered(num_kept + 3)
+        wait_for(lambda: len(events_of(client, request_id)) > num_kept)
+        workers[0].worker.request_stop()
+    finally:
+        gate.release_all()
+    workers[0].stop()
+    keep_first_events(rds, client.keys.events(request_id), num_kept)
+    kept_ids = streamed_ids(events_of(client, request_id))
+    assert tokenizer.decode(kept_ids).endswith("\ufffd"), "the resume point must split a character"
+    try:
+        workers[1].start()
+        events = list(client.events(request_id, timeout_s=60))
+    finally:
+        workers[1].stop()
+    assert_clean_stream(events)
+    read = "".join(e.text or "" for e in events if e.type == EventType.TOKEN)
+    assert read == tokenizer.decode(streamed_ids(events), skip_special_tokens=True) == events[-1].text == MULTIBYTE_TEXT
+    shaper = Shaper(request_id, "tiny", TaskKind.GENERATE)  # the client's chunks and completion agree
+    chunks = [shaper.chunk(e) for e in events]
+    completion = shaper.completion(events[-1])["choices"][0]["text"]
+    assert "".join(c["choices"][0]["text"] for c in chunks if c) == completion == read
+    assert workers[1].worker.stats.num_reclaimed == 1

@@ -130,6 +130,18 @@ def test_generate_stream_chunks() -> None:
     assert "delta" not in first["choices"][0]
 
 
+@pytest.mark.parametrize("task", [TaskKind.GENERATE, TaskKind.CHAT])
+def test_chunk_texts_add_up_to_the_completion_across_a_resume(task: TaskKind) -> None:
+    # A worker held back the first bytes of 東 (""), died; the next sent an empty event on resume, then 東京.
+    events = [token(0, "😀"), token(1, ""), Event(seq=2, type=EventType.TOKEN, text="", token_ids=[]),
+              token(3, "東京"), done(seq=4, text="😀東京")]
+    shaper = Shaper("r", "m", task)
+    chunks = [c["choices"][0] for c in map(shaper.chunk, events) if c is not None]
+    read = "".join(c["delta"].get("content") or "" if task == TaskKind.CHAT else c["text"] for c in chunks)
+    completion = shaper.completion(events[-1])["choices"][0]
+    assert read == (completion["message"]["content"] if task == TaskKind.CHAT else completion["text"]) == "😀東京"
+
+
 def test_token_logprobs_are_passed_through_in_chunks() -> None:
     logprobs = [{"token": "a", "logprob": -0.5, "top_logprobs": []}]
     chunk = Shaper("r", "m", TaskKind.CHAT).chunk(token(0, "a", logprobs=logprobs))

@@ -129,6 +129,18 @@ def test_resumed_ids_then_new_ids_continue_the_text(tokenizer):
     assert tokenizer.decode(ids[:3]) + rest == tokenizer.decode(ids)
 
 
+@pytest.mark.parametrize("text", TEXTS[:4])
+def test_resume_at_every_token_keeps_an_incomplete_character_pending(tokenizer, text):
+    # An earlier worker pushed ids[:k] one at a time and published its deltas; another resumes from ids[:k].
+    ids = encode(tokenizer, text)
+    for k in range(len(ids) + 1):
+        published, _ = stream(tokenizer, ids[:k])
+        detok = IncrementalDetokenizer(tokenizer)
+        assert detok.resume(ids[:k]) == "".join(published), f"resumed after {k} tokens"
+        rest = "".join(detok.push([i]) for i in ids[k:]) + detok.flush()
+        assert "".join(published) + rest == text
+
+
 # ---------------------------------------------------------------- StopStringMatcher
 
 

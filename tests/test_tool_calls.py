@@ -1,24 +1,23 @@
 """Tool calls end to end: a real worker (real Redis) on a rigged tiny Llama whose greedy output is a script.
 
-The rig: every script piece is an added token of its own; the one layer's o_proj and down_proj are zero, so
-the last hidden state is the current token's (one-hot) embedding; lm_head maps each token to the next piece
-(other tokens to a fixed pseudo-random successor). The chat prompt's last token starts the script. The model
-is saved with save_pretrained and loaded back through from_pretrained like any other.
+The rig (conftest's save_successor_llama): every script piece is an added token of its own, and the model's
+greedy successor of each token is the next piece (other tokens get a fixed pseudo-random successor). The chat
+prompt's last token starts the script. The model is saved with save_pretrained and loaded back through
+from_pretrained like any other.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from producer import Client
 from producer.protocol import ChatBody, ChatMessage, ErrorCode, EventType, GenerateConfig, Request, TaskKind
-from tests.conftest import StepGate, build_worker_thread
+from tests.conftest import StepGate, build_worker_thread, save_successor_llama
 from tests.test_loop import events_of
+from tests.test_outputs import resumed_everywhere, text_of
 from worker.engines.base import RequestRejected
 from worker.models.tool_parsers import call_id
 
@@ -48,13 +47,14 @@ TOOLS = [
 MESSAGES = [{"role": "user", "content": "weather in Paris, and the time?"}]
 CONTENT = "Let me check.Done soon."  # the space after a call is a separator, not content
 EXPECTED_CALLS = [("get_weather", {"city": "Paris"}), ("get_time", {})]
+MULTIBYTE_LEAD = "😀東京 ∑∞λ"
 MARKUP = ("<tool_call>", "</tool_call>", '{"name"', '"arguments"')
 
 
-def make_script_model(out_dir: Path, script: list[str]) -> tuple[Path, dict[int, int]]:
-    """A tiny Llama whose greedy chat reply is `script`, then <|im_end|>. Returns its path and successor map."""
+def make_script_model(out_dir: Path, script: list[str], lead: str = "") -> tuple[Path, dict[int, int]]:
+    """A tiny Llama whose greedy chat reply is `lead` in ordinary tokens (which may split its characters), then
+    `script`, then <|im_end|>. Returns its path and successor map."""
     from tokenizers import AddedToken
-    from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
 
     from worker.models.tiny import make_tokenizer
 
@@ -69,26 +69,12 @@ def make_script_model(out_dir: Path, script: list[str]) -> tuple[Path, dict[int,
     vocab = len(tokenizer)
     trigger = tokenizer.apply_chat_template(MESSAGES, tokenize=True, add_generation_prompt=True)
     trigger = (trigger["input_ids"] if isinstance(trigger, dict) or hasattr(trigger, "keys") else trigger)[-1]
+    ids = tokenizer.encode(lead, add_special_tokens=False) + ids
+    assert len(set(ids)) == len(ids) and trigger not in ids, "each token of the reply must appear once"
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     successor = {t: 5 + (t * 31 + 7) % (num_base - 5) for t in range(vocab)}  # skips the 5 special tokens
     successor.update({trigger: ids[0], **{a: b for a, b in zip(ids, ids[1:])}, ids[-1]: im_end})
-    hidden = 8 * math.ceil(vocab / 8)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=16, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        model.model.embed_tokens.weight.copy_(torch.eye(vocab, hidden))  # token t -> unit vector t
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        head = torch.zeros(vocab, hidden)
-        head[[successor[t] for t in range(vocab)], list(range(vocab))] = 1.0
-        model.lm_head.weight.copy_(head)
-    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                               eos_token_id=[tokenizer.eos_token_id, im_end], do_sample=False)
-    model.save_pretrained(out_dir)
+    save_successor_llama(out_dir, tokenizer, successor, eos_ids=[tokenizer.eos_token_id, im_end])
     return out_dir, successor
 
 
@@ -97,6 +83,15 @@ def two_calls(tmp_path_factory, torch_threads):
     from worker.models.loading import load_llm
 
     path, successor = make_script_model(tmp_path_factory.mktemp("two-calls"), TWO_CALLS)
+    return path, load_llm(str(path)), successor
+
+
+@pytest.fixture(scope="module")
+def multibyte_calls(tmp_path_factory, torch_threads):
+    """TWO_CALLS with MULTIBYTE_LEAD (characters split across tokens) in place of its first piece."""
+    from worker.models.loading import load_llm
+
+    path, successor = make_script_model(tmp_path_factory.mktemp("multibyte-calls"), TWO_CALLS[1:], lead=MULTIBYTE_LEAD)
     return path, load_llm(str(path)), successor
 
 
@@ -289,6 +284,23 @@ def test_resume_mid_tool_call_keeps_ids_and_never_repeats_a_delta(start_worker, 
     assert_streamed_tool_calls(events, request_id)
     assert [t for e in token_events(events) for t in e.token_ids] == \
         two_calls[1][1].convert_tokens_to_ids(TWO_CALLS) + [two_calls[1][1].convert_tokens_to_ids("<|im_end|>")]
+
+
+def test_content_and_calls_read_across_a_resume_at_every_token_are_the_whole_output(multibyte_calls):
+    """Content whose characters split across tokens, then two calls: resumed after each published token,
+    the content read is the final content and each call is sent once."""
+    from worker.engines.llm import LLMEngine
+
+    _, (model, tokenizer), _ = multibyte_calls
+    request = chat_request(MESSAGES, tools=TOOLS)
+    request = request.model_copy(update={"body": request.body.model_copy(
+        update={"generate_config": GenerateConfig(max_tokens=32, temperature=0)})})
+    for k, outputs, seq, _ in resumed_everywhere(LLMEngine(model, tokenizer), request):
+        assert text_of(outputs) == seq.text == MULTIBYTE_LEAD + "Done soon.", f"resumed after {k} tokens"
+        deltas = [d for out in outputs for d in (out.tool_calls or [])]
+        assert [d["index"] for d in deltas] == [0, 1], f"resumed after {k} tokens: a call sent twice or never"
+        assert assemble(deltas) == seq.tool_calls
+        assert names_args(seq.tool_calls) == EXPECTED_CALLS and seq.finish_reason.value == "tool_calls"
 
 
 # ---------------------------------------------------------------- chat edge cases at the engine

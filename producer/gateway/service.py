@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer.aio import AsyncClient, AsyncModel
 from producer.connection import connect, connect_async
@@ -52,6 +54,7 @@ class Gateway:
         # producer.admin.system_status is synchronous: the status page runs it in a thread
         self.sync_redis = connect(config.redis_url, client_name=CLIENT_NAME)
         self._models: dict[str, tuple[float, AsyncModel]] = {}
+        self._lookups: dict[str, asyncio.Future] = {}  # model name -> the registration read in flight
         self._background: set[asyncio.Task] = set()
         self.num_streams = 0  # open requests (streams and waits), for readiness and the status page
 
@@ -72,12 +75,27 @@ class Gateway:
         cached = self._models.get(name)
         if cached is not None and time.monotonic() - cached[0] < self.config.model_info_ttl_s:
             return cached[1]
+        # One read per model however many requests miss the cache at once: 512 requests arriving together
+        # made 512 HGETs queue for the command pool (bench.gateway), each one more wait before its submit.
+        lookup = self._lookups.get(name)
+        if lookup is None:
+            lookup = self._lookups[name] = asyncio.ensure_future(self._look_up(name))
+            lookup.add_done_callback(lambda done: self._lookup_done(name, done))
+        return await asyncio.shield(lookup)  # a request whose client left must not cancel the others' read
+
+    async def _look_up(self, name: str) -> AsyncModel:
         try:
             model = await self.client.get_model(name)
         except RedbatchError:
             raise unknown_model(name) from None
         self._models[name] = (time.monotonic(), model)
         return model
+
+    def _lookup_done(self, name: str, done: asyncio.Future) -> None:
+        if self._lookups.get(name) is done:
+            del self._lookups[name]
+        if not done.cancelled():
+            done.exception()  # retrieved: every waiter may have left
 
     async def registered_models(self) -> dict[str, tuple[ModelRegistration, int]]:
         """Every registered model with its number of live workers (ZCOUNT of fresh heartbeats)."""
@@ -93,8 +111,12 @@ class Gateway:
     # ------------------------------------------------------------ one request
 
     async def serve(self, request: Request, req: Translated) -> Response:
-        model = await self.model(req.model)
-        request_id = await self._submit(model, req)
+        try:
+            model = await self.model(req.model)
+            request_id = await self._submit(model, req)
+        except (RedisConnectionError, RedisTimeoutError) as exc:  # no free connection in time, Redis away
+            raise HTTPError(503, f"Redis did not answer in time, nothing was enqueued: {exc}", type="server_error",
+                            code="redis_unavailable", headers={"Retry-After": str(self.config.retry_after_s)}) from None
         sub = self.hub.subscribe(request_id)
         watcher = DisconnectWatcher(request.receive)
         shaper = Shaper(request_id, model.name, req.task)

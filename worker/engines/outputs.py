@@ -29,23 +29,33 @@ class OutputState:
     logprobs: list[dict] = field(default_factory=list)
     tools: ToolParser | None = None  # chat requests with tools (tool_choice not "none")
     unsent: tuple[str, list[dict[str, Any]]] = ("", [])  # parsed again at resume, not yet published
+    num_sent_chars: int = 0  # content the client had at resume (tool-call requests)
+    num_parsed_chars: int = 0  # content the parser has produced here
+    sent_calls: frozenset[int] = frozenset()  # indices of the tool calls published before the resume
 
     def resume(self, seq: Sequence, resume: Resume) -> None:
         """Continue after tokens an earlier worker published: same text state; the sampler's counter
-        is the output index, so the random stream continues by itself."""
+        is the output index, so the random stream continues by itself.
+
+        The client has `resume.text`, and text events concatenate to the whole output across resumes:
+        what is released here beyond it is still owed, and nothing of it is released twice."""
         seq.output_ids = list(resume.output_ids)
         seq.num_resumed_tokens = len(resume.output_ids)
-        released = self.stops.feed(self.detok.push(list(resume.output_ids)))
+        ids = resume.output_ids
+        if ids and self._is_stop_token(seq, ids[-1]):
+            ids = ids[:-1]  # advance() never decodes a stop token
+        released = self.stops.feed(self.detok.resume(ids))
         if self.tools is None:
-            self.stops.num_released = min(len(resume.text), len(self.stops.text))  # what the client has
+            # Counted, not clamped to the text here: an output that ended mid-character was flushed there.
+            self.stops.num_released = len(resume.text)
             return
         # The wire text is the parser's content, not the raw text. The old worker fed its parser a prefix
         # of `released`; a parser's output on a prefix is a prefix of its output on the whole (it never
         # takes back), and each call is published whole, in one event: what is beyond the published
         # content and calls is still owed to the client.
-        content, deltas = self.tools.feed(released)
-        published = {d["index"] for d in resume.tool_calls}
-        self.unsent = (content[len(resume.text):], [d for d in deltas if d["index"] not in published])
+        self.num_sent_chars = len(resume.text)
+        self.sent_calls = frozenset(d["index"] for d in resume.tool_calls)
+        self.unsent = self._owed(*self.tools.feed(released))
 
     def finish_resumed(self, seq: Sequence) -> StepOutput | None:
         """A resumed request whose published tokens already end it (the old worker died before `done`)."""
@@ -108,10 +118,16 @@ class OutputState:
         if is_final:
             more, more_deltas, _ = self.tools.finish()
             content, deltas = content + more, deltas + more_deltas
+        content, deltas = self._owed(content, deltas)
         if self.unsent != ("", []):
             content, deltas = self.unsent[0] + content, self.unsent[1] + deltas
             self.unsent = ("", [])
         return content, deltas or None
+
+    def _owed(self, content: str, deltas: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+        """Parsed content and calls less what the client had at resume."""
+        start, self.num_parsed_chars = self.num_parsed_chars, self.num_parsed_chars + len(content)
+        return content[max(0, self.num_sent_chars - start):], [d for d in deltas if d["index"] not in self.sent_calls]
 
     def _end(self, seq: Sequence, finish: FinishReason) -> FinishReason:
         """Record the whole output for `done`; a request that made a tool call finishes with `tool_calls`."""

@@ -39,6 +39,17 @@ class IncrementalDetokenizer:
         self.read_offset = len(self.ids)
         return full_text[len(prefix_text) :]
 
+    def resume(self, ids: list[int]) -> str:
+        """Take over the ids an earlier worker pushed one at a time (on a fresh detokenizer); return the
+        text they release. The bytes of a trailing incomplete character stay pending, as they did there:
+        one push of all the ids would hold back the text before them too, and release it again later."""
+        num_complete = len(ids)
+        while num_complete and self._decode(ids[:num_complete]).endswith(REPLACEMENT_CHAR):
+            num_complete -= 1
+        text = self.push(ids[:num_complete])
+        self.ids.extend(ids[num_complete:])
+        return text
+
     def flush(self) -> str:
         """Whatever is still held back, at the end of generation."""
         prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
