@@ -11,7 +11,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from producer.cluster import close_node_clients, read_streams_async
+from producer.cluster import close_node_clients, id_source, read_streams_async
 from producer.connection import connect_async
 from producer.errors import RequestTimeout
 from producer.keys import DEFAULT_PREFIX, DEFAULT_PRIORITY, Keys, Priority
@@ -29,6 +29,7 @@ from producer.submit import (
     handle_live_workers,
     image_payload,
     model_key_name,
+    new_request_id,
     prompt_payload,
     request_key_id,
     wants_stream,
@@ -43,12 +44,14 @@ class AsyncClient:
         prefix: str = DEFAULT_PREFIX,
         result_ttl_s: int = DEFAULT_RESULT_TTL_S,
         on_no_live_worker: str = "error",
+        colocate_request_ids: bool = True,
         redis_client: aredis.Redis | None = None,
     ):
         self.redis = redis_client if redis_client is not None else connect_async(url)
         self.keys = Keys(prefix)
         self.result_ttl_s = result_ttl_s
         self.on_no_live_worker = check_no_live_worker_policy(on_no_live_worker)
+        self.colocate_request_ids = colocate_request_ids  # on a Cluster: see producer.cluster.colocated_id
         self._enqueue = self.redis.register_script(ENQUEUE_LUA)
         self._node_clients: dict[str, aredis.Redis] = {}  # on a Cluster: a plain client per node for event reads
 
@@ -133,7 +136,9 @@ class AsyncModel:
                      user: str | None = None, priority: Priority | str = DEFAULT_PRIORITY) -> str:
         client = self.client
         sub = Submission.prepare(client.keys, self.info, task, payload, generate_config, deadline_ms,
-                                 client.result_ttl_s, request_id, user, priority)
+                                 client.result_ttl_s, request_id, user, priority,
+                                 id_source(client.redis, client.keys.requests(self.name), new_request_id,
+                                           client.colocate_request_ids))
         if client.on_no_live_worker != "ignore":
             live = await client.redis.zcount(sub.workers_key, sub.live_since_ms, "+inf")
             handle_live_workers(client.on_no_live_worker, self.name, int(live))

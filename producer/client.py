@@ -13,7 +13,7 @@ from typing import Any
 import redis
 from redis.exceptions import ResponseError
 
-from producer.cluster import read_streams
+from producer.cluster import id_source, read_streams
 from producer.connection import connect
 from producer.errors import RequestTimeout
 from producer.keys import DEFAULT_PREFIX, DEFAULT_PRIORITY, Keys, Priority
@@ -31,6 +31,7 @@ from producer.submit import (
     handle_live_workers,
     image_payload,
     model_key_name,
+    new_request_id,
     prompt_payload,
     request_key_id,
     wants_stream,
@@ -47,12 +48,14 @@ class Client:
         prefix: str = DEFAULT_PREFIX,
         result_ttl_s: int = DEFAULT_RESULT_TTL_S,
         on_no_live_worker: str = "error",
+        colocate_request_ids: bool = True,
         redis_client: redis.Redis | None = None,
     ):
         self.redis = redis_client if redis_client is not None else connect(url)
         self.keys = Keys(prefix)
         self.result_ttl_s = result_ttl_s
         self.on_no_live_worker = check_no_live_worker_policy(on_no_live_worker)
+        self.colocate_request_ids = colocate_request_ids  # on a Cluster: see producer.cluster.colocated_id
         self._enqueue = self.redis.register_script(ENQUEUE_LUA)
 
     def close(self) -> None:
@@ -172,7 +175,9 @@ class Model:
         """Enqueue one request and return its id without waiting."""
         client = self.client
         sub = Submission.prepare(client.keys, self.info, task, payload, generate_config, deadline_ms,
-                                 client.result_ttl_s, request_id, user, priority)
+                                 client.result_ttl_s, request_id, user, priority,
+                                 id_source(client.redis, client.keys.requests(self.name), new_request_id,
+                                           client.colocate_request_ids))
         if client.on_no_live_worker != "ignore":
             live = client.redis.zcount(sub.workers_key, sub.live_since_ms, "+inf")
             handle_live_workers(client.on_no_live_worker, self.name, int(live))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -130,6 +131,40 @@ def slot_of(key: str | bytes) -> int:
     return key_slot(key.encode() if isinstance(key, str) else key)
 
 
+COLOCATE_TRIES = 1024  # a cluster of n masters needs about n draws; past this many, any node will do
+
+
+def colocated_id(client: Any, anchor_key: str, new_id: Callable[[], str]) -> str:
+    """A fresh id (drawn from `new_id`) whose `{<id>}` keys land on the node that serves `anchor_key`'s
+    slot, when the client's slot map knows it: a request's events and abort keys then sit on its model's
+    node, so a worker's step (read, abort check, publish, ack) touches that one node. An id is only an
+    id: with a slot map that changed since, or any id at all, everything still works, one node further."""
+    try:
+        target = primary_of(client, slot_of(anchor_key)).name
+        for _ in range(COLOCATE_TRIES):
+            candidate = new_id()
+            if primary_of(client, slot_of(candidate)).name == target:
+                return candidate
+    except (redis_errors.SlotNotCoveredError, LookupError):  # a slot map not read yet, or being rebuilt
+        pass
+    return new_id()
+
+
+def id_source(client: Any, anchor_key: str, new_id: Callable[[], str], colocate: bool = True) -> Callable[[], str]:
+    """Where a client draws the id of a request that names none: `new_id`, or on a Cluster (with
+    `colocate`) ids colocated with `anchor_key` (the model's request stream)."""
+    if colocate and is_cluster(client):
+        return lambda: colocated_id(client, anchor_key, new_id)
+    return new_id
+
+
+def primary_of(client: Any, slot: int) -> Any:
+    """The master serving `slot` in the client's slot map (sync or async client). Read straight from the map:
+    get_node_from_slot's locking and argument checks cost more than the rest of routing a command."""
+    nodes = client.nodes_manager.slots_cache.get(slot)
+    return nodes[0] if nodes else client.nodes_manager.get_node_from_slot(slot)  # raises SlotNotCoveredError
+
+
 def by_slot(keys: list[str]) -> dict[int, list[str]]:
     grouped: dict[int, list[str]] = defaultdict(list)
     for key in keys:
@@ -176,6 +211,7 @@ class NodePipeline:
             self._calls.append(_Call(slot_of(key), method, args, kwargs))
             return self
 
+        self.__dict__[method] = add  # the next pipe.<method> finds it without coming here
         return add
 
     def execute(self, raise_on_error: bool = True) -> list[Any]:
@@ -250,7 +286,7 @@ class NodePipeline:
         return client, pipe, conn, is_asking, None
 
     def _node_of(self, slot: int) -> Any:
-        return self.cluster.nodes_manager.get_node_from_slot(slot)
+        return primary_of(self.cluster, slot)
 
     def _node_at(self, error: Any) -> Any:
         self.cluster.nodes_manager.initialize()

@@ -11,6 +11,7 @@ import json
 import time
 import uuid
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,6 +113,10 @@ def handle_live_workers(policy: str, model: str, live: int) -> None:
     warnings.warn(message, NoLiveWorkerWarning, stacklevel=4)
 
 
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
 @dataclass(frozen=True)
 class Submission:
     """One request ready to enqueue: the enqueue script's keys and arguments, and where to count live workers."""
@@ -128,11 +133,13 @@ class Submission:
     def prepare(cls, keys: Keys, info: ModelInfo, task: TaskKind, payload: dict[str, Any],
                 generate_config: dict[str, Any] | None, deadline_ms: int | None, owner_ttl_s: int,
                 request_id: str | None = None, user: str | None = None,
-                priority: Priority | str = DEFAULT_PRIORITY) -> "Submission":
-        """request_id: a text_to_image request's id (generate/chat carry theirs in generate_config)."""
+                priority: Priority | str = DEFAULT_PRIORITY,
+                new_id: Callable[[], str] = new_request_id) -> "Submission":
+        """request_id: a text_to_image request's id (generate/chat carry theirs in generate_config); `new_id`
+        draws the id of a request that names none."""
         info.check_task(task)
         priority = request_priority(priority)
-        request_id, body = build_body(task, payload, generate_config, request_id)
+        request_id, body = build_body(task, payload, generate_config, request_id, new_id)
         return cls(model=info.name, request_id=request_id,
                    script_keys=[keys.requests(info.name, priority), keys.request_owner(info.name, request_id)],
                    script_args=enqueue_args(request_id, task, body, info.max_queue_len, deadline_ms, owner_ttl_s, user),
@@ -163,12 +170,8 @@ def decode_models(raw: dict[bytes, bytes]) -> dict[str, dict[str, Any]]:
     return {k.decode(): json.loads(v) for k, v in raw.items()}
 
 
-def new_request_id() -> str:
-    return uuid.uuid4().hex
-
-
 def build_body(task: TaskKind, payload: dict[str, Any], generate_config: dict[str, Any] | None,
-               request_id: str | None = None) -> tuple[str, Body]:
+               request_id: str | None = None, new_id: Callable[[], str] = new_request_id) -> tuple[str, Body]:
     """Validate a call's arguments into a wire body; returns (request_id, body). A text_to_image body has
     no generate_config: its id comes from `request_id`. A generate/chat id comes from either
     `generate_config["request_id"]` or `request_id` (both given, they must agree)."""
@@ -176,14 +179,14 @@ def build_body(task: TaskKind, payload: dict[str, Any], generate_config: dict[st
         if task == TaskKind.TEXT_TO_IMAGE:
             if generate_config:
                 raise InvalidRequest("text_to_image takes no generate_config")
-            return (request_key_id(request_id) if request_id else new_request_id()), TextToImageBody.model_validate(payload)
+            return (request_key_id(request_id) if request_id else new_id()), TextToImageBody.model_validate(payload)
         generate_config = dict(generate_config or {})
         if request_id is not None:
             named = generate_config.setdefault("request_id", request_id)
             if named != request_id:
                 raise InvalidRequest(f"request_id {request_id!r} differs from generate_config's {named!r}")
         config = GenerateConfig.model_validate(generate_config)
-        request_id = config.request_id or new_request_id()
+        request_id = config.request_id or new_id()
         if task == TaskKind.GENERATE:
             body: Body = GenerateBody.model_validate({**payload, "generate_config": config})
         elif task == TaskKind.CHAT:

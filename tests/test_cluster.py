@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from typing import ClassVar
 
 import pytest
 from redis.cluster import RedisCluster
@@ -237,6 +238,60 @@ def test_two_models_on_different_nodes_serve_exact_greedy_output(cluster_workers
         assert crds.xlen(Keys(prefix).requests(name)) == 0  # acked and deleted
 
 
+def node_of(crds, key: str) -> str:
+    return crds.nodes_manager.get_node_from_slot(slot_of(key)).name
+
+
+@pytest.mark.redis
+def test_drawn_ids_sit_on_their_models_node_and_chosen_ids_anywhere_still_work(cluster_workers, cclient, crds,
+                                                                                 local_cluster, prefix, tiny_llama):
+    """The clients draw ids whose keys share the model's node (a step then touches one node); an id the caller
+    names, on another node, is served the same; colocate_request_ids=False draws ids anywhere."""
+    from producer.aio import AsyncClient
+    from producer.client import Client
+    from tests.test_reliability import assert_clean_stream, reference, streamed_ids
+
+    keys = Keys(prefix)
+    name = models_on_different_nodes(crds, prefix)[0]
+    home = node_of(crds, keys.requests(name))
+    cluster_workers(name).start()
+    model = cclient.get_model(name)
+    drawn = [model.submit(TaskKind.GENERATE, {"prompt": f"colocated {i}"}, {**GREEDY, "max_tokens": 8})
+             for i in range(6)]
+    assert {node_of(crds, keys.events(i)) for i in drawn} == {home}
+    elsewhere = next(f"chosen-{i}" for i in range(100) if node_of(crds, keys.events(f"chosen-{i}")) != home)
+    assert model.submit(TaskKind.GENERATE, {"prompt": "chosen id"},
+                        {**GREEDY, "max_tokens": 8, "request_id": elsewhere}) == elsewhere
+    for request_id, prompt in [*zip(drawn, [f"colocated {i}" for i in range(6)]), (elsewhere, "chosen id")]:
+        events = list(cclient.events(request_id, timeout_s=120))
+        assert_clean_stream(events)
+        assert streamed_ids(events) == reference(tiny_llama, prompt, 8)
+
+    async def async_ids(colocate: bool) -> list[str]:
+        async with AsyncClient(local_cluster.url(), prefix=prefix, colocate_request_ids=colocate) as client:
+            handle = await client.get_model(name)
+            return [await handle.submit(TaskKind.GENERATE, {"prompt": "a"}, {**GREEDY, "max_tokens": 2})
+                    for _ in range(12)]
+
+    assert {node_of(crds, keys.events(i)) for i in asyncio.run(async_ids(True))} == {home}
+    assert len({node_of(crds, keys.events(i)) for i in asyncio.run(async_ids(False))}) > 1  # all 12 on one node: odds 3**-11
+    with Client(local_cluster.url(), prefix=prefix, colocate_request_ids=False) as spread:
+        handle = spread.get_model(name)
+        ids = [handle.submit(TaskKind.GENERATE, {"prompt": "b"}, {**GREEDY, "max_tokens": 2}) for _ in range(12)]
+    assert len({node_of(crds, keys.events(i)) for i in ids}) > 1
+
+
+def test_colocated_id_falls_back_to_any_id_without_a_slot_map():
+    class NoMap:
+        slots_cache: ClassVar[dict] = {}
+
+        def get_node_from_slot(self, slot):
+            raise cluster.redis_errors.SlotNotCoveredError(f"slot {slot}")
+
+    client = type("C", (), {"nodes_manager": NoMap()})()
+    assert cluster.colocated_id(client, "rb:{m}:requests", lambda: "fresh") == "fresh"
+
+
 @pytest.mark.redis
 def test_abort_on_the_cluster(cluster_workers, cclient, crds, prefix):
     from producer.protocol import EventType
@@ -289,9 +344,9 @@ def test_per_step_round_trips_are_bounded_by_nodes_not_requests(local_cluster, c
     request_ids = [f"trip-{i}" for i in range(60)]  # spread over every node
     assert len({crds.nodes_manager.get_node_from_slot(slot_of(Keys(prefix).events(i))).name for i in request_ids}) == 3
 
-    def outbox(seq: int) -> Outbox:
+    def outbox(seq: int, ids: list[str] = request_ids) -> Outbox:
         box = Outbox()
-        for request_id in request_ids:
+        for request_id in ids:
             box.event(request_id, seq, EventType.TOKEN, text="x", token_ids=[1])
         return box
 
@@ -304,6 +359,15 @@ def test_per_step_round_trips_are_bounded_by_nodes_not_requests(local_cluster, c
     assert streams.flush(outbox(1)) == set()
     assert len(sends) <= 2 * 3 and sorted(set(sends)) == sorted(n.name for n in crds.get_primaries())
     assert all(crds.xlen(Keys(prefix).events(i)) == 2 for i in request_ids)
+
+    counter = iter(range(10_000))
+    colocated = [cluster.colocated_id(crds, Keys(prefix).requests("cl-trips"), lambda: f"near-{next(counter)}")
+                 for _ in range(60)]  # what the clients draw: all on the model's node
+    streams.flush(outbox(0, colocated))
+    sends.clear()
+    assert streams.aborted(colocated) == set()
+    assert streams.flush(outbox(1, colocated)) == set()
+    assert sends == [node_of(crds, Keys(prefix).requests("cl-trips"))] * 2  # one round trip each, to one node
 
 
 @pytest.mark.redis
