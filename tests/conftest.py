@@ -198,7 +198,7 @@ class WorkerThread:
         except BaseException as exc:  # noqa: BLE001 - surfaced to the test by stop()
             self.error = exc
 
-    def start(self) -> "WorkerThread":
+    def start(self) -> WorkerThread:
         self.thread.start()
         assert self.worker.ready.wait(30), "worker did not register"
         return self
@@ -257,8 +257,8 @@ def build_worker_thread(server_url: str, prefix: str, tiny_llama, tiny_llama_pat
     from worker.streams import WorkerStreams
 
     hf_model, tokenizer = model or tiny_llama
-    options = dict(model_name=model_name, model_path=str(tiny_llama_path), redis_url=server_url, prefix=prefix,
-                   read_block_ms=100, heartbeat_interval_s=0.2, grace_s=5.0)
+    options = {"model_name": model_name, "model_path": str(tiny_llama_path), "redis_url": server_url, "prefix": prefix,
+               "read_block_ms": 100, "heartbeat_interval_s": 0.2, "grace_s": 5.0}
     options.update(overrides)
     config = WorkerConfig(**options)
     engine = LLMEngine(hf_model, tokenizer, LLMEngineConfig(
@@ -310,17 +310,36 @@ def tiny_flux_pipes(tiny_flux_paths):
     return {kind: load_diffusers(str(path)) for kind, path in tiny_flux_paths.items()}
 
 
+@pytest.fixture(scope="session")
+def tiny_sd3_paths(tmp_path_factory, torch_threads) -> dict[str, Path]:
+    """Tiny random Stable Diffusion 3 pipelines, saved to disk: SD3's fixed shift, and dynamic shifting."""
+    pytest.importorskip("diffusers", reason="the image extra (diffusers) is not installed")
+    from worker.models.tiny_sd3 import make_tiny_sd3
+
+    root = tmp_path_factory.mktemp("tiny-sd3")
+    return {"sd3": make_tiny_sd3(root / "sd3", seed=2),
+            "sd3-dynamic": make_tiny_sd3(root / "sd3-dynamic", seed=3, dynamic_shift=True)}
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_pipes(tiny_sd3_paths):
+    """The tiny SD3 pipelines loaded with from_pretrained (fp32, CPU), shared read-only by tests."""
+    from worker.models.loading import load_diffusers
+
+    return {kind: load_diffusers(str(path)) for kind, path in tiny_sd3_paths.items()}
+
+
 def build_image_worker_thread(server_url: str, prefix: str, pipe, model_path, model_name: str = "flux",
                               **overrides) -> WorkerThread:
-    """A worker serving a tiny FLUX pipeline (already loaded) through the image engine, not started."""
+    """A worker serving a tiny pipeline (already loaded) through the image engine, not started."""
     from worker.config import WorkerConfig
     from worker.engines.image import ImageEngine, ImageEngineConfig
     from worker.loop import Worker
     from worker.streams import WorkerStreams
 
-    options = dict(model_name=model_name, model_path=str(model_path), redis_url=server_url, prefix=prefix,
-                   read_block_ms=100, heartbeat_interval_s=0.2, grace_s=5.0, task="text_to_image",
-                   max_sequence_length=64, max_num_seqs=8)
+    options = {"model_name": model_name, "model_path": str(model_path), "redis_url": server_url, "prefix": prefix,
+               "read_block_ms": 100, "heartbeat_interval_s": 0.2, "grace_s": 5.0, "task": "text_to_image",
+               "max_sequence_length": 64, "max_num_seqs": 8}
     options.update(overrides)
     config = WorkerConfig(**options)
     engine = ImageEngine(pipe, ImageEngineConfig(
@@ -333,13 +352,15 @@ def build_image_worker_thread(server_url: str, prefix: str, pipe, model_path, mo
 
 
 @pytest.fixture
-def image_worker_factory(redis_server_url, prefix, rds, tiny_flux_pipes, tiny_flux_paths):
-    """Build (not start) workers on a tiny FLUX: image_worker_factory("dev" | "schnell", **config) -> WorkerThread."""
+def image_worker_factory(request, redis_server_url, prefix, rds):
+    """Build (not start) workers on a tiny pipeline: image_worker_factory("dev" | "schnell" | "sd3", **config)
+    -> WorkerThread (FLUX.1-dev-like, schnell-like, Stable Diffusion 3); the tiny models are built on first use."""
     made: list[WorkerThread] = []
 
     def make(kind: str = "dev", **overrides) -> WorkerThread:
-        handle = build_image_worker_thread(redis_server_url, prefix, tiny_flux_pipes[kind], tiny_flux_paths[kind],
-                                           **overrides)
+        family = "tiny_sd3" if kind.startswith("sd3") else "tiny_flux"
+        pipes, paths = request.getfixturevalue(f"{family}_pipes"), request.getfixturevalue(f"{family}_paths")
+        handle = build_image_worker_thread(redis_server_url, prefix, pipes[kind], paths[kind], **overrides)
         made.append(handle)
         return handle
 
@@ -370,7 +391,7 @@ class GatewayThread:
     def gateway(self):
         return self.app.state.gateway
 
-    def start(self) -> "GatewayThread":
+    def start(self) -> GatewayThread:
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:
@@ -393,7 +414,7 @@ def gateway_factory(redis_server_url, prefix, rds):
     made: list[GatewayThread] = []
 
     def make(**overrides) -> GatewayThread:
-        options = dict(redis_url=redis_server_url, prefix=prefix, port=_free_port(), model_info_ttl_s=0)
+        options = {"redis_url": redis_server_url, "prefix": prefix, "port": _free_port(), "model_info_ttl_s": 0}
         options.update(overrides)
         handle = GatewayThread(GatewayConfig(**options)).start()
         made.append(handle)

@@ -1,4 +1,4 @@
-"""text_to_image end to end: a real worker loop on a tiny FLUX, real Redis, the producer clients."""
+"""text_to_image end to end: a real worker loop on a tiny FLUX (and SD3), real Redis, the producer clients."""
 
 from __future__ import annotations
 
@@ -81,8 +81,9 @@ def test_requests_of_different_sizes_and_steps_batch_in_one_worker(image_worker_
     assert handle.worker.engine.num_steps < sum(b["num_inference_steps"] for b in bodies)  # steps were shared
 
 
-def test_abort_mid_denoising_publishes_no_image_and_others_finish(image_worker_factory, client):
-    handle = image_worker_factory("dev", progress_every_steps=1)
+@pytest.mark.parametrize("kind", ["dev", "sd3"])
+def test_abort_mid_denoising_publishes_no_image_and_others_finish(image_worker_factory, client, kind):
+    handle = image_worker_factory(kind, progress_every_steps=1)
     gate = StepGate(handle.worker.engine, hold={3})
     handle.start()
     model = client.get_model("flux")
@@ -108,7 +109,7 @@ def test_bad_image_requests_fail_alone_with_invalid_request(image_worker_factory
     cases = {"size 1024x1024": {"size": "1024x1024"}, "size not allowed": {"size": "48*32"},
              "n above the limit": {"n": 3}, "steps above the limit": {"num_inference_steps": 9},
              "negative prompt": {"negative_prompt": "blurry"}, "url without output dir": {"response_format": "url"}}
-    for name, change in cases.items():
+    for change in cases.values():
         with pytest.raises(InvalidRequest):
             model.text_to_image("x", **{"size": "32*32", "num_inference_steps": 2, **change})
     out = model.text_to_image("fine", size="32*32", num_inference_steps=2)
@@ -143,3 +144,36 @@ def test_build_worker_detects_a_diffusers_model_and_serves_it(tiny_flux_paths, r
         assert len(out["data"]) == 1
     finally:
         handle.stop()
+
+
+def test_build_worker_serves_stable_diffusion_3_with_negative_prompts_as_the_stock_pipeline(
+        tiny_sd3_paths, tiny_sd3_pipes, redis_server_url, prefix, client):
+    import numpy as np
+    from PIL import Image
+
+    from tests.conftest import WorkerThread
+    from worker.config import WorkerConfig
+    from worker.engines.image import ImageEngine
+    from worker.engines.image_families import SD3Family
+    from worker.main import build_worker
+
+    config = WorkerConfig(model_name="sd3", model_path=str(tiny_sd3_paths["sd3"]), redis_url=redis_server_url,
+                          prefix=prefix, read_block_ms=100, max_sequence_length=64, num_threads=torch.get_num_threads())
+    worker = build_worker(config)
+    assert isinstance(worker.engine, ImageEngine) and isinstance(worker.engine.family, SD3Family)
+    handle = WorkerThread(worker).start()
+    try:
+        model = client.get_model("sd3")
+        ids = [model.submit(TaskKind.TEXT_TO_IMAGE, {"prompt": f"sky {i}", "size": "32*32", "num_inference_steps": 5,
+                                                     "seed": i}) for i in range(2)]  # batch mates
+        out = model.text_to_image("a red cat", n=2, size="48*32", num_inference_steps=3, seed=7,
+                                  negative_prompt="blurry", guidance_scale=4.0, timeout_s=60)
+        assert all(client.wait(i, timeout_s=60).type == EventType.DONE for i in ids)
+    finally:
+        handle.stop()
+    stock = tiny_sd3_pipes["sd3"]("a red cat", height=32, width=48, num_inference_steps=3, guidance_scale=4.0,
+                                  negative_prompt="blurry", num_images_per_prompt=2, max_sequence_length=64,
+                                  generator=torch.Generator("cpu").manual_seed(7)).images
+    for data, expected in zip(out["data"], stock, strict=True):
+        ours = np.asarray(Image.open(io.BytesIO(base64.b64decode(data["b64_json"]))), dtype=np.int16)
+        assert np.abs(ours - np.asarray(expected, dtype=np.int16)).max() <= 1  # uint8 rounding at most

@@ -11,9 +11,16 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from producer.keys import DEFAULT_PREFIX, check_model_name
-from producer.protocol import DEFAULT_HEARTBEAT_TTL_S, DEFAULT_MAX_BODY_BYTES, DEFAULT_RESULT_TTL_S
-from worker.models.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, ImagePolicy
-
+from producer.protocol import (
+    DEFAULT_HEARTBEAT_TTL_S,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_RESULT_TTL_S,
+)
+from worker.models.images import (
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    ImagePolicy,
+)
 
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
@@ -151,7 +158,8 @@ class WorkerConfig(BaseModel):
     max_inference_steps: int = Field(100, ge=1, le=1000, description="the largest num_inference_steps")
     progress_every_steps: int = Field(5, ge=0, description="a progress event every this many denoising steps "
                                                            "(0: none)")
-    max_sequence_length: int = Field(512, ge=1, le=512, description="T5 tokens per prompt (FLUX)")
+    max_sequence_length: int | None = Field(None, ge=1, le=512, description="T5 tokens per prompt (default: the "
+                                                                          "stock pipeline's: FLUX 512, SD3 256)")
     image_output_dir: str | None = Field(None, description="also write each image here as "
                                                            "<request_id>-<index>.png (response_format url needs it)")
 
@@ -185,7 +193,7 @@ class WorkerConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _one_way_to_shard(self) -> "WorkerConfig":
+    def _one_way_to_shard(self) -> WorkerConfig:
         if self.tp_size > 1 and self.serve_mode == "sequential":
             raise ValueError("serve_mode sequential runs the model's own generate in one process: not with tp_size > 1")
         if self.tp_size > 1 and self.device_map is not None:

@@ -1,15 +1,16 @@
-"""Continuous batching across denoising steps for a diffusers FLUX pipeline.
+"""Continuous batching across denoising steps for diffusers text-to-image pipelines (FLUX.1, SD3).
 
 step(): admit waiting jobs under the image budget and encode their prompts in one batch
 → for each size bucket, one transformer forward over every running image, each at its own
-timestep ([B] timestep tensor; FLUX takes one per sample) → each job takes its own scheduler
+timestep ([B] timestep tensor; FLUX and SD3 take one per sample) → each job takes its own scheduler
 step on its slice → jobs that took their last step are decoded together (one VAE call per size)
-→ progress, images and `done`.
+→ progress, images and `done`. What differs between pipeline families (prompt encoders, latent
+layout, the transformer's arguments, classifier-free guidance, VAE scaling) is in image_families.
 
-Exactness: a job's noise is `pipe.prepare_latents` from `torch.Generator("cpu").manual_seed(seed)`
-for its n images, its schedule is the stock pipeline's (sigmas linspace(1, 1/N, N), `mu` from its
-own image token count), so an image made in any batch equals `FluxPipeline(prompt, generator=that
-generator, num_images_per_prompt=n)` up to float rounding of batched matmuls.
+Exactness: a job's noise is the pipeline's `prepare_latents` from `torch.Generator("cpu").manual_seed(seed)`
+for its n images, its schedule is the stock pipeline's (its sigmas and `mu` for the job's own size), so an
+image made in any batch equals the stock pipeline called with that generator and `num_images_per_prompt=n`,
+up to float rounding of batched matmuls.
 """
 
 from __future__ import annotations
@@ -22,12 +23,23 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from producer.protocol import ErrorCode, FinishReason, Request, TaskKind, TextToImageBody
+from producer.protocol import (
+    ErrorCode,
+    FinishReason,
+    Request,
+    TaskKind,
+    TextToImageBody,
+)
 from worker.engines.base import RequestRejected
-from worker.engines.image_job import BadSize, ImageJob, ImageOutput, JobStatus, parse_size
+from worker.engines.image_job import (
+    BadSize,
+    ImageJob,
+    ImageOutput,
+    JobStatus,
+    parse_size,
+)
 from worker.request import Resume
 
 log = logging.getLogger("redbatch.engine")
@@ -38,10 +50,10 @@ class ImageEngineConfig:
     max_num_seqs: int = 16  # images in flight (a request of n images takes n)
     max_images_per_request: int = 4
     max_inference_steps: int = 100
-    default_inference_steps: int | None = None  # None: 28 with a guidance embedding (dev), 4 without (schnell)
+    default_inference_steps: int | None = None  # None: the family's (28; FLUX without a guidance embedding: 4)
     allowed_sizes: tuple[str, ...] | None = None  # "W*H" sizes this worker serves; None: any valid size
     progress_every_steps: int = 5
-    max_sequence_length: int = 512  # T5 tokens per prompt (the stock pipeline's default)
+    max_sequence_length: int | None = None  # T5 tokens per prompt; None: the stock pipeline's (FLUX 512, SD3 256)
     output_dir: str | None = None  # also write each image here as <request_id>-<index>.png
 
 
@@ -49,25 +61,22 @@ class ImageEngine:
     tasks = (TaskKind.TEXT_TO_IMAGE,)
 
     def __init__(self, pipe, config: ImageEngineConfig = ImageEngineConfig()):
-        from diffusers import FluxPipeline
+        from diffusers import FlowMatchEulerDiscreteScheduler
 
-        if not isinstance(pipe, FluxPipeline):
-            raise ValueError(f"the image engine serves FLUX pipelines; {type(pipe).__name__} is not one")
+        from worker.engines.image_families import family_for
+
+        self.family = family_for(pipe, config.max_sequence_length)
         self.pipe = pipe
         self.config = config
         self.max_num_seqs = config.max_num_seqs
         self.device = pipe._execution_device
-        self.has_guidance = bool(pipe.transformer.config.guidance_embeds)
-        self.size_multiple = pipe.vae_scale_factor * 2
-        self.default_steps = config.default_inference_steps or (28 if self.has_guidance else 4)
+        self.size_multiple = self.family.size_multiple
+        self.default_steps = config.default_inference_steps or self.family.default_steps
         self.max_images = min(config.max_images_per_request, config.max_num_seqs)
         self.allowed_sizes = None if config.allowed_sizes is None else {
             parse_size(s, self.size_multiple) for s in config.allowed_sizes}
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
         # each job gets a deep copy (from_config per request costs ~2 ms of config handling)
         self._scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-        self._encoder_dtypes = (pipe.text_encoder.dtype, pipe.text_encoder_2.dtype)  # (CLIP, T5), as the pipeline casts
         self.waiting: list[ImageJob] = []
         self.running: list[ImageJob] = []
         self.num_steps = 0
@@ -125,13 +134,12 @@ class ImageEngine:
         if body.response_format == "url" and self.config.output_dir is None:
             raise RequestRejected(ErrorCode.INVALID_REQUEST, "response_format url needs a worker with an image output "
                                                              "directory (--image-output-dir)")
-        if body.negative_prompt is not None:
-            raise RequestRejected(ErrorCode.INVALID_REQUEST, "this model takes no negative_prompt (FLUX is guidance-"
-                                                             "distilled)")
+        if body.negative_prompt is not None and self.family.negative_prompt_error is not None:
+            raise RequestRejected(ErrorCode.INVALID_REQUEST, self.family.negative_prompt_error)
         seed = body.seed if body.seed is not None else random.randrange(2**63)
-        guidance = body.guidance_scale if body.guidance_scale is not None else 3.5  # the stock pipeline's default
+        guidance = body.guidance_scale if body.guidance_scale is not None else self.family.default_guidance_scale
         return ImageJob(request_id=request_id, body=body, width=width, height=height, num_steps=num_steps,
-                        guidance_scale=guidance, seed=seed)
+                        guidance_scale=guidance, seed=seed, is_cfg=self.family.is_cfg(guidance))
 
     def finish_if_complete(self, seq: ImageJob) -> ImageOutput | None:
         return None  # a resumed image request runs again; the images already published are not sent twice
@@ -195,43 +203,23 @@ class ImageEngine:
         if not jobs:
             return
         started = time.perf_counter()
-        embeds, pooled = self._encode([j.body.prompt for j in jobs])  # [J, T, D], [J, P]
-        for i, job in enumerate(jobs):
-            n = job.num_images
-            job.prompt_embeds = embeds[i : i + 1].expand(n, -1, -1)  # [n, T, D]: the pipeline's repeat per image
-            job.pooled_embeds = pooled[i : i + 1].expand(n, -1)  # [n, P]
-            generator = torch.Generator("cpu").manual_seed(job.seed)
-            job.latents, _ = self.pipe.prepare_latents(n, self.pipe.transformer.config.in_channels // 4, job.height,
-                                                       job.width, embeds.dtype, self.device, generator)
-            job.scheduler, job.timesteps = self._schedule(job, job.latents.shape[1])
+        self.family.encode(jobs)
+        for job in jobs:
+            job.latents = self.family.initial_latents(job, torch.Generator("cpu").manual_seed(job.seed))
+            job.scheduler, job.timesteps = self._schedule(job)
             job.status = JobStatus.RUNNING
             job.started_s = time.monotonic()
             self.running.append(job)
         self.profile["encode_s"] += time.perf_counter() - started
 
-    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """FluxPipeline.encode_prompt's math (CLIP pooled output, T5 last hidden state, both padded to their
-        max length) without its per-call costs: it tokenizes every prompt twice to warn about truncation and
-        walks every module for offload hooks, ~half its time on small batches. Returns [J, T, D], [J, P]."""
-        pipe = self.pipe
-        clip_ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer_max_length, truncation=True,
-                                  return_tensors="pt").input_ids
-        pooled = pipe.text_encoder(clip_ids.to(self.device), output_hidden_states=False).pooler_output
-        t5_ids = pipe.tokenizer_2(prompts, padding="max_length", max_length=self.config.max_sequence_length,
-                                  truncation=True, return_tensors="pt").input_ids
-        embeds = pipe.text_encoder_2(t5_ids.to(self.device), output_hidden_states=False)[0]
-        return embeds.to(self._encoder_dtypes[1]), pooled.to(self._encoder_dtypes[0])
-
-    def _schedule(self, job: ImageJob, num_image_tokens: int):
+    def _schedule(self, job: ImageJob):
         """The job's own scheduler with the stock pipeline's timesteps for its step count and size."""
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+        from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
 
         scheduler = copy.deepcopy(self._scheduler)
-        cfg = scheduler.config
-        sigmas = None if cfg.get("use_flow_sigmas") else np.linspace(1.0, 1 / job.num_steps, job.num_steps)
-        mu = calculate_shift(num_image_tokens, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                             cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
-        timesteps, _ = retrieve_timesteps(scheduler, job.num_steps, self.device, sigmas=sigmas, mu=mu)
+        sigmas, mu = self.family.schedule(job, scheduler)
+        kwargs = {} if mu is None else {"mu": mu}
+        timesteps, _ = retrieve_timesteps(scheduler, job.num_steps, self.device, sigmas=sigmas, **kwargs)
         scheduler.set_begin_index(0)
         return scheduler, timesteps
 
@@ -245,30 +233,13 @@ class ImageEngine:
     def _denoise(self, jobs: list[ImageJob]) -> None:
         """One forward over every image of one size, each at its job's timestep; then each job's own step."""
         started = time.perf_counter()
-        latents = torch.cat([j.latents for j in jobs])  # [B, L, C]
-        dtype = latents.dtype
-        timestep = torch.cat([j.timestep.expand(j.num_images) for j in jobs]).to(dtype)  # [B]
-        guidance = None
-        if self.has_guidance:
-            guidance = torch.tensor([j.guidance_scale for j in jobs for _ in range(j.num_images)],
-                                    device=self.device, dtype=torch.float32)  # [B]
-        first = jobs[0]
-        height, width = 2 * (first.height // self.size_multiple), 2 * (first.width // self.size_multiple)
-        img_ids = self.pipe._prepare_latent_image_ids(len(latents), height // 2, width // 2, self.device, dtype)
-        embeds = torch.cat([j.prompt_embeds for j in jobs])  # [B, T, D]
-        txt_ids = torch.zeros(embeds.shape[1], 3, device=self.device, dtype=embeds.dtype)
+        inputs = self.family.forward_inputs(jobs)
         forward_started = time.perf_counter()
-        noise = self.pipe.transformer(
-            hidden_states=latents, timestep=timestep / 1000, guidance=guidance,
-            pooled_projections=torch.cat([j.pooled_embeds for j in jobs]), encoder_hidden_states=embeds,
-            txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]  # [B, L, C]
+        out = self.pipe.transformer(**inputs, return_dict=False)[0]  # [rows, ...]
         forward_done = time.perf_counter()
         self.profile["forward_s"] += forward_done - forward_started
-        offset = 0
-        for job in jobs:
-            rows = noise[offset : offset + job.num_images]
-            offset += job.num_images
-            job.latents = job.scheduler.step(rows, job.timestep, job.latents, return_dict=False)[0]
+        for job, noise in zip(jobs, self.family.guide(jobs, out)):
+            job.latents = job.scheduler.step(noise, job.timestep, job.latents, return_dict=False)[0]
             job.step_index += 1
         self.profile["euler_s"] += time.perf_counter() - forward_done + forward_started - started
 
@@ -286,7 +257,7 @@ class ImageEngine:
             by_size.setdefault(job.size, []).append(job)
         for (width, height), group in by_size.items():
             started = time.perf_counter()
-            images = self._decode(torch.cat([j.latents for j in group]), width, height)  # [B, 3, H, W] in [-1, 1]
+            images = self.family.decode(torch.cat([j.latents for j in group]), width, height)  # [B, 3, H, W] in [-1, 1]
             decoded = time.perf_counter()
             images = self.pipe.image_processor.postprocess(images, output_type="pil")
             offset = 0
@@ -302,12 +273,6 @@ class ImageEngine:
             self._release(job)
             self.num_images_done += job.num_images
         return outputs
-
-    def _decode(self, latents: torch.Tensor, width: int, height: int) -> torch.Tensor:
-        pipe = self.pipe
-        latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)  # [B, C, h, w]
-        latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-        return pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
 
     def _write_files(self, job: ImageJob, pngs: list[bytes]) -> list[str] | None:
         """With an output directory: write <request_id>-<index>.png there; returns their file:// URLs."""
@@ -330,9 +295,12 @@ def _png(image) -> bytes:
 
 
 def build_image_engine(config) -> ImageEngine:
-    """The image engine for a WorkerConfig: the pipeline from --model-path, on --device, maybe offloaded."""
-    from worker.models.loading import load_diffusers
+    """The image engine for a WorkerConfig: the pipeline from --model-path, on --device, maybe offloaded.
+    The family (FLUX, SD3) is the model_index.json's `_class_name`, checked before any weight is read."""
+    from worker.engines.image_families import check_served
+    from worker.models.loading import diffusers_class_name, load_diffusers
 
+    check_served(diffusers_class_name(config.model_path))
     pipe = load_diffusers(config.model_path, config.device, config.dtype, config.cpu_offload)
     return ImageEngine(pipe, ImageEngineConfig(
         max_num_seqs=config.max_num_seqs, max_images_per_request=config.max_images_per_request,

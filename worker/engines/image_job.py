@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Iterator
+from typing import Any
 
-from producer.protocol import DEFAULT_PRIORITY, EventType, FinishReason, Priority, TextToImageBody
+from producer.protocol import (
+    DEFAULT_PRIORITY,
+    EventType,
+    FinishReason,
+    Priority,
+    TextToImageBody,
+)
 from worker.out_events import OutEvent, error_event, image_event, progress_event
 
 _SIZE_RE = re.compile(r"([1-9][0-9]{0,4})\*([1-9][0-9]{0,4})")
@@ -52,14 +59,15 @@ class ImageJob:
     num_steps: int
     guidance_scale: float
     seed: int
+    is_cfg: bool = False  # classifier-free guidance: two transformer rows per image (negative, positive)
     num_skipped_images: int = 0  # images an earlier worker already published (a resumed request)
     status: JobStatus = JobStatus.WAITING
     # denoising state, set when the job starts running
     scheduler: Any = None  # its own FlowMatchEulerDiscreteScheduler
     timesteps: Any = None  # [num_steps]
-    latents: Any = None  # [n, L, C] packed latents; after the last step, the final ones
-    prompt_embeds: Any = None  # [n, T, D] T5
-    pooled_embeds: Any = None  # [n, P] CLIP pooled
+    latents: Any = None  # FLUX [n, L, C] packed, SD3 [n, C, h, w]; after the last step, the final ones
+    prompt_embeds: Any = None  # [num_rows, T, D] text states, one row per transformer row
+    pooled_embeds: Any = None  # [num_rows, P] pooled CLIP
     step_index: int = 0
     arrival_s: float = field(default_factory=time.monotonic)
     added_at_step: int = 0  # the engine's step count when it was added (its wait, for admission order)
@@ -75,6 +83,11 @@ class ImageJob:
     @property
     def num_images(self) -> int:
         return self.body.n
+
+    @property
+    def num_rows(self) -> int:
+        """The job's rows in a transformer forward: n, or 2n with classifier-free guidance."""
+        return 2 * self.body.n if self.is_cfg else self.body.n
 
     @property
     def size(self) -> tuple[int, int]:

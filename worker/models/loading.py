@@ -62,8 +62,13 @@ def load_model(path: str, device: str = "cpu", dtype: str = "auto", trust_remote
 
     `device` is where an unsharded model goes; a sharded one is placed by its device map, or (tensor
     parallel) on this process's accelerator (cuda:LOCAL_RANK, else the CPU)."""
-    from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText
-    from transformers import AutoTokenizer
+    from transformers import (
+        AutoConfig,
+        AutoImageProcessor,
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+        AutoTokenizer,
+    )
 
     if sharding.is_sharded:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -141,6 +146,15 @@ def _sharding_kwargs(sharding: Sharding) -> dict:
     if sharding.offload_folder is not None:
         kwargs["offload_folder"] = sharding.offload_folder
     return kwargs
+
+
+def diffusers_class_name(path: str) -> str:
+    """The pipeline class a diffusers model directory names (model_index.json's `_class_name`)."""
+    try:
+        index = json.loads((Path(path) / "model_index.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {path!r}/model_index.json: {exc}") from exc
+    return str(index.get("_class_name", "")) if isinstance(index, dict) else ""
 
 
 def load_diffusers(path: str, device: str = "cpu", dtype: str = "auto", cpu_offload: bool = False):
