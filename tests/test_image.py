@@ -14,7 +14,7 @@ from worker.request import Resume
 
 pytest.importorskip("diffusers")
 
-from worker.engines.image import ImageEngine, ImageEngineConfig  # noqa: E402
+from worker.engines.image import ImageEngine, ImageEngineConfig
 
 TOKENS = 64  # T5 max_sequence_length for both the engine and the stock pipeline (the tiny T5's positions)
 LIMIT = 1e-4
@@ -26,7 +26,7 @@ def image_request(request_id: str, **body) -> Request:
 
 
 def engine_for(pipe, **overrides) -> ImageEngine:
-    options = dict(max_num_seqs=8, max_sequence_length=TOKENS, progress_every_steps=2)
+    options = {"max_num_seqs": 8, "max_sequence_length": TOKENS, "progress_every_steps": 2}
     options.update(overrides)
     return ImageEngine(pipe, ImageEngineConfig(**options))
 
@@ -76,7 +76,7 @@ def test_images_made_in_a_staggered_mixed_batch_equal_the_stock_pipeline_alone(t
 def test_the_tiny_model_is_sensitive_to_prompt_steps_seed_and_guidance(tiny_flux_pipes):
     """So the exactness test above could fail: each input changes the latents far beyond the limit."""
     pipe = tiny_flux_pipes["dev"]
-    base = dict(prompt="a red cat", n=1, size="32*32", num_inference_steps=4, seed=1)
+    base = {"prompt": "a red cat", "n": 1, "size": "32*32", "num_inference_steps": 4, "seed": 1}
     ref = stock_latents(pipe, TextToImageBody(**base))
     for change in ({"prompt": "a blue dog"}, {"num_inference_steps": 5}, {"seed": 2}, {"guidance_scale": 8.0}):
         assert (stock_latents(pipe, TextToImageBody(**{**base, **change})) - ref).abs().max() > 100 * LIMIT, change
@@ -112,7 +112,7 @@ def test_the_png_is_the_stock_pipelines_image(tiny_flux_pipes):
     from PIL import Image
 
     pipe = tiny_flux_pipes["dev"]
-    body = dict(prompt="night cloud", size="32*32", num_inference_steps=3, seed=5, response_format="png")
+    body = {"prompt": "night cloud", "size": "32*32", "num_inference_steps": 3, "seed": 5, "response_format": "png"}
     outs = run(engine_for(pipe), {0: [image_request("q", **body)], 1: [image_request("o", prompt="o", seed=6)]})
     png = next(e for out in outs["q"] for e in out.events() if e.type == EventType.IMAGE).fields["data"]
     ours = np.asarray(Image.open(io.BytesIO(png)), dtype=np.int16)
@@ -201,3 +201,27 @@ def test_admission_takes_the_shortest_job_first_and_a_passed_over_job_ages_in(ti
         engine.step()
         num_steps += 1
         assert num_steps <= 8, "a long request waited forever behind short ones"
+
+
+def test_cpu_offload_needs_cuda_and_a_cuda_device_gets_bf16(tiny_flux_paths, monkeypatch):
+    """The CUDA placement wiring, checked on CPU: --cpu-offload without CUDA is refused before loading; on a
+    CUDA device the pipeline loads in bfloat16 and is either moved there or handed to diffusers' model
+    offload with the device's index (the two calls are recorded here; no GPU on this machine)."""
+    from diffusers import DiffusionPipeline
+
+    from worker.models.loading import ModelLoadError, load_diffusers
+
+    with pytest.raises(ModelLoadError, match="needs a CUDA device"):
+        load_diffusers(str(tiny_flux_paths["schnell"]), device="cpu", cpu_offload=True)
+    calls = []
+    monkeypatch.setattr(DiffusionPipeline, "enable_model_cpu_offload",
+                        lambda self, gpu_id=None: calls.append(("offload", gpu_id)))
+    monkeypatch.setattr(DiffusionPipeline, "to", lambda self, device: calls.append(("to", device)) or self)
+    offloaded = load_diffusers(str(tiny_flux_paths["schnell"]), device="cuda:1", cpu_offload=True)
+    placed = load_diffusers(str(tiny_flux_paths["schnell"]), device="cuda")
+    assert calls == [("offload", 1), ("to", "cuda")]
+    for pipe in (offloaded, placed):
+        assert {pipe.transformer.dtype, pipe.text_encoder.dtype, pipe.text_encoder_2.dtype, pipe.vae.dtype} == {
+            torch.bfloat16}
+    fp16 = load_diffusers(str(tiny_flux_paths["schnell"]), device="cuda", dtype="float16")
+    assert fp16.transformer.dtype == torch.float16
