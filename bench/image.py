@@ -10,8 +10,11 @@ Contenders, on the same requests and arrival times:
       waiting request of the same size and step count (up to a batch size), as one call with a prompt
       list and one CPU generator per image; run once per --static-batch-sizes value (diffusers' advice for
       throughput is the largest batch that fits: the sweep finds it), the best of them is the one to beat;
+  (d) redbatch's image engine in this process, no Redis: requests added at their arrival times, steps
+      run back to back (the engine's schedule alone, without the transport);
   (e) redbatch end to end: a `redbatch worker` process behind Redis, requests submitted by the async
       client at their arrival times, each waited for through its events.
+(d) and (e) run once per --max-num-seqs value (redbatch's own main knob, swept like (b)'s batch size).
 Reported: images/s over the run (first arrival to last image), p50/p99 latency (arrival to image), and
 forward/wall: the time spent in the transformer's forward over the run's wall time (the worker's engine
 profile for (e), which also gives the rest of its step: prompt encoders, Euler steps, VAE, PNG). Every contender's images are compared with (a)'s (PNG pixels within 1 gray level).
@@ -35,18 +38,18 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from bench.procs import RedisServer, child_env, stop_all  # noqa: E402
-from bench.redbatch_runs import _watched  # noqa: E402
-from producer.aio import AsyncClient  # noqa: E402
-from producer.protocol import EventType, TaskKind  # noqa: E402
+from bench.procs import RedisServer, child_env, stop_all
+from bench.redbatch_runs import _watched
+from producer.aio import AsyncClient
+from producer.protocol import EventType, TaskKind
 
 MODEL = "bench-image"
 PREFIX = "rbimg"
 TOKENS = 64  # T5 max_sequence_length for every contender
-WORDS = "a red cat dog river stone cloud over the mountain at night under rain green tree blue light sun".split()
+WORDS = ["a", "red", "cat", "dog", "river", "stone", "cloud", "over", "the", "mountain", "at", "night", "under", "rain", "green", "tree", "blue", "light", "sun"]
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--load", type=float, default=8.0,
                    help="arrival rate as a multiple of (a)'s service rate: high enough that every contender is "
                         "busy (images/s measures capacity, not the arrival rate)")
-    p.add_argument("--max-num-seqs", type=int, default=16, help="redbatch's images in flight (the worker's default)")
+    p.add_argument("--max-num-seqs", default="16,32",
+                   help="redbatch's images in flight ((d) and (e) run once per value; 16 is the worker's default)")
     p.add_argument("--static-batch-sizes", default="4,8,16,32",
                    help="(b) runs once per batch size; the best is the contender to beat")
     p.add_argument("--threads", type=int, default=2)
@@ -235,13 +239,50 @@ def _sleep_until(t0: float, offset_s: float) -> None:
 # ---------------------------------------------------------------- redbatch end to end
 
 
-def run_redbatch(args, path: Path, requests: list[ImageRequest]) -> tuple[list[Result], dict[str, float]]:
+def run_engine(path: Path, requests: list[ImageRequest], max_num_seqs: int) -> tuple[list[Result], dict[str, float]]:
+    """(d): the image engine in this process, fed at the arrival times; results and its profile. PNG bytes come
+    from the engine's own outputs (as the worker publishes them)."""
+    from producer.protocol import Request, TextToImageBody
+    from worker.engines.image import ImageEngine, ImageEngineConfig
+    from worker.models.loading import load_diffusers
+
+    engine = ImageEngine(load_diffusers(str(path)), ImageEngineConfig(
+        max_num_seqs=max_num_seqs, max_sequence_length=TOKENS, progress_every_steps=0))
+
+    def request(r: ImageRequest) -> Request:
+        return Request(id=r.request_id, task=TaskKind.TEXT_TO_IMAGE, created_ms=0, body=TextToImageBody(
+            prompt=r.prompt, size=r.size, num_inference_steps=r.num_steps, seed=r.seed, response_format="png"))
+
+    engine.add(request(ImageRequest("warm", "warm up", requests[0].size, 2, 0, 0.0)))
+    while engine.num_active:
+        engine.step()
+    before = dict(engine.profile)
+    by_id = {r.request_id: r for r in requests}
+    pending, results = list(requests), []
+    t0 = time.perf_counter()
+    while pending or engine.num_active:
+        now = time.perf_counter() - t0
+        while pending and pending[0].arrival_s <= now and engine.num_free > 0:  # as the worker reads: up to num_free
+            engine.add(request(pending.pop(0)))
+        if not engine.num_active:
+            _sleep_until(t0, pending[0].arrival_s)
+            continue
+        for out in engine.step():
+            if out.is_finished:
+                now = time.perf_counter() - t0
+                arrival = by_id[out.seq.request_id].arrival_s
+                results.append(Result(out.seq.request_id, now - arrival, now, out.pngs[0]))
+    return results, {k: round(v - before[k], 3) for k, v in engine.profile.items()}
+
+
+def run_redbatch(args, path: Path, requests: list[ImageRequest], max_num_seqs: int
+                 ) -> tuple[list[Result], dict[str, float]]:
     """(e): returns the results and the worker's engine profile (seconds per phase) during the run."""
     server = RedisServer(args.redis_url)
     log_path = Path(tempfile.mkdtemp(prefix="redbatch-bench-image-")) / "worker.log"
     cmd = [sys.executable, "-m", "producer.cli", "worker", "--model-name", MODEL, "--model-path", str(path),
            "--redis-url", server.url, "--prefix", PREFIX, "--threads", str(args.threads),
-           "--max-num-seqs", str(args.max_num_seqs), "--max-sequence-length", str(TOKENS),
+           "--max-num-seqs", str(max_num_seqs), "--max-sequence-length", str(TOKENS),
            "--progress-every-steps", "0", "--max-queue-len", "0", "--grace-s", "5", "--heartbeat-interval-s", "0.2"]
     env = child_env(args.threads)
     with open(log_path, "wb") as log_file:
@@ -334,11 +375,16 @@ def _same_png(a: bytes, b: bytes) -> bool:
     return x.shape == y.shape and int(np.abs(x - y).max()) <= 1
 
 
-NAMES = {"a": "(a) stock, one at a time", "b": "(b) stock, static batches", "e": "(e) redbatch end to end"}
+NAMES = {"a": "(a) stock, one at a time", "b": "(b) stock, static batches", "d": "(d) redbatch engine, in process",
+         "e": "(e) redbatch end to end"}
 
 
 def static_name(batch_size: int) -> str:
     return f"{NAMES['b']} <= {batch_size}"
+
+
+def redbatch_name(kind: str, max_num_seqs: int) -> str:
+    return f"{NAMES[kind]}, max_num_seqs {max_num_seqs}"
 
 
 def print_table(rows: list[Row], workloads: list[Workload], args) -> None:
@@ -350,7 +396,7 @@ def print_table(rows: list[Row], workloads: list[Workload], args) -> None:
         print(f"\n## {w.name}: tiny FLUX.1-{w.kind}-like, steps {', '.join(map(str, steps))}, Poisson arrivals at "
               f"{w.rate_per_s:.2f}/s over {w.requests[-1].arrival_s:.1f} s")
         mine = [r for r in rows if r.workload == w.name]
-        best_peer = max((r.images_per_s for r in mine if not r.contender.startswith("(e)")), default=0.0)
+        best_peer = max((r.images_per_s for r in mine if r.contender.startswith(("(a)", "(b)"))), default=0.0)
         print("| contender | images/s | vs best stock | p50 s | p99 s | forward/wall | same images as (a) |")
         print("|---|---|---|---|---|---|---|")
         for r in mine:
@@ -359,9 +405,16 @@ def print_table(rows: list[Row], workloads: list[Workload], args) -> None:
                   f"{r.forward_share:.0%} | {r.same_images} |")
         for r in mine:
             if r.profile:
-                print(f"\n(e)'s worker over its {r.wall_s:.2f} s: " + ", ".join(
+                print(f"\n{r.contender} over its {r.wall_s:.2f} s: " + ", ".join(
                     f"{phase[:-2]} {seconds:.3f} s ({seconds / r.wall_s:.0%})" for phase, seconds in r.profile.items())
-                      + f"; the rest (Redis, loop, waiting for arrivals) {1 - sum(r.profile.values()) / r.wall_s:.0%}")
+                      + f"; the rest (loop, Redis, waiting for arrivals) {1 - sum(r.profile.values()) / r.wall_s:.0%}")
+        stock = max((r for r in mine if r.contender.startswith(("(a)", "(b)"))), key=lambda r: r.images_per_s,
+                    default=None)
+        ours = max((r for r in mine if r.contender.startswith("(e)")), key=lambda r: r.images_per_s, default=None)
+        if stock and ours:
+            print(f"\nbest end to end: {ours.contender} {ours.images_per_s:.2f} images/s = "
+                  f"{ours.images_per_s / stock.images_per_s:.2f}x {stock.contender} ({stock.images_per_s:.2f}); "
+                  f"p50 {ours.p50_s:.2f} vs {stock.p50_s:.2f} s")
 
 
 def run_workload(args, w: Workload, path: Path) -> list[Row]:
@@ -385,8 +438,11 @@ def run_workload(args, w: Workload, path: Path) -> list[Row]:
         results, _ = run_static(pipe, w.requests, batch_size)
         rows.append(to_row(static_name(batch_size), w, results, clock.total_s, reference))
     del pipe
-    results, profile = run_redbatch(args, path, w.requests)
-    rows.append(to_row(NAMES["e"], w, results, profile["forward_s"], reference, profile))
+    for max_num_seqs in (int(m) for m in str(args.max_num_seqs).split(",")):
+        results, profile = run_engine(path, w.requests, max_num_seqs)
+        rows.append(to_row(redbatch_name("d", max_num_seqs), w, results, profile["forward_s"], reference, profile))
+        results, profile = run_redbatch(args, path, w.requests, max_num_seqs)
+        rows.append(to_row(redbatch_name("e", max_num_seqs), w, results, profile["forward_s"], reference, profile))
     return rows
 
 

@@ -26,17 +26,19 @@ def test_the_workloads_follow_their_definitions():
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
 def test_the_image_bench_runs_every_contender_and_the_images_agree(tmp_path, capsys):
-    from bench.image import NAMES, PHASES, main, static_name
+    from bench.image import NAMES, PHASES, main, redbatch_name, static_name
 
     out = tmp_path / "image.json"
     rows = main(["--num-requests", "3", "--workloads", "schnell", "--threads", "1", "--static-batch-sizes", "1,2",
-                 "--max-num-seqs", "4", "--json", str(out)])
-    assert [r.contender for r in rows] == [NAMES["a"], static_name(1), static_name(2), NAMES["e"]]
+                 "--max-num-seqs", "2,4", "--json", str(out)])
+    assert [r.contender for r in rows] == [NAMES["a"], static_name(1), static_name(2), redbatch_name("d", 2),
+                                           redbatch_name("e", 2), redbatch_name("d", 4), redbatch_name("e", 4)]
     assert all(r.num_images == 3 and r.images_per_s > 0 and r.p99_s >= r.p50_s > 0 for r in rows)
-    assert [r.same_images for r in rows] == ["-", "yes", "yes", "yes"]
-    redbatch = rows[-1]
-    assert set(redbatch.profile) == set(PHASES) and redbatch.profile["forward_s"] > 0
-    assert redbatch.forward_s == redbatch.profile["forward_s"]
+    assert [r.same_images for r in rows] == ["-"] + ["yes"] * 6
+    for redbatch in rows[3:]:
+        assert set(redbatch.profile) == set(PHASES) and redbatch.profile["forward_s"] > 0
+        assert redbatch.forward_s == redbatch.profile["forward_s"]
     printed = capsys.readouterr().out
-    assert "| (e) redbatch end to end |" in printed and "(e)'s worker over its" in printed
-    assert len(json.loads(out.read_text())) == 4
+    assert "| (e) redbatch end to end, max_num_seqs 4 |" in printed and "(d) redbatch engine, in process, " in printed
+    assert "(e) redbatch end to end, max_num_seqs 2 over its" in printed and "best end to end: (e)" in printed
+    assert len(json.loads(out.read_text())) == 7

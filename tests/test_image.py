@@ -225,3 +225,48 @@ def test_cpu_offload_needs_cuda_and_a_cuda_device_gets_bf16(tiny_flux_paths, mon
             torch.bfloat16}
     fp16 = load_diffusers(str(tiny_flux_paths["schnell"]), device="cuda", dtype="float16")
     assert fp16.transformer.dtype == torch.float16
+
+
+def _finish_steps(pipe, arrivals: dict[int, list[Request]], **config) -> tuple[dict[str, int], list[int]]:
+    """Run arrivals; returns request id -> the step after which its images came out, and each VAE call's size."""
+    engine = engine_for(pipe, progress_every_steps=0, **config)
+    calls = []
+    decode = engine.family.decode
+    engine.family.decode = lambda latents, w, h: calls.append(len(latents)) or decode(latents, w, h)
+    finished, step = {}, 0
+    while engine.num_active or any(k >= step for k in arrivals):
+        for request in arrivals.get(step, []):
+            engine.add(request)
+        for out in engine.step():
+            if out.is_finished:
+                finished[out.seq.request_id] = step
+        step += 1
+    return finished, calls
+
+
+def test_a_denoised_job_waits_at_most_one_step_to_share_a_decode_with_a_certain_finisher(tiny_flux_pipes):
+    pipe = tiny_flux_pipes["schnell"]
+    staggered = {0: [image_request("a", prompt="p", num_inference_steps=3, seed=1)],
+                 1: [image_request("b", prompt="q", num_inference_steps=3, seed=2)],
+                 2: [image_request("c", prompt="r", num_inference_steps=3, seed=3)]}
+    finished, calls = _finish_steps(pipe, staggered)
+    # a is denoised after step 2 and b finishes at step 3: a waits one step, they share a call; c finishes at
+    # step 4 but a has waited already, so c does not hold them back, and nobody finishes after c
+    assert finished == {"a": 3, "b": 3, "c": 4} and calls == [2, 1]
+    assert _finish_steps(pipe, staggered, coalesce_decodes=False) == ({"a": 2, "b": 3, "c": 4}, [1, 1, 1])
+    # no finisher of its size at the next step: decoded at once
+    lone = {0: [image_request("a", prompt="p", num_inference_steps=3, seed=1),
+                image_request("w", prompt="w", size="48*32", num_inference_steps=4, seed=4)],
+            1: [image_request("b", prompt="q", num_inference_steps=6, seed=2)]}
+    assert _finish_steps(pipe, lone) == ({"a": 2, "w": 3, "b": 6}, [1, 1, 1])
+
+
+def test_a_job_waiting_for_its_shared_decode_can_be_aborted(tiny_flux_pipes):
+    engine = engine_for(tiny_flux_pipes["schnell"], progress_every_steps=0)
+    engine.add(image_request("a", prompt="p", num_inference_steps=2, seed=1))
+    engine.step()
+    engine.add(image_request("b", prompt="q", num_inference_steps=2, seed=2))
+    assert engine.step() == []  # a is denoised, waiting for b, which finishes at the next step
+    assert engine.abort("a") is not None
+    final = engine.step()
+    assert [o.seq.request_id for o in final if o.is_finished] == ["b"] and engine.num_active == 0

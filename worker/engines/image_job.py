@@ -69,6 +69,7 @@ class ImageJob:
     prompt_embeds: Any = None  # [num_rows, T, D] text states, one row per transformer row
     pooled_embeds: Any = None  # [num_rows, P] pooled CLIP
     step_index: int = 0
+    denoised_at_step: int | None = None  # the engine step after which it waited, denoised, for a shared decode
     arrival_s: float = field(default_factory=time.monotonic)
     added_at_step: int = 0  # the engine's step count when it was added (its wait, for admission order)
     started_s: float | None = None
