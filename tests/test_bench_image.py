@@ -30,7 +30,7 @@ def test_the_image_bench_runs_every_contender_and_the_images_agree(tmp_path, cap
 
     out = tmp_path / "image.json"
     rows = main(["--num-requests", "3", "--workloads", "schnell", "--threads", "1", "--static-batch-sizes", "1,2",
-                 "--max-num-seqs", "2,4", "--json", str(out)])
+                 "--max-num-seqs", "2,4", "--repeats", "2", "--json", str(out)])
     assert [r.contender for r in rows] == [NAMES["a"], static_name(1), static_name(2), redbatch_name("d", 2),
                                            redbatch_name("e", 2), redbatch_name("d", 4), redbatch_name("e", 4)]
     assert all(r.num_images == 3 and r.images_per_s > 0 and r.p99_s >= r.p50_s > 0 for r in rows)
@@ -41,4 +41,5 @@ def test_the_image_bench_runs_every_contender_and_the_images_agree(tmp_path, cap
     printed = capsys.readouterr().out
     assert "| (e) redbatch end to end, max_num_seqs 4 |" in printed and "(d) redbatch engine, in process, " in printed
     assert "(e) redbatch end to end, max_num_seqs 2 over its" in printed and "best end to end: (e)" in printed
+    assert all(r.notes.startswith("median of ") and r.notes.count(",") == 1 for r in rows[1:]) and not rows[0].notes
     assert len(json.loads(out.read_text())) == 7
