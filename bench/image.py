@@ -1,12 +1,12 @@
 """The text_to_image benchmark: requests arriving over time with mixed step counts and two sizes, on tiny
-seeded FLUX.1-dev-like and schnell-like pipelines, fp32 on CPU.
+seeded FLUX.1-dev-like and schnell-like pipelines and a tiny Stable Diffusion 3, fp32 on CPU.
 
     python -m bench.image | tee bench/results/image.txt    # ~15 min on a quiet 2-core machine
     python -m bench.image --num-requests 6 --workloads schnell   # the smoke size (tests/test_bench_image.py)
 
 Contenders, on the same requests and arrival times:
-  (a) stock FluxPipeline, one request at a time, in arrival order;
-  (b) stock FluxPipeline on static batches: whenever it is free, the oldest waiting request and every
+  (a) the stock pipeline (FluxPipeline, StableDiffusion3Pipeline), one request at a time, in arrival order;
+  (b) the stock pipeline on static batches: whenever it is free, the oldest waiting request and every
       waiting request of the same size and step count (up to a batch size), as one call with a prompt
       list and one CPU generator per image; run once per --static-batch-sizes value (diffusers' advice for
       throughput is the largest batch that fits: the sweep finds it), the best of them is the one to beat;
@@ -106,9 +106,10 @@ class Workload:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.image", description=__doc__.split("\n\n")[0])
-    p.add_argument("--workloads", default="dev,schnell,mixed",
+    p.add_argument("--workloads", default="dev,schnell,mixed,sd3",
                    help="dev (20-28 steps), schnell (4 steps on the schnell-like model), mixed (4 or 20-28 "
-                        "steps, half each, on the dev-like model)")
+                        "steps, half each, on the dev-like model), sd3 (20-28 steps on a tiny Stable Diffusion 3, "
+                        "classifier-free guidance 7.0)")
     p.add_argument("--num-requests", type=int, default=32)
     p.add_argument("--sizes", default="32*32,48*32")
     p.add_argument("--load", type=float, default=8.0,
@@ -135,12 +136,16 @@ def build_models(root: Path, kinds: list[str]) -> dict[str, Path]:
     """Tiny FLUX pipelines (hidden 32, 1 double + 2 single blocks): steps of a few ms, where batching pays
     as it does for a real model on an accelerator that one image leaves underused."""
     from worker.models.tiny_flux import make_tiny_flux
+    from worker.models.tiny_sd3 import make_tiny_sd3
 
-    return {k: make_tiny_flux(root / k, guidance=k == "dev", seed=7, hidden=32, num_layers=1, num_single_layers=2)
+    return {k: make_tiny_sd3(root / k, seed=7) if k == "sd3" else
+            make_tiny_flux(root / k, guidance=k == "dev", seed=7, hidden=32, num_layers=1, num_single_layers=2)
             for k in kinds}
 
 
-MODEL_OF = {"dev": "dev", "schnell": "schnell", "mixed": "dev"}
+MODEL_OF = {"dev": "dev", "schnell": "schnell", "mixed": "dev", "sd3": "sd3"}
+MODEL_TITLE = {"dev": "tiny FLUX.1-dev-like", "schnell": "tiny FLUX.1-schnell-like",
+               "sd3": "tiny Stable Diffusion 3 (CFG 7.0)"}
 
 
 def make_requests(workload: str, num: int, sizes: list[str], seed: int) -> list[ImageRequest]:
@@ -191,7 +196,8 @@ def load_stock(path: Path):
 
 
 def stock_call(pipe, batch: list[ImageRequest]) -> list[bytes]:
-    """One FluxPipeline call for requests of one size and step count; PNG bytes per request."""
+    """One stock pipeline call for requests of one size and step count, at the pipeline's default guidance
+    (FLUX 3.5; SD3 7.0 with the negative prompt ""), as redbatch's; PNG bytes per request."""
     width, height = batch[0].width_height
     images = pipe([r.prompt for r in batch], height=height, width=width, num_inference_steps=batch[0].num_steps,
                   generator=[torch.Generator("cpu").manual_seed(r.seed) for r in batch],
@@ -414,7 +420,7 @@ def print_table(rows: list[Row], workloads: list[Workload], args) -> None:
           f"fp32 CPU, T5 {TOKENS} tokens")
     for w in workloads:
         steps = sorted({r.num_steps for r in w.requests})
-        print(f"\n## {w.name}: tiny FLUX.1-{w.kind}-like, steps {', '.join(map(str, steps))}, Poisson arrivals at "
+        print(f"\n## {w.name}: {MODEL_TITLE[w.kind]}, steps {', '.join(map(str, steps))}, Poisson arrivals at "
               f"{w.rate_per_s:.2f}/s over {w.requests[-1].arrival_s:.1f} s")
         mine = [r for r in rows if r.workload == w.name]
         best_peer = max((r.images_per_s for r in mine if r.contender.startswith(("(a)", "(b)"))), default=0.0)

@@ -22,6 +22,7 @@ def test_the_workloads_follow_their_definitions():
     arrivals = [r.arrival_s for r in mixed]
     assert arrivals[0] == 0 and arrivals == sorted(arrivals) and arrivals[-1] > 0
     assert {r.num_steps for r in make_requests("schnell", 8, ["32*32"], seed=0)} == {4}
+    assert all(20 <= r.num_steps <= 28 for r in make_requests("sd3", 8, ["32*32"], seed=0))
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
@@ -43,3 +44,8 @@ def test_the_image_bench_runs_every_contender_and_the_images_agree(tmp_path, cap
     assert "(e) redbatch end to end, max_num_seqs 2 over its" in printed and "best end to end: (e)" in printed
     assert all(r.notes.startswith("median of ") and r.notes.count(",") == 1 for r in rows[1:]) and not rows[0].notes
     assert len(json.loads(out.read_text())) == 7
+    sd3 = main(["--num-requests", "2", "--workloads", "sd3", "--threads", "1", "--static-batch-sizes", "2",
+                "--max-num-seqs", "4", "--repeats", "1"])
+    assert [r.contender for r in sd3] == [NAMES["a"], static_name(2), redbatch_name("d", 4), redbatch_name("e", 4)]
+    assert [r.same_images for r in sd3] == ["-", "yes", "yes", "yes"]  # redbatch's SD3 images are the stock ones
+    assert "## sd3: tiny Stable Diffusion 3" in capsys.readouterr().out
