@@ -20,6 +20,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +32,7 @@ from worker.engines.outputs import OutputState
 from worker.engines.prompts import check_lengths, prompt_ids
 from worker.engines.sampler import request_seed
 from worker.engines.text import IncrementalDetokenizer, StopStringMatcher
+from worker.engines.vlm_adapters import FamilyInputs, adapter_for, chat_turns
 from worker.models.images import ImageError, ImagePolicy
 from worker.models.tool_parsers import ToolCalling
 from worker.request import Resume, SeqStatus, Sequence, StepOutput
@@ -54,6 +56,7 @@ class _Job:
     state: OutputState
     inputs: dict[str, torch.Tensor]  # generate's inputs: input_ids [1, P + resumed], attention_mask, pixel_values…
     deadline_ms: int | None
+    cleanup: Callable[[], None] | None = None  # the input adapter's (temporary image files), once done
     stop: threading.Event = field(default_factory=threading.Event)
     items: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # token id lists, then _END or an exception
     thread: threading.Thread | None = None
@@ -102,7 +105,8 @@ class SequentialEngine:
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         from worker.engines.llm import _eos_ids
 
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.adapter = adapter_for(model, tokenizer)  # the seed's remote-code VLM families: their own input code
+        self.eos_ids = _eos_ids(model, tokenizer) | (self.adapter.extra_eos_ids() if self.adapter else set())
         self.image_token_id = getattr(model.config, "image_token_id", None)
         self.tool_calling = ToolCalling(tokenizer, config.tool_parser, model.config)
         self.device = next(model.parameters()).device
@@ -131,11 +135,23 @@ class SequentialEngine:
 
     def add(self, request: Request, resume: Resume | None = None) -> Sequence:
         self._check_supported(request)
-        ids = prompt_ids(request, self.tokenizer, self.tasks, self.vocab_size,
-                         accepts_images=self.image_processor is not None)
+        family = self._family_inputs(request) if self.adapter is not None else None
+        try:
+            return self._add(request, resume, family)
+        except BaseException:
+            if family is not None and family.cleanup is not None:
+                family.cleanup()
+            raise
+
+    def _add(self, request: Request, resume: Resume | None, family: FamilyInputs | None) -> Sequence:
+        if family is not None:
+            ids = family.prompt_ids
+        else:
+            ids = prompt_ids(request, self.tokenizer, self.tasks, self.vocab_size,
+                             accepts_images=self.image_processor is not None)
         cfg = request.generate_config
         max_tokens = check_lengths(len(ids), cfg.max_tokens, self.max_model_len, self.config.max_tokens_limit)
-        images = self._images(request, ids)
+        images = self._images(request, ids) if family is None else {}
         seq = Sequence(request_id=request.id, prompt_ids=ids, params=cfg, max_tokens=max_tokens,
                        priority=request.priority)
         tools = self.tool_calling.parser_for(request)
@@ -145,10 +161,36 @@ class SequentialEngine:
                             stop_token_ids=frozenset(cfg.stop_token_ids or ()), eos_ids=self.eos_ids, tools=tools)
         if resume is not None:
             state.resume(seq, resume)
-        x = torch.tensor([seq.all_ids], device=self.device)  # [1, P + resumed]: generate goes on from there
-        inputs = {"input_ids": x, "attention_mask": torch.ones_like(x), **images}
-        self.waiting.append(_Job(seq, state, inputs, request.deadline_ms))
+        if family is not None:
+            inputs = self.adapter.extend(family.inputs, seq.output_ids)
+        else:
+            x = torch.tensor([seq.all_ids], device=self.device)  # [1, P + resumed]: generate goes on from there
+            inputs = {"input_ids": x, "attention_mask": torch.ones_like(x), **images}
+        self.waiting.append(_Job(seq, state, inputs, request.deadline_ms, family.cleanup if family else None))
         return seq
+
+    def _family_inputs(self, request: Request) -> FamilyInputs:
+        """A chat through the family's own input code (its adapter); any other prompt as ids, text only."""
+        body = request.body
+        if request.task is not TaskKind.CHAT or not isinstance(body, ChatBody):
+            ids = prompt_ids(request, self.tokenizer, self.tasks, self.vocab_size)
+            return FamilyInputs(ids, self.adapter.plain(ids))
+        self.adapter.check(body)
+        try:
+            family = self.adapter.build(chat_turns(body, self._open_image))
+        except ImageError as exc:
+            raise RequestRejected(ErrorCode.INVALID_REQUEST, str(exc)) from None
+        except (ValueError, TypeError, KeyError, AssertionError) as exc:
+            raise RequestRejected(ErrorCode.INVALID_REQUEST,
+                                  f"{self.adapter.family}'s input code refused the request: {exc}") from None
+        if not family.prompt_ids or max(family.prompt_ids) >= self.vocab_size:
+            if family.cleanup is not None:
+                family.cleanup()
+            raise RequestRejected(ErrorCode.INVALID_REQUEST, "the prompt is empty or outside the vocabulary")
+        return family
+
+    def _open_image(self, url: str):
+        return self.policy.open(self.policy.read(url))
 
     def _check_supported(self, request: Request) -> None:
         cfg = request.generate_config
@@ -173,7 +215,7 @@ class SequentialEngine:
             raise RequestRejected(ErrorCode.INVALID_REQUEST,
                                   f"the chat template wrote {num_slots} image placeholders for {len(urls)} images")
         try:
-            images = [self.policy.open(self.policy.read(url)) for url in urls]
+            images = [self._open_image(url) for url in urls]
         except ImageError as exc:
             raise RequestRejected(ErrorCode.INVALID_REQUEST, str(exc)) from None
         try:
@@ -189,6 +231,7 @@ class SequentialEngine:
         out = job.state.finish_resumed(seq)
         if out is not None:
             self.waiting.remove(job)
+            _cleanup(job)
         return out
 
     def abort(self, request_id: str) -> Sequence | None:
@@ -199,6 +242,7 @@ class SequentialEngine:
         for job in self.waiting:
             if job.seq.request_id == request_id:
                 self.waiting.remove(job)
+                _cleanup(job)
                 return job.seq
         return None
 
@@ -216,6 +260,10 @@ class SequentialEngine:
         """Stop the running generate (the worker is exiting); its request is handed back unfinished."""
         if self.current is not None:
             self.current.stop.set()
+        for job in self.waiting:
+            _cleanup(job)
+        if self.adapter is not None:
+            self.adapter.close()
 
     def _retire(self) -> None:
         """The current request is done here (finished, failed or aborted): stop its generate, drop what comes."""
@@ -252,6 +300,7 @@ class SequentialEngine:
             job = self.waiting.pop(0)
             if job.deadline_ms is not None and not job.seq.output_ids and now_ms() > job.deadline_ms:
                 job.seq.status = SeqStatus.FINISHED
+                _cleanup(job)
                 expired.append(StepOutput(seq=job.seq, token_ids=[], text="", error_code=ErrorCode.EXPIRED,
                                           error="the request's deadline passed before it started"))
                 continue
@@ -270,12 +319,18 @@ class SequentialEngine:
         try:
             if cfg.seed is not None:
                 torch.manual_seed(job.state.seed)  # one generate at a time: the global generator is this request's
+            kwargs = {**self._generate_kwargs(job), "streamer": _Tokens(job.items),
+                      "stopping_criteria": StoppingCriteriaList([_StopFlag(job.stop)])}
             with torch.inference_mode():
-                self.model.generate(**job.inputs, **self._generate_kwargs(job), streamer=_Tokens(job.items),
-                                    stopping_criteria=StoppingCriteriaList([_StopFlag(job.stop)]))
+                if self.adapter is not None:
+                    self.adapter.generate(job.inputs, **kwargs)
+                else:
+                    self.model.generate(**job.inputs, **kwargs)
             job.items.put(_END)
         except Exception as exc:  # noqa: BLE001 - a model error fails this request alone (step() reports it)
             job.items.put(exc)
+        finally:
+            _cleanup(job)
 
     def _generate_kwargs(self, job: _Job) -> dict:
         cfg = job.seq.params
@@ -314,6 +369,16 @@ class SequentialEngine:
                 self._retire()
                 break
         return out
+
+
+def _cleanup(job: _Job) -> None:
+    """The job's inputs are no longer needed (its generate returned, or it never started): once."""
+    cleanup, job.cleanup = job.cleanup, None
+    if cleanup is not None:
+        try:
+            cleanup()
+        except OSError as exc:
+            log.warning("cleanup after request %s failed: %s", job.seq.request_id, exc)
 
 
 def _merge(a: StepOutput | None, b: StepOutput) -> StepOutput:

@@ -107,7 +107,9 @@ def _remote_image_processor(path: str, kwargs: dict):
     try:
         return AutoImageProcessor.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError, ImportError) as exc:
-        log.warning("no image processor loads for %s (%s): chat image parts will be refused", path, exc)
+        log.warning("no image processor loads for %s (%s): chat image parts will be refused, unless the model is "
+                    "one of the remote-code families served through their own input code (CogVLM2, glm-4v, "
+                    "MiniCPM-V, Qwen-VL: docs/engine.md)", path, exc)
         return None
 
 

@@ -40,10 +40,18 @@ def chat_template(image_markup: str) -> str:
 
 
 def _tokenizer(family: str, out: Path, seed: int):
+    image_specials, markup = _IMAGE_MARKUP[family]
+    tokenizer = train_tokenizer(image_specials, seed)
+    tokenizer.chat_template = chat_template(markup)
+    tokenizer.save_pretrained(out)
+    return tokenizer
+
+
+def train_tokenizer(image_specials: list[str], seed: int):
+    """A byte-level BPE on the seeded word salad, with the base and the family's special tokens (not saved)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    image_specials, markup = _IMAGE_MARKUP[family]
     specials = _BASE_SPECIALS + image_specials
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -53,11 +61,8 @@ def _tokenizer(family: str, out: Path, seed: int):
     bpe.train_from_iterator(_corpus(seed), trainer=trainer)
     bos_id = bpe.token_to_id("<|bos|>")
     bpe.post_processor = processors.TemplateProcessing(single="<|bos|> $A", special_tokens=[("<|bos|>", bos_id)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|bos|>", eos_token="<|eos|>",
-                                        pad_token="<|pad|>", additional_special_tokens=specials[3:])
-    tokenizer.chat_template = chat_template(markup)
-    tokenizer.save_pretrained(out)
-    return tokenizer
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|bos|>", eos_token="<|eos|>",
+                                   pad_token="<|pad|>", additional_special_tokens=specials[3:])
 
 
 def _text(tokenizer, **extra) -> dict:
