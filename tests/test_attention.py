@@ -341,3 +341,34 @@ def test_flex_block_mask_lists_every_key_block_a_query_block_can_see(flex_blocks
     if needed.shape[0] > 1:  # several query blocks: each lists only its own rows' key blocks
         assert listed.sum() < listed.numel()
     assert sum(visible.sum(1) == 0) == 0  # every query sees at least itself
+
+
+def shared_prefix_cases() -> list[Case]:
+    """Four decodes whose first two blocks (8 keys) are the same cached blocks 4, 5 (a shared system prompt),
+    then blocks of their own, at different lengths (11..14 keys: the group pads and masks), and a fifth that
+    shares nothing."""
+    gen = torch.Generator().manual_seed(3)
+    prefix_k = torch.randn(8, NUM_KV_HEADS, HEAD_DIM, generator=gen)
+    prefix_v = torch.randn(8, NUM_KV_HEADS, HEAD_DIM, generator=gen)
+    cases = []
+    for request_id, computed, own in (("a", 10, [6, 7]), ("b", 13, [8, 9]), ("c", 11, [10]), ("d", 12, [11, 12])):
+        case = make_case(gen, request_id, computed, 1, [4, 5, *own])
+        case.keys[:8], case.values[:8] = prefix_k, prefix_v
+        cases.append(case)
+    cases.append(make_case(gen, "alone", 12, 1, [0, 1, 2, 3]))
+    return cases
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_decodes_sharing_cached_blocks_equal_sdpa_per_sequence(window, monkeypatch):
+    calls = []
+    real = attention._shared_prefix_attention
+    monkeypatch.setattr(attention, "_shared_prefix_attention", lambda *args: calls.append(args[3]) or real(*args))
+    cases = shared_prefix_cases()
+    outputs, _, step = run_paged(cases, sliding_window=window)
+    if window is None:  # the sharers' group reads blocks 4, 5 once; a windowed layer reads per row
+        assert [(g.num_rows, g.shared_blocks) for g in calls] == [(4, 2)]
+    else:
+        assert calls == []
+    for case in cases:
+        torch.testing.assert_close(outputs[case.chunk.seq.request_id], reference(case, window), rtol=1e-5, atol=1e-5)

@@ -224,10 +224,12 @@ def reads(block_ids: torch.Tensor, group, first_keys: list[int], num_cache_block
     leaves visible. `first_keys[r]` is the position of row r's first visible key (the test's expectation):
     the row's reads start at the block that holds it."""
     rows, queries, nb, width = group.num_rows, group.num_queries, group.num_blocks, group.num_keys
+    shared = group.shared_blocks
     assert len(first_keys) == rows
     assert block_ids.dtype == torch.int64 and block_ids.dim() == 1
-    assert 0 <= group.block_offset and group.block_offset + rows * nb <= block_ids.numel()
-    ids = block_ids[group.block_offset : group.block_offset + rows * nb].view(rows, nb)
+    assert 0 <= group.block_offset and group.block_offset + shared + rows * nb <= block_ids.numel()
+    first = group.block_offset + shared
+    ids = block_ids[first : first + rows * nb].view(rows, nb)
     assert bool(((ids >= 0) & (ids < num_cache_blocks)).all()), "every block read (padding too) is a real block"
     assert 0 < width <= nb * BLOCK_SIZE
     slots = (ids[:, :, None] * BLOCK_SIZE + torch.arange(BLOCK_SIZE)).view(rows, nb * BLOCK_SIZE)[:, :width]
@@ -244,9 +246,14 @@ def reads(block_ids: torch.Tensor, group, first_keys: list[int], num_cache_block
         assert group.mask.shape[2] == queries and group.mask.shape[3] == width
         visible = group.mask.expand(rows, 1, queries, width)[:, 0]
     out = []
+    shared_ids = block_ids[group.block_offset : group.block_offset + shared]  # read once, by every row, all visible
+    shared_slots = (shared_ids[:, None] * BLOCK_SIZE + torch.arange(BLOCK_SIZE)).view(-1).tolist()
+    assert not shared or (queries == 1 and all(k == 0 for k in first_keys))
     for r in range(rows):
         base = first_keys[r] // BLOCK_SIZE * BLOCK_SIZE
-        out.append(RowRead(list(range(base, base + width)), slots[r].tolist(), visible[r].tolist()))
+        seen = [[True] * len(shared_slots) + v for v in visible[r].tolist()]
+        out.append(RowRead(list(range(base, base + shared * BLOCK_SIZE + width)), shared_slots + slots[r].tolist(),
+                           seen))
     return out
 
 
@@ -497,3 +504,36 @@ def _packed_start(step, target: ScheduledChunk) -> int:
             return start
         start += c.num_tokens
     raise AssertionError("chunk not packed")
+
+
+def test_decode_rows_sharing_cached_blocks_read_them_once():
+    """Three decodes that start with the same two cached blocks (a shared system prompt) and one that does not:
+    the sharers' group stages those blocks once, then each row's own blocks; every row still sees exactly its
+    keys 0 .. p, from the right slots."""
+    tables = {"a": [4, 5, 6], "b": [4, 5, 8, 9], "c": [4, 5, 10], "x": [1, 2, 3]}
+    computed = {"a": 10, "b": 13, "c": 11, "x": 10}
+    chunks = [decode(r, computed[r], tables[r]) for r in ("a", "b", "c", "x")]
+    step = build_step(chunks, make_cache(), None)
+    groups = step.attention.groups
+    rows = [c.seq.request_id for c in step.chunks]
+    sharing = [g for g in groups if g.shared_blocks]
+    assert len(sharing) <= 1
+    for group in groups:
+        ids = rows[group.start : group.end]
+        if set(ids) >= {"a", "b", "c"} and "x" not in ids:
+            assert group.shared_blocks == 2
+            assert step.attention.block_ids[group.block_offset : group.block_offset + 2].tolist() == [4, 5]
+        elif len(ids) < 2 or "x" in ids:
+            assert group.shared_blocks == 0  # x shares nothing with the others: no shared part
+        for read, request_id in zip(reads(step.attention.block_ids, group, [0] * group.num_rows, 16), ids):
+            assert_row_sees(read, tables[request_id], [computed[request_id]])
+
+
+def test_decode_rows_share_only_blocks_before_each_rows_newest_key():
+    """Two rows with the same table up to the block that holds one's newest key: that block is its own part."""
+    chunks = [decode("a", 8, [4, 5, 6]), decode("b", 9, [4, 5, 6])]  # both write into block 6 (positions 8, 9)
+    step = build_step(chunks, make_cache(), None)
+    (group,) = step.attention.groups
+    assert group.shared_blocks == 2  # blocks 4, 5; block 6 holds keys being written this step: read per row
+    for read, c in zip(reads(step.attention.block_ids, group, [0, 0], 16), step.chunks):
+        assert_row_sees(read, c.seq.block_table, [c.seq.num_computed])

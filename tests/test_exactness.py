@@ -211,13 +211,20 @@ def test_exact_without_chunking_and_at_one_seq(tiny_model):
     assert mismatches(model, work, run_engine(model, tokenizer, work, max_num_seqs=12, max_num_batched_tokens=4096)) == []
 
 
-def test_exact_with_shared_prefixes_and_an_aborted_sharer(tiny_model):
+def test_exact_with_shared_prefixes_and_an_aborted_sharer(tiny_model, monkeypatch):
+    from worker.engines import attention
+
     model, tokenizer = tiny_model
     work = _shared_prefix_workload(500)
     aborted = {"s2", "s9"}
     stats: dict = {}
+    shared_calls = []
+    real = attention._shared_prefix_attention
+    monkeypatch.setattr(attention, "_shared_prefix_attention",
+                        lambda *args: shared_calls.append(args[3].num_rows) or real(*args))
     outputs = run_engine(model, tokenizer, work, aborts=aborted, stats=stats, block_size=16)
     assert stats["hit_tokens"] >= 16 * 3 * (len(work) // 2)  # most requests found the system prompt cached
+    assert shared_calls and max(shared_calls) >= 3  # decode groups read the cached system prompt once
     assert mismatches(model, work, outputs, skip=aborted) == []
     no_cache = run_engine(model, tokenizer, work, aborts=aborted, block_size=16, enable_prefix_caching=False)
     assert {k: v for k, v in no_cache.items() if k not in aborted} == {k: v for k, v in outputs.items() if k not in aborted}

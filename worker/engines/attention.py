@@ -9,7 +9,10 @@ position). Every attention layer of the unmodified HF model then calls `paged_at
 2. attends each group of rows to its own keys, read from the cache through its block table:
    decode rows are grouped by similar KV length (one SDPA call per group, key padding
    bounded by DECODE_PAD_RATIO), each prefill chunk is a group of its own (causal within
-   the chunk, after the cached prefix).
+   the chunk, after the cached prefix). When all rows of a decode group start with the same
+   cached blocks (a shared system prompt), those keys are read once for the whole group, as
+   one matrix product over all its queries, and combined with each row's own keys through
+   their softmax normalisers (shared-prefix, or cascade, attention).
 
 No [R, T, L] mask over the whole batch exists and no token is padded: the linear layers see
 exactly N tokens. Without step metadata (e.g. `model.generate` on the same model object) the
@@ -44,11 +47,12 @@ class AttentionGroup:
     start: int  # first packed token of the group
     num_rows: int  # G
     num_queries: int  # T per row (1 for decode groups)
-    block_offset: int  # the group's rows in StepAttention.block_ids: [block_offset, + G * num_blocks)
-    num_blocks: int  # blocks read per row
-    num_keys: int  # L: keys read per row, from the start of its first block
+    block_offset: int  # the group's blocks in StepAttention.block_ids: [block_offset, + shared + G * num_blocks)
+    num_blocks: int  # blocks read per row (after the shared ones)
+    num_keys: int  # L: keys read per row, from the start of its first own block
     mask: torch.Tensor | None  # [G, 1, T, L] bool, True = may attend; None = every key read, or causal
     is_causal: bool  # T == L from position 0: SDPA's own causal mask suffices
+    shared_blocks: int = 0  # decode groups: leading blocks all rows read, at block_offset, before the rows' own
 
     @property
     def end(self) -> int:
@@ -115,14 +119,16 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     q = query[0].transpose(0, 1)  # [N, H, D]
     out = torch.empty_like(q)
     for group in groups:
-        out[group.start : group.end] = _group_attention(q[group.start : group.end], k_blocks, v_blocks, group,
-                                                        num_heads, head_dim, scaling)
+        attend = _shared_prefix_attention if group.shared_blocks else _group_attention
+        out[group.start : group.end] = attend(q[group.start : group.end], k_blocks, v_blocks, group, num_heads,
+                                              head_dim, scaling)
     return out[None], None  # [1, N, H, D]
 
 
 def _rows_keys(blocks: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
     """[G, Hkv, L, D]: the group's rows of gathered blocks, as keys (or values) in position order."""
-    rows = blocks[group.block_offset : group.block_offset + group.num_rows * group.num_blocks]
+    first = group.block_offset + group.shared_blocks
+    rows = blocks[first : first + group.num_rows * group.num_blocks]
     rows = rows.view(group.num_rows, group.num_blocks * blocks.shape[1], *blocks.shape[2:])  # [G, nb * bs, Hkv, D]
     return rows[:, : group.num_keys].transpose(1, 2)
 
@@ -142,6 +148,48 @@ def _group_attention(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Te
     o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=group.mask, is_causal=group.is_causal,
                                        scale=scaling, enable_gqa=num_kv_heads != num_heads)
     return o.transpose(1, 2).reshape(rows * queries, num_heads, head_dim)
+
+
+def _shared_prefix_attention(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor,
+                             group: AttentionGroup, num_heads: int, head_dim: int, scaling: float | None
+                             ) -> torch.Tensor:
+    """A decode group whose rows share their leading blocks: softmax over [shared keys, own keys] per row,
+    computed as two parts (the shared keys once for all G rows, as one batched matrix product; each row's own
+    keys as in _group_attention) merged through their maxima and normalisers. q [G, H, D] -> [G, H, D]."""
+    rows = group.num_rows
+    scale = scaling if scaling is not None else head_dim ** -0.5
+    shared = slice(group.block_offset, group.block_offset + group.shared_blocks)
+    ks = k_blocks[shared].flatten(0, 1)  # [Ls, Hkv, D]
+    vs = v_blocks[shared].flatten(0, 1)
+    num_kv_heads = ks.shape[1]
+    per_kv = num_heads // num_kv_heads
+    qf = q.float().view(rows, num_kv_heads, per_kv, head_dim)  # [G, Hkv, H/Hkv, D]
+    # shared part: every query of the group against the same keys, [Hkv, G * H/Hkv, Ls]
+    qs = qf.permute(1, 0, 2, 3).reshape(num_kv_heads, rows * per_kv, head_dim)
+    s1 = torch.bmm(qs, ks.float().permute(1, 2, 0)) * scale
+    m1 = s1.amax(-1, keepdim=True)
+    p1 = torch.exp(s1 - m1)
+    l1 = p1.sum(-1, keepdim=True)
+    o1 = torch.bmm(p1, vs.float().transpose(0, 1))  # [Hkv, G * H/Hkv, D], not yet normalised
+
+    def per_row(t: torch.Tensor) -> torch.Tensor:  # [Hkv, G * H/Hkv, X] -> [G, Hkv, H/Hkv, X]
+        return t.view(num_kv_heads, rows, per_kv, t.shape[-1]).permute(1, 0, 2, 3)
+
+    o1, m1, l1 = per_row(o1), per_row(m1), per_row(l1)
+    # own part: each row's keys after the shared blocks (padding masked), [G, Hkv, H/Hkv, L]
+    keys = _rows_keys(k_blocks, group).float()  # [G, Hkv, L, D]
+    values = _rows_keys(v_blocks, group).float()
+    s2 = torch.matmul(qf, keys.transpose(-1, -2)) * scale
+    if group.mask is not None:
+        s2 = s2.masked_fill(~group.mask, float("-inf"))  # every row keeps its newest key, so no row is empty
+    m2 = s2.amax(-1, keepdim=True)
+    p2 = torch.exp(s2 - m2)
+    l2 = p2.sum(-1, keepdim=True)
+    o2 = torch.matmul(p2, values)
+    m = torch.maximum(m1, m2)
+    a1, a2 = torch.exp(m1 - m), torch.exp(m2 - m)
+    out = (o1 * a1 + o2 * a2) / (l1 * a1 + l2 * a2)
+    return out.reshape(rows, num_heads, head_dim).to(q.dtype)
 
 
 def register() -> str:

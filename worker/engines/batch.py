@@ -20,6 +20,7 @@ from worker.engines.placement import Placement
 from worker.scheduler import ScheduledChunk
 
 DECODE_PAD_RATIO = 1.25  # a decode group's padded keys stay within this factor of its real keys
+MIN_SHARED_BLOCKS = 2  # a decode group whose rows all start with this many of the same blocks reads them once
 
 
 class Staging:
@@ -87,15 +88,26 @@ class _GroupPlan:
     kv_end: list[int]  # one past the last visible key position, per row
     q_start: int  # position of the first query (prefill groups)
     window: int | None  # sliding window: a query at p reads keys p - window + 1 .. p
-    num_blocks: int = 0  # blocks read per row (set when staged)
+    num_blocks: int = 0  # blocks read per row after the shared ones (set when staged)
+    shared_blocks: int = 0  # leading blocks every row of a decode group reads (a shared prefix), staged once
 
 
 def order_chunks(chunks: list[ScheduledChunk]) -> list[list[ScheduledChunk]]:
-    """Decode chunks grouped by similar KV length (longest first), then one group per prefill chunk."""
-    decodes = sorted((c for c in chunks if c.num_tokens == 1), key=lambda c: -c.seq.num_computed)
+    """Decode chunks grouped by similar KV length (longest first), then one group per prefill chunk. Decodes
+    whose first block is one that other decodes of the step start with too (a cached prompt they share) are
+    grouped among themselves, so that their group can read the shared blocks once."""
+    decodes = [c for c in chunks if c.num_tokens == 1]
+    firsts = [c.seq.block_table[0] if c.seq.block_table else -1 for c in decodes]
+    counts: dict[int, int] = {}
+    for first in firsts:
+        counts[first] = counts.get(first, 0) + 1
+    bucket = {id(c): f if f >= 0 and counts[f] > 1 else -1 for c, f in zip(decodes, firsts)}
+    decodes.sort(key=lambda c: (bucket[id(c)], -c.seq.num_computed))
     groups: list[list[ScheduledChunk]] = []
     for chunk in decodes:
         group = groups[-1] if groups and groups[-1][0].num_tokens == 1 else None
+        if group is not None and bucket[id(group[0])] != bucket[id(chunk)]:
+            group = None
         if group is not None:
             longest = group[0].seq.num_computed + 1
             real = sum(c.seq.num_computed + 1 for c in group) + chunk.seq.num_computed + 1
@@ -228,8 +240,10 @@ def _stage_variant(staging: Staging, name: str, plans: list[_GroupPlan], block_s
     row's (first block position, first visible key, end of keys) in another."""
     block_ids, bases, starts, ends = [], [], [], []
     for plan in plans:
-        first_block = [s // block_size for s in plan.kv_start]
+        plan.shared_blocks = _shared_blocks(plan, block_size)
+        first_block = [s // block_size + plan.shared_blocks for s in plan.kv_start]
         plan.num_blocks = max(-(-e // block_size) - f for e, f in zip(plan.kv_end, first_block))
+        block_ids += plan.chunks[0].seq.block_table[: plan.shared_blocks]
         for chunk, f in zip(plan.chunks, first_block):
             row = chunk.seq.block_table[f : f + plan.num_blocks]
             block_ids += row + [row[0]] * (plan.num_blocks - len(row))  # padding blocks are masked out
@@ -238,6 +252,20 @@ def _stage_variant(staging: Staging, name: str, plans: list[_GroupPlan], block_s
         ends += plan.kv_end
     staging.add(f"{name}.blocks", block_ids)
     staging.add(f"{name}.range", bases + starts + ends, (3, len(bases)))
+
+
+def _shared_blocks(plan: _GroupPlan, block_size: int) -> int:
+    """How many leading blocks all rows of a decode group share (the same block ids: a prefix-cache hit) and
+    read whole, leaving every row at least its newest key of its own; 0 below MIN_SHARED_BLOCKS."""
+    if plan.num_queries != 1 or len(plan.chunks) < 2 or plan.window is not None or any(plan.kv_start):
+        return 0
+    limit = min((e - 1) // block_size for e in plan.kv_end)
+    tables = [c.seq.block_table for c in plan.chunks]
+    first = tables[0]
+    shared = 0
+    while shared < limit and all(t[shared] == first[shared] for t in tables):
+        shared += 1
+    return shared if shared >= MIN_SHARED_BLOCKS else 0
 
 
 def _device_variant(dev: dict[str, torch.Tensor], name: str, plans: list[_GroupPlan], block_size: int
@@ -252,15 +280,16 @@ def _device_variant(dev: dict[str, torch.Tensor], name: str, plans: list[_GroupP
         key_pos = base[:, None] + torch.arange(width, device=ranges.device)[None, :]  # [G, L]
         mask, is_causal = _mask(plan, key_pos, kv_start, kv_end, width, bases)
         groups.append(AttentionGroup(start=start, num_rows=rows, num_queries=queries, block_offset=block_offset,
-                                     num_blocks=plan.num_blocks, num_keys=width, mask=mask, is_causal=is_causal))
+                                     num_blocks=plan.num_blocks, num_keys=width, mask=mask, is_causal=is_causal,
+                                     shared_blocks=plan.shared_blocks))
         start += rows * queries
         row += rows
-        block_offset += rows * plan.num_blocks
+        block_offset += plan.shared_blocks + rows * plan.num_blocks
     return dev[f"{name}.blocks"], groups
 
 
 def _bases(plan: _GroupPlan, block_size: int) -> list[int]:
-    return [s // block_size * block_size for s in plan.kv_start]
+    return [(s // block_size + plan.shared_blocks) * block_size for s in plan.kv_start]
 
 
 def _mask(plan: _GroupPlan, key_pos: torch.Tensor, kv_start: torch.Tensor, kv_end: torch.Tensor, width: int,
