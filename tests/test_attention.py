@@ -359,8 +359,12 @@ def shared_prefix_cases() -> list[Case]:
     return cases
 
 
+@pytest.mark.parametrize("elementwise", [True, False])
 @pytest.mark.parametrize("window", [None, 6])
-def test_decodes_sharing_cached_blocks_equal_sdpa_per_sequence(window, monkeypatch):
+def test_decodes_sharing_cached_blocks_equal_sdpa_per_sequence(window, elementwise, monkeypatch):
+    """Both ways of computing a row's own part: the CPU's product-and-sum and the matmul used elsewhere."""
+    if not elementwise:
+        monkeypatch.setattr(attention, "ELEMENTWISE_MAX", 0)
     calls = []
     real = attention._shared_prefix_attention
     monkeypatch.setattr(attention, "_shared_prefix_attention", lambda *args: calls.append(args[3]) or real(*args))

@@ -125,12 +125,17 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     return out[None], None  # [1, N, H, D]
 
 
-def _rows_keys(blocks: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
-    """[G, Hkv, L, D]: the group's rows of gathered blocks, as keys (or values) in position order."""
+def _rows_blocks(blocks: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
+    """[G, L, Hkv, D]: the group's rows of gathered blocks (after its shared ones), keys in position order."""
     first = group.block_offset + group.shared_blocks
     rows = blocks[first : first + group.num_rows * group.num_blocks]
     rows = rows.view(group.num_rows, group.num_blocks * blocks.shape[1], *blocks.shape[2:])  # [G, nb * bs, Hkv, D]
-    return rows[:, : group.num_keys].transpose(1, 2)
+    return rows[:, : group.num_keys]
+
+
+def _rows_keys(blocks: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
+    """[G, Hkv, L, D]: the group's rows of gathered blocks, as keys (or values) in position order."""
+    return _rows_blocks(blocks, group).transpose(1, 2)
 
 
 def _group_attention(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor, group: AttentionGroup,
@@ -176,20 +181,39 @@ def _shared_prefix_attention(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: 
         return t.view(num_kv_heads, rows, per_kv, t.shape[-1]).permute(1, 0, 2, 3)
 
     o1, m1, l1 = per_row(o1), per_row(m1), per_row(l1)
-    # own part: each row's keys after the shared blocks (padding masked), [G, Hkv, H/Hkv, L]
-    keys = _rows_keys(k_blocks, group).float()  # [G, Hkv, L, D]
-    values = _rows_keys(v_blocks, group).float()
-    s2 = torch.matmul(qf, keys.transpose(-1, -2)) * scale
-    if group.mask is not None:
-        s2 = s2.masked_fill(~group.mask, float("-inf"))  # every row keeps its newest key, so no row is empty
-    m2 = s2.amax(-1, keepdim=True)
-    p2 = torch.exp(s2 - m2)
-    l2 = p2.sum(-1, keepdim=True)
-    o2 = torch.matmul(p2, values)
+    # own part: each row's keys after the shared blocks (padding masked)
+    o2, m2, l2 = _own_part(qf, _rows_blocks(k_blocks, group), _rows_blocks(v_blocks, group), group.mask, scale)
     m = torch.maximum(m1, m2)
     a1, a2 = torch.exp(m1 - m), torch.exp(m2 - m)
     out = (o1 * a1 + o2 * a2) / (l1 * a1 + l2 * a2)
     return out.reshape(rows, num_heads, head_dim).to(q.dtype)
+
+
+ELEMENTWISE_MAX = 1 << 24  # the CPU own part multiplies and sums while its product has at most this many elements
+
+
+def _own_part(qf: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, scale: float
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unnormalised softmax attention of qf [G, Hkv, g, D] over each row's keys/values [G, L, Hkv, D] (the
+    gathered layout) with mask [G, 1, 1, L] or None: (o [G, Hkv, g, D], max [G, Hkv, g, 1], sum [G, Hkv, g, 1]).
+    On the CPU a product and a sum over D read the keys once where a matmul would first copy them transposed;
+    elsewhere (or when that product would be large) the matmul."""
+    keys, values = keys.float(), values.float()
+    rows, length, num_kv_heads, head_dim = keys.shape
+    if keys.device.type == "cpu" and rows * length * num_kv_heads * qf.shape[2] * head_dim <= ELEMENTWISE_MAX:
+        scores = (keys[:, :, :, None, :] * qf[:, None]).sum(-1) * scale  # [G, L, Hkv, g]
+        if mask is not None:  # every row keeps its newest key, so no row is all masked
+            scores = scores.masked_fill(~mask[:, 0, 0, :, None, None], float("-inf"))
+        top = scores.amax(1, keepdim=True)
+        weights = torch.exp(scores - top)
+        out = (weights[..., None] * values[:, :, :, None, :]).sum(1)  # [G, Hkv, g, D]
+        return out, top[:, 0, :, :, None], weights.sum(1)[..., None]
+    scores = torch.matmul(qf, keys.permute(0, 2, 3, 1)) * scale  # [G, Hkv, g, L]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    top = scores.amax(-1, keepdim=True)
+    weights = torch.exp(scores - top)
+    return torch.matmul(weights, values.transpose(1, 2)), top, weights.sum(-1, keepdim=True)
 
 
 def register() -> str:
