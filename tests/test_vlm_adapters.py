@@ -3,7 +3,7 @@
 CogVLM2, glm-4v-9b, MiniCPM-V-2.6 and Qwen-VL-Chat each turn a conversation with images into inputs
 their own way (worker/engines/vlm_adapters.py). The models are tiny stand-ins loaded from their
 directories under trust_remote_code, offering each family's interface
-(worker/models/remote_code/modeling_tiny_families.py). Shown for each: its output depends on the
+(worker/models/remote_code/modeling_tiny_remote.py). Shown for each: its output depends on the
 image; what the worker publishes equals what the family's own API gives (CogVLM2's demo, glm-4v's
 tokenizer + generate, MiniCPM-V's and Qwen-VL's `chat`) for an image, text only and several turns;
 a resumed request goes on exactly; what the family cannot take is a clear invalid_request; and
@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from producer.protocol import ChatBody, ErrorCode, Request, TaskKind
+from tests.test_sequential import run_engine as run
 from tests.test_vision import data_uri, make_image
 from worker.engines.base import RequestRejected
 from worker.engines.sequential import SequentialEngine
@@ -108,19 +109,6 @@ def as_reference(family: str, engine: SequentialEngine, ids: list[int]) -> list[
         ids = ids[:-1]
     text = engine.tokenizer.decode(ids)
     return text.strip() if family == "minicpmv" else text
-
-
-def run(engine: SequentialEngine, requests: list[Request]) -> dict[str, list]:
-    seqs = [engine.add(r) for r in requests]
-    results = {s.request_id: [[], "", None] for s in seqs}
-    while engine.num_active:
-        for out in engine.step():
-            result = results[out.seq.request_id]
-            result[0] += out.token_ids
-            result[1] += out.text
-            if out.is_finished or out.error is not None:
-                result[2] = out.finish_reason or out.error_code
-    return results
 
 
 def test_each_family_gets_its_adapter_and_serves_sequentially(family, family_paths, caplog):

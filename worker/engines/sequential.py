@@ -146,6 +146,8 @@ class SequentialEngine:
     def _add(self, request: Request, resume: Resume | None, family: FamilyInputs | None) -> Sequence:
         if family is not None:
             ids = family.prompt_ids
+            if not ids or max(ids) >= self.vocab_size:  # add() removes the family's files on the way out
+                raise RequestRejected(ErrorCode.INVALID_REQUEST, "the prompt is empty or outside the vocabulary")
         else:
             ids = prompt_ids(request, self.tokenizer, self.tasks, self.vocab_size,
                              accepts_images=self.image_processor is not None)
@@ -183,10 +185,6 @@ class SequentialEngine:
         except (ValueError, TypeError, KeyError, AssertionError) as exc:
             raise RequestRejected(ErrorCode.INVALID_REQUEST,
                                   f"{self.adapter.family}'s input code refused the request: {exc}") from None
-        if not family.prompt_ids or max(family.prompt_ids) >= self.vocab_size:
-            if family.cleanup is not None:
-                family.cleanup()
-            raise RequestRejected(ErrorCode.INVALID_REQUEST, "the prompt is empty or outside the vocabulary")
         return family
 
     def _open_image(self, url: str):

@@ -1,27 +1,25 @@
 """Tiny seeded stand-ins for CogVLM2, glm-4v-9b, MiniCPM-V-2.6 and Qwen-VL-Chat, as remote-code checkpoints.
 
 Each directory looks like the family's hub repository as far as loading and input preparation go:
-config.json's `auto_map` names classes in modeling_tiny_families.py, copied next to the weights
+config.json's `auto_map` names classes in modeling_tiny_remote.py, copied next to the weights
 (glm-4v's and Qwen-VL's tokenizers and MiniCPM-V's processor are remote classes too, named in their
 own configs), so transformers loads them only under trust_remote_code. What each class offers is
-described in remote_code/modeling_tiny_families.py.
+described in remote_code/modeling_tiny_remote.py.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 
 from worker.models.tiny import scale_weights
+from worker.models.tiny_remote_vlm import MODELING_FILE, modeling_module
 from worker.models.tiny_vlm import chat_template, train_tokenizer
 
 FAMILIES = ("cogvlm2", "glm4v", "minicpmv", "qwenvl")
-MODELING_FILE = Path(__file__).parent / "remote_code" / "modeling_tiny_families.py"
 _MODULE = MODELING_FILE.stem
 _SPECIALS = {
     "cogvlm2": [],
@@ -36,16 +34,6 @@ _CLASSES = {  # family: (config class, model class, remote tokenizer class or No
     "minicpmv": ("MiniCPMVConfig", "TinyMiniCPMV", None),
     "qwenvl": ("QWenConfig", "TinyQWenLMHeadModel", "TinyQWenTokenizer"),
 }
-
-
-def modeling_module():
-    """The modeling file imported as its own module (as transformers imports it from the model directory)."""
-    if _MODULE not in sys.modules:
-        spec = importlib.util.spec_from_file_location(_MODULE, MODELING_FILE)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[_MODULE] = module
-        spec.loader.exec_module(module)
-    return sys.modules[_MODULE]
 
 
 def make_tiny_family(out_dir: str | Path, family: str, seed: int = 0) -> Path:

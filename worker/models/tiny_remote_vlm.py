@@ -27,7 +27,7 @@ AUTO_MAP = {
 }
 
 
-def _modeling_module():
+def modeling_module():
     """The modeling file imported as its own module (as transformers imports it from the model directory)."""
     import importlib.util
 
@@ -48,7 +48,7 @@ def make_tiny_remote_vlm(out_dir: str | Path, seed: int = 0, causal_lm_only: boo
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = _tokenizer("llava", out, seed)  # its specials include <image>; the template writes "<image>\n"
-    module = _modeling_module()
+    module = modeling_module()
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     config = module.TinyRemoteConfig(vocab_size=len(tokenizer), image_token_id=image_token_id,
                                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
